@@ -1,0 +1,799 @@
+//! The protocol state machine of one WebSocket connection.
+
+use std::{collections::VecDeque, time::Duration, time::Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::{
+    close::{CloseCode, CloseReason},
+    error::ProtocolError,
+    frame::{Frame, FrameHeader, MAX_CONTROL_PAYLOAD, OpCode, Rsv},
+    mask::apply_mask,
+    message::{Message, Utf8Bytes},
+    timer::{Timer, TimerTable},
+    utf8::Utf8Validator,
+    write_queue::WriteQueue,
+};
+
+/// Which end of the connection this is. It decides masking (§5.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Receives masked frames, sends unmasked ones.
+    Server,
+    /// Sends masked frames, receives unmasked ones.
+    Client,
+}
+
+/// How much the connection does by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Reassembles messages, answers pings, sends pings on a period,
+    /// completes the closing handshake: the caller sees whole messages.
+    Messages,
+    /// Hands over every frame as it arrived, control frames and fragments
+    /// included, and does nothing by itself. Every rule of the RFC is still
+    /// enforced.
+    Frames,
+}
+
+/// Limits and behaviour of a connection.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Which end this is.
+    pub role: Role,
+    /// What the connection does by itself.
+    pub mode: Mode,
+    /// The largest frame payload accepted; a larger one fails with 1009.
+    pub max_frame_size: u64,
+    /// The largest message accepted, fragments added up; a larger one
+    /// fails with 1009.
+    pub max_message_size: u64,
+    /// Whether frames we send are masked. Always true for a client; for a
+    /// server this is Ktor's `masking` option, which browsers reject.
+    pub mask_outgoing: bool,
+    /// RSV bits that negotiated extensions claim on data frames.
+    pub extension_rsv: Rsv,
+    /// How often to ping the peer; `None` sends no pings.
+    pub ping_period: Option<Duration>,
+    /// How long to wait for the Pong that answers our Ping.
+    pub pong_timeout: Duration,
+    /// How long to wait for the peer's Close after we sent ours.
+    pub close_timeout: Duration,
+}
+
+impl Config {
+    /// Defaults for `role`: 16 MiB frames, 64 MiB messages, no pings,
+    /// a 10 s close timeout, masking as the role requires.
+    pub fn new(role: Role) -> Self {
+        Config {
+            role,
+            mode: Mode::Messages,
+            max_frame_size: 16 << 20,
+            max_message_size: 64 << 20,
+            mask_outgoing: role == Role::Client,
+            extension_rsv: Rsv::NONE,
+            ping_period: None,
+            pong_timeout: Duration::from_secs(15),
+            close_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the connection hands to its user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A whole message ([`Mode::Messages`]).
+    Message(Message),
+    /// A frame as it arrived ([`Mode::Frames`]).
+    Frame(Frame),
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Termination {
+    /// The closing handshake completed. The reason is the one that started
+    /// it: the peer's when the peer closed first, ours otherwise.
+    Closed(CloseReason),
+    /// We failed the connection because the peer broke a rule.
+    Failed(ProtocolError),
+    /// No Pong answered our Ping in time; we sent 1011 "Ping timeout".
+    PingTimeout,
+    /// We sent a Close and none came back in time.
+    CloseTimeout,
+    /// The transport ended without a closing handshake (or was terminated).
+    Abnormal,
+}
+
+impl Termination {
+    /// The close reason a session reports for this ending.
+    pub fn close_reason(&self) -> CloseReason {
+        match self {
+            Termination::Closed(reason) => reason.clone(),
+            Termination::Failed(err) => CloseReason::new(err.close_code(), err.to_string()),
+            Termination::PingTimeout => CloseReason::new(CloseCode::INTERNAL_ERROR, "Ping timeout"),
+            Termination::CloseTimeout => {
+                CloseReason::new(CloseCode::ABNORMAL, "Close handshake timed out")
+            }
+            Termination::Abnormal => CloseReason::new(
+                CloseCode::ABNORMAL,
+                "Connection was closed without close frame",
+            ),
+        }
+    }
+}
+
+/// Why a command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// We already sent a Close, or the connection ended: no more data (§5.5.1).
+    #[error("the connection is closing or closed")]
+    Closed,
+    /// A control frame payload over 125 bytes (§5.5).
+    #[error("control frame payload longer than 125 bytes")]
+    ControlFrameTooLong,
+    /// A close code that may not be sent (1005, 1006, 1015, or out of range).
+    #[error("close code {0} may not be sent")]
+    InvalidCloseCode(u16),
+    /// A frame that breaks fragmentation: a continuation with nothing to
+    /// continue, or a new message while a fragmented one is being sent.
+    #[error("frame breaks the fragmentation of the message being sent")]
+    InvalidFragment,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Open,
+    /// We sent a Close; data still arrives until the peer's Close.
+    CloseSent(CloseReason),
+    /// The peer sent a Close that a raw session has not answered yet.
+    CloseReceived(CloseReason),
+    Closed(Termination),
+}
+
+/// A frame whose header is decoded and whose payload is still arriving.
+#[derive(Debug, Clone, Copy)]
+struct InFrame {
+    header: FrameHeader,
+    /// Payload bytes already unmasked and validated, at the start of the input.
+    processed: usize,
+}
+
+/// A fragmented message being received.
+#[derive(Debug)]
+struct Assembly {
+    size: u64,
+    /// The fragments so far; unused in [`Mode::Frames`].
+    data: BytesMut,
+}
+
+/// The protocol state of one connection, fed with bytes and time.
+///
+/// It has no socket and no clock: the caller reads, writes and keeps time.
+///
+/// # The calling protocol
+/// - **Inputs:** [`handle_input`](Self::handle_input) with the bytes read
+///   (it consumes whole frames and leaves a partial one in the buffer),
+///   [`handle_eof`](Self::handle_eof) when the peer closes the transport, and
+///   [`handle_timeout`](Self::handle_timeout) when
+///   [`poll_timeout`](Self::poll_timeout)'s deadline has passed (calling it
+///   early does nothing).
+/// - **Commands:** [`send_message`](Self::send_message),
+///   [`send_frame`](Self::send_frame), [`send_ping`](Self::send_ping),
+///   [`send_pong`](Self::send_pong), [`close`](Self::close),
+///   [`terminate`](Self::terminate).
+/// - **Outputs**, drained after every input and command: the
+///   [`write_queue`](Self::write_queue) (write it out, then `advance`),
+///   [`poll_event`](Self::poll_event) until `None`, and
+///   [`poll_timeout`](Self::poll_timeout) for the next deadline.
+/// - Once [`is_closed`](Self::is_closed) and the write queue is empty, the
+///   caller closes the transport: a server closes it first (§7.1.1).
+///
+/// Time must not go backwards between calls.
+///
+/// ```
+/// use bytes::BytesMut;
+/// use duplex_proto::{Config, Connection, Event, Message, Role};
+/// use std::time::Instant;
+///
+/// let now = Instant::now();
+/// let mut conn = Connection::new(Config::new(Role::Server), now);
+/// // A masked "Hello" from a client (RFC 6455 §5.7).
+/// let mut input = BytesMut::from(&[0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58][..]);
+/// conn.handle_input(now, &mut input);
+/// assert_eq!(conn.poll_event(), Some(Event::Message(Message::text("Hello"))));
+/// ```
+#[derive(Debug)]
+pub struct Connection {
+    config: Config,
+    state: State,
+    in_frame: Option<InFrame>,
+    assembly: Option<Assembly>,
+    utf8: Utf8Validator,
+    /// Whether the message being received is text (UTF-8 is checked).
+    receiving_text: bool,
+    /// Whether a fragmented message is being sent with `send_frame`.
+    sending_fragmented: bool,
+    events: VecDeque<Event>,
+    event_bytes: usize,
+    out: WriteQueue,
+    timers: TimerTable,
+    /// The payload of the Ping awaiting its Pong.
+    ping_payload: Option<Bytes>,
+    ping_counter: u64,
+}
+
+impl Connection {
+    /// A connection that has just completed its opening handshake at `now`.
+    pub fn new(config: Config, now: Instant) -> Self {
+        let mut timers = TimerTable::default();
+        if config.mode == Mode::Messages
+            && let Some(period) = config.ping_period.filter(|p| !p.is_zero())
+        {
+            timers.set(Timer::Ping, now + period);
+        }
+        Connection {
+            config,
+            state: State::Open,
+            in_frame: None,
+            assembly: None,
+            utf8: Utf8Validator::new(),
+            receiving_text: false,
+            sending_fragmented: false,
+            events: VecDeque::new(),
+            event_bytes: 0,
+            out: WriteQueue::new(),
+            timers,
+            ping_payload: None,
+            ping_counter: 0,
+        }
+    }
+
+    // ---- getters ----
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Whether the connection has ended: no input is read and no data can be
+    /// sent. The transport closes once the write queue is empty.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed(_))
+    }
+
+    /// Whether data may still be sent.
+    pub fn can_send(&self) -> bool {
+        matches!(self.state, State::Open | State::CloseReceived(_))
+    }
+
+    /// Whether input is still read: until the peer's Close arrives.
+    pub fn wants_input(&self) -> bool {
+        matches!(self.state, State::Open | State::CloseSent(_))
+    }
+
+    /// How the connection ended, once it has.
+    pub fn termination(&self) -> Option<&Termination> {
+        match &self.state {
+            State::Closed(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Events waiting in [`poll_event`](Self::poll_event), and their payload bytes.
+    pub fn pending_events(&self) -> (usize, usize) {
+        (self.events.len(), self.event_bytes)
+    }
+
+    // ---- inputs ----
+
+    /// Consumes the frames at the start of `input`.
+    ///
+    /// Complete frames are removed from `input`; a partial frame stays, its
+    /// received part already unmasked and checked, so an invalid UTF-8 byte
+    /// fails the connection as soon as it arrives. Nothing is read once the
+    /// connection is closing in the receive direction: the rest of `input` is
+    /// discarded (§1.4).
+    pub fn handle_input(&mut self, now: Instant, input: &mut BytesMut) {
+        while self.wants_input() {
+            match self.read_frame(now, input) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(err) => self.fail(err),
+            }
+        }
+        input.clear();
+    }
+
+    /// The peer closed the transport.
+    pub fn handle_eof(&mut self, _now: Instant) {
+        if !self.is_closed() {
+            self.enter_closed(Termination::Abnormal);
+        }
+    }
+
+    /// Fires the timers whose deadline is at or before `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.timers.expired(Timer::Close, now) {
+            self.timers.clear(Timer::Close);
+            if matches!(self.state, State::CloseSent(_)) {
+                self.enter_closed(Termination::CloseTimeout);
+            }
+        }
+        if self.timers.expired(Timer::PongTimeout, now) {
+            self.timers.clear(Timer::PongTimeout);
+            if self.can_send() {
+                let reason = Termination::PingTimeout.close_reason();
+                self.queue_control(OpCode::Close, reason.to_payload());
+            }
+            if !self.is_closed() {
+                self.enter_closed(Termination::PingTimeout);
+            }
+        }
+        if self.timers.expired(Timer::Ping, now) {
+            self.timers.clear(Timer::Ping);
+            if matches!(self.state, State::Open) {
+                self.ping_counter += 1;
+                let payload = Bytes::from(format!("duplex-ping-{}", self.ping_counter));
+                self.queue_control(OpCode::Ping, payload.clone());
+                self.ping_payload = Some(payload);
+                self.timers
+                    .set(Timer::PongTimeout, now + self.config.pong_timeout);
+            }
+        }
+    }
+
+    // ---- commands ----
+
+    /// Queues a whole message as one frame.
+    ///
+    /// # Errors
+    /// [`SendError::Closed`] after our Close; [`SendError::InvalidFragment`]
+    /// while a fragmented message is being sent with `send_frame`.
+    pub fn send_message(&mut self, message: Message) -> Result<(), SendError> {
+        if !self.can_send() {
+            return Err(SendError::Closed);
+        }
+        if self.sending_fragmented {
+            return Err(SendError::InvalidFragment);
+        }
+        let (opcode, payload) = match message {
+            Message::Text(t) => (OpCode::Text, t.into_bytes()),
+            Message::Binary(b) => (OpCode::Binary, b),
+        };
+        self.queue_frame(true, Rsv::NONE, opcode, payload);
+        Ok(())
+    }
+
+    /// Queues one frame as given: a fragment, a control frame, RSV bits of a
+    /// negotiated extension.
+    ///
+    /// A Close frame goes through [`close`](Self::close) so that the state
+    /// follows it.
+    ///
+    /// # Errors
+    /// See [`SendError`].
+    pub fn send_frame(&mut self, now: Instant, frame: Frame) -> Result<(), SendError> {
+        match frame.opcode {
+            OpCode::Close => {
+                let reason = CloseReason::parse(&frame.payload)
+                    .map_err(|_| SendError::InvalidCloseCode(close_code_of(&frame.payload)))?;
+                return self.close(now, reason);
+            }
+            OpCode::Ping | OpCode::Pong => return self.send_control(frame.opcode, frame.payload),
+            OpCode::Continuation if !self.sending_fragmented => {
+                return Err(SendError::InvalidFragment);
+            }
+            OpCode::Text | OpCode::Binary if self.sending_fragmented => {
+                return Err(SendError::InvalidFragment);
+            }
+            _ => {}
+        }
+        if !self.can_send() {
+            return Err(SendError::Closed);
+        }
+        self.sending_fragmented = !frame.fin;
+        self.queue_frame(frame.fin, frame.rsv, frame.opcode, frame.payload);
+        Ok(())
+    }
+
+    /// Queues a Ping.
+    ///
+    /// # Errors
+    /// [`SendError::ControlFrameTooLong`] over 125 bytes; [`SendError::Closed`]
+    /// once the connection has ended.
+    pub fn send_ping(&mut self, payload: Bytes) -> Result<(), SendError> {
+        self.send_control(OpCode::Ping, payload)
+    }
+
+    /// Queues a Pong.
+    ///
+    /// # Errors
+    /// As [`send_ping`](Self::send_ping).
+    pub fn send_pong(&mut self, payload: Bytes) -> Result<(), SendError> {
+        self.send_control(OpCode::Pong, payload)
+    }
+
+    fn send_control(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
+        if payload.len() > MAX_CONTROL_PAYLOAD {
+            return Err(SendError::ControlFrameTooLong);
+        }
+        if self.is_closed() {
+            return Err(SendError::Closed);
+        }
+        self.queue_control(opcode, payload);
+        Ok(())
+    }
+
+    /// Starts the closing handshake, or answers the peer's Close in
+    /// [`Mode::Frames`]. Closing twice is not an error.
+    ///
+    /// # Errors
+    /// [`SendError::InvalidCloseCode`] for a code that may not be sent
+    /// (1005 sends a Close with no payload).
+    pub fn close(&mut self, now: Instant, reason: CloseReason) -> Result<(), SendError> {
+        if reason.code != CloseCode::NO_STATUS && !reason.code.is_sendable() {
+            return Err(SendError::InvalidCloseCode(reason.code.0));
+        }
+        match std::mem::replace(&mut self.state, State::Open) {
+            State::Open => {
+                self.queue_control(OpCode::Close, reason.to_payload());
+                self.state = State::CloseSent(reason);
+                self.timers.set(Timer::Close, now + self.config.close_timeout);
+                self.timers.clear(Timer::Ping);
+                self.timers.clear(Timer::PongTimeout);
+            }
+            State::CloseReceived(theirs) => {
+                self.queue_control(OpCode::Close, reason.to_payload());
+                self.enter_closed(Termination::Closed(theirs));
+            }
+            other => self.state = other,
+        }
+        Ok(())
+    }
+
+    /// Ends the connection at once, without a closing handshake: queued
+    /// output is dropped.
+    pub fn terminate(&mut self) {
+        self.out = WriteQueue::new();
+        if !self.is_closed() {
+            self.enter_closed(Termination::Abnormal);
+        }
+    }
+
+    // ---- outputs ----
+
+    /// The next event for the user.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        let event = self.events.pop_front()?;
+        self.event_bytes -= event_len(&event);
+        Some(event)
+    }
+
+    /// The bytes to write. Write from its chunks, then `advance` it.
+    #[must_use]
+    pub fn write_queue(&mut self) -> &mut WriteQueue {
+        &mut self.out
+    }
+
+    /// The earliest deadline at which [`handle_timeout`](Self::handle_timeout)
+    /// has work to do.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+
+    /// Queues a frame encoded elsewhere (a broadcast encoded once for many
+    /// connections). The caller vouches that it is one whole, unmasked data
+    /// frame.
+    ///
+    /// # Errors
+    /// [`SendError::Closed`] once data may no longer be sent;
+    /// [`SendError::InvalidFragment`] in the middle of a fragmented send.
+    pub fn send_encoded(&mut self, encoded: Bytes) -> Result<(), SendError> {
+        if !self.can_send() {
+            return Err(SendError::Closed);
+        }
+        if self.sending_fragmented {
+            return Err(SendError::InvalidFragment);
+        }
+        self.out.push_encoded(encoded);
+        Ok(())
+    }
+
+    // ---- the receive path ----
+
+    /// Reads one frame from the start of `input`. `Ok(false)` means more
+    /// bytes are needed.
+    fn read_frame(&mut self, now: Instant, input: &mut BytesMut) -> Result<bool, ProtocolError> {
+        let mut frame = match self.in_frame.take() {
+            Some(frame) => frame,
+            None => {
+                let Some((header, header_len)) = FrameHeader::decode(input)? else {
+                    return Ok(false);
+                };
+                self.check_header(&header)?;
+                input.advance(header_len);
+                InFrame {
+                    header,
+                    processed: 0,
+                }
+            }
+        };
+        // The limit check in `check_header` bounds this below max_frame_size.
+        let len = usize::try_from(frame.header.payload_len).map_err(|_| {
+            ProtocolError::FrameTooBig {
+                size: frame.header.payload_len,
+                max: self.config.max_frame_size,
+            }
+        })?;
+        let available = input.len().min(len);
+        if available > frame.processed {
+            let fresh = &mut input[frame.processed..available];
+            if let Some(key) = frame.header.mask {
+                apply_mask(fresh, key, frame.processed);
+            }
+            if self.is_text_data(frame.header.opcode) {
+                self.utf8.feed(fresh)?;
+            }
+            frame.processed = available;
+        }
+        if available < len {
+            input.reserve(len - input.len());
+            self.in_frame = Some(frame);
+            return Ok(false);
+        }
+        let payload = input.split_to(len).freeze();
+        self.on_frame(now, frame.header, payload)?;
+        Ok(true)
+    }
+
+    /// The rules a header alone can break, checked before any payload
+    /// memory is reserved.
+    fn check_header(&self, h: &FrameHeader) -> Result<(), ProtocolError> {
+        match (self.config.role, h.mask.is_some()) {
+            (Role::Server, false) => return Err(ProtocolError::UnmaskedFrame),
+            (Role::Client, true) => return Err(ProtocolError::MaskedFrame),
+            _ => {}
+        }
+        if h.opcode.is_control() {
+            if !h.rsv.is_empty() {
+                return Err(ProtocolError::ReservedBits);
+            }
+            if !h.fin {
+                return Err(ProtocolError::FragmentedControlFrame);
+            }
+            if h.payload_len > MAX_CONTROL_PAYLOAD as u64 {
+                return Err(ProtocolError::ControlFrameTooLong);
+            }
+            return Ok(());
+        }
+        if !self.config.extension_rsv.contains(h.rsv) {
+            return Err(ProtocolError::ReservedBits);
+        }
+        match (h.opcode, &self.assembly) {
+            (OpCode::Continuation, None) => return Err(ProtocolError::UnexpectedContinuation),
+            (OpCode::Text | OpCode::Binary, Some(_)) => {
+                return Err(ProtocolError::ExpectedContinuation);
+            }
+            _ => {}
+        }
+        if h.payload_len > self.config.max_frame_size {
+            return Err(ProtocolError::FrameTooBig {
+                size: h.payload_len,
+                max: self.config.max_frame_size,
+            });
+        }
+        let so_far = self.assembly.as_ref().map_or(0, |a| a.size);
+        let total = so_far.saturating_add(h.payload_len);
+        if total > self.config.max_message_size {
+            return Err(ProtocolError::MessageTooBig {
+                size: total,
+                max: self.config.max_message_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether a data frame with this opcode carries text.
+    fn is_text_data(&self, opcode: OpCode) -> bool {
+        match opcode {
+            OpCode::Text => true,
+            OpCode::Continuation => self.receiving_text,
+            _ => false,
+        }
+    }
+
+    fn on_frame(&mut self, now: Instant, h: FrameHeader, payload: Bytes) -> Result<(), ProtocolError> {
+        match h.opcode {
+            OpCode::Close => self.on_close(h, payload),
+            OpCode::Ping => {
+                match self.config.mode {
+                    // §5.5.2: answer with the same payload, unless our Close is out.
+                    Mode::Messages if matches!(self.state, State::Open) => {
+                        self.queue_control(OpCode::Pong, payload);
+                    }
+                    Mode::Messages => {}
+                    Mode::Frames => self.push_event(Event::Frame(frame_of(h, payload))),
+                }
+                Ok(())
+            }
+            OpCode::Pong => {
+                match self.config.mode {
+                    // §5.5.3: a Pong that answers nothing is ignored.
+                    Mode::Messages => self.on_pong(now, &payload),
+                    Mode::Frames => self.push_event(Event::Frame(frame_of(h, payload))),
+                }
+                Ok(())
+            }
+            OpCode::Text | OpCode::Binary | OpCode::Continuation => self.on_data(h, payload),
+        }
+    }
+
+    fn on_data(&mut self, h: FrameHeader, payload: Bytes) -> Result<(), ProtocolError> {
+        if h.opcode == OpCode::Text {
+            self.receiving_text = true;
+        } else if h.opcode == OpCode::Binary {
+            self.receiving_text = false;
+        }
+        let text = self.receiving_text;
+        if h.fin && text {
+            self.utf8.finish()?;
+        }
+        if self.config.mode == Mode::Frames {
+            self.track_fragments(h, payload.len());
+            self.push_event(Event::Frame(frame_of(h, payload)));
+            return Ok(());
+        }
+        let message_payload = match (h.fin, self.assembly.take()) {
+            (true, None) => payload,
+            (false, None) => {
+                let mut data = BytesMut::new();
+                data.extend_from_slice(&payload);
+                self.assembly = Some(Assembly {
+                    size: payload.len() as u64,
+                    data,
+                });
+                return Ok(());
+            }
+            (fin, Some(mut assembly)) => {
+                assembly.data.extend_from_slice(&payload);
+                assembly.size += payload.len() as u64;
+                if !fin {
+                    self.assembly = Some(assembly);
+                    return Ok(());
+                }
+                assembly.data.freeze()
+            }
+        };
+        let message = if text {
+            // The validator accepted every byte of this payload and `finish`
+            // passed above.
+            Message::Text(Utf8Bytes::from_validated(message_payload))
+        } else {
+            Message::Binary(message_payload)
+        };
+        self.push_event(Event::Message(message));
+        Ok(())
+    }
+
+    /// Keeps the fragmentation state of a raw connection, which hands over
+    /// fragments instead of assembling them.
+    fn track_fragments(&mut self, h: FrameHeader, len: usize) {
+        match (h.fin, self.assembly.take()) {
+            (true, _) => {}
+            (false, None) => {
+                self.assembly = Some(Assembly {
+                    size: len as u64,
+                    data: BytesMut::new(),
+                });
+            }
+            (false, Some(mut assembly)) => {
+                assembly.size += len as u64;
+                self.assembly = Some(assembly);
+            }
+        }
+    }
+
+    fn on_close(&mut self, h: FrameHeader, payload: Bytes) -> Result<(), ProtocolError> {
+        let theirs = CloseReason::parse(&payload)?;
+        match std::mem::replace(&mut self.state, State::Open) {
+            State::Open => match self.config.mode {
+                // §5.5.1: echo the peer's status code, then the handshake is done.
+                Mode::Messages => {
+                    self.queue_control(OpCode::Close, theirs.to_payload());
+                    self.enter_closed(Termination::Closed(theirs));
+                }
+                Mode::Frames => {
+                    self.state = State::CloseReceived(theirs);
+                    self.push_event(Event::Frame(frame_of(h, payload)));
+                }
+            },
+            State::CloseSent(ours) => {
+                if self.config.mode == Mode::Frames {
+                    self.push_event(Event::Frame(frame_of(h, payload)));
+                }
+                self.enter_closed(Termination::Closed(ours));
+            }
+            other => self.state = other,
+        }
+        Ok(())
+    }
+
+    fn on_pong(&mut self, now: Instant, payload: &[u8]) {
+        if self.ping_payload.as_deref() == Some(payload) {
+            self.ping_payload = None;
+            self.timers.clear(Timer::PongTimeout);
+            if let Some(period) = self.config.ping_period
+                && matches!(self.state, State::Open)
+            {
+                self.timers.set(Timer::Ping, now + period);
+            }
+        }
+    }
+
+    /// Fails the connection (§7.1.7): send a Close with the error's code if
+    /// ours is not out yet, and read nothing more.
+    fn fail(&mut self, err: ProtocolError) {
+        if self.can_send() {
+            let reason = CloseReason::new(err.close_code(), err.to_string());
+            self.queue_control(OpCode::Close, reason.to_payload());
+        }
+        self.enter_closed(Termination::Failed(err));
+    }
+
+    fn enter_closed(&mut self, termination: Termination) {
+        self.state = State::Closed(termination);
+        self.in_frame = None;
+        self.assembly = None;
+        self.ping_payload = None;
+        self.timers.clear_all();
+    }
+
+    fn push_event(&mut self, event: Event) {
+        self.event_bytes += event_len(&event);
+        self.events.push_back(event);
+    }
+
+    // ---- the send path ----
+
+    fn queue_control(&mut self, opcode: OpCode, payload: Bytes) {
+        self.queue_frame(true, Rsv::NONE, opcode, payload);
+    }
+
+    fn queue_frame(&mut self, fin: bool, rsv: Rsv, opcode: OpCode, payload: Bytes) {
+        let mask = self.config.mask_outgoing.then(rand::random::<[u8; 4]>);
+        let header = FrameHeader {
+            fin,
+            rsv,
+            opcode,
+            mask,
+            payload_len: payload.len() as u64,
+        };
+        self.out.push_frame(&header, payload);
+    }
+}
+
+fn frame_of(h: FrameHeader, payload: Bytes) -> Frame {
+    Frame {
+        fin: h.fin,
+        rsv: h.rsv,
+        opcode: h.opcode,
+        payload,
+    }
+}
+
+fn event_len(event: &Event) -> usize {
+    match event {
+        Event::Message(m) => m.len(),
+        Event::Frame(f) => f.payload.len(),
+    }
+}
+
+fn close_code_of(payload: &[u8]) -> u16 {
+    match payload {
+        [hi, lo, ..] => u16::from_be_bytes([*hi, *lo]),
+        _ => 0,
+    }
+}

@@ -1,0 +1,648 @@
+//! The connection against literal wire bytes, one module per RFC section.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::*;
+
+const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// A frame as a client would send it (masked), with full control over the bits.
+fn client_frame(fin: bool, rsv: u8, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    raw_frame(fin, rsv, opcode, payload, Some(KEY))
+}
+
+fn raw_frame(fin: bool, rsv: u8, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = vec![(u8::from(fin) << 7) | (rsv << 4) | opcode];
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n @ 0..=125 => out.push(mask_bit | n as u8),
+        n @ 126..=0xffff => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mut body = payload.to_vec();
+    if let Some(key) = mask {
+        out.extend_from_slice(&key);
+        apply_mask(&mut body, key, 0);
+    }
+    out.extend_from_slice(&body);
+    out
+}
+
+fn text(payload: &str) -> Vec<u8> {
+    client_frame(true, 0, 0x1, payload.as_bytes())
+}
+
+fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+    let mut p = code.to_be_bytes().to_vec();
+    p.extend_from_slice(reason.as_bytes());
+    client_frame(true, 0, 0x8, &p)
+}
+
+struct Harness {
+    conn: Connection,
+    now: Instant,
+}
+
+impl Harness {
+    fn server() -> Self {
+        Self::with(Config::new(Role::Server))
+    }
+
+    fn raw() -> Self {
+        let mut config = Config::new(Role::Server);
+        config.mode = Mode::Frames;
+        Self::with(config)
+    }
+
+    fn with(config: Config) -> Self {
+        let now = Instant::now();
+        Harness {
+            conn: Connection::new(config, now),
+            now,
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        let mut buf = BytesMut::from(bytes);
+        self.conn.handle_input(self.now, &mut buf);
+    }
+
+    /// Feeds `bytes` one byte at a time through one persistent buffer, as a
+    /// slow network would deliver them.
+    fn feed_bytewise(&mut self, bytes: &[u8]) {
+        let mut buf = BytesMut::new();
+        for b in bytes {
+            buf.extend_from_slice(&[*b]);
+            self.conn.handle_input(self.now, &mut buf);
+        }
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.conn.handle_timeout(self.now);
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        std::iter::from_fn(|| self.conn.poll_event()).collect()
+    }
+
+    fn messages(&mut self) -> Vec<Message> {
+        self.events()
+            .into_iter()
+            .map(|e| match e {
+                Event::Message(m) => m,
+                Event::Frame(f) => panic!("frame event {f:?} in message mode"),
+            })
+            .collect()
+    }
+
+    /// Everything written so far, decoded as the client would read it.
+    fn sent(&mut self) -> Vec<Frame> {
+        let q = self.conn.write_queue();
+        let mut bytes = Vec::new();
+        while !q.is_empty() {
+            let chunk = q.chunk().to_vec();
+            q.advance(chunk.len());
+            bytes.extend_from_slice(&chunk);
+        }
+        let mut frames = Vec::new();
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let (h, n) = FrameHeader::decode(rest).unwrap().unwrap();
+            let len = h.payload_len as usize;
+            let mut payload = rest[n..n + len].to_vec();
+            if let Some(key) = h.mask {
+                apply_mask(&mut payload, key, 0);
+            }
+            frames.push(Frame {
+                fin: h.fin,
+                rsv: h.rsv,
+                opcode: h.opcode,
+                payload: payload.into(),
+            });
+            rest = &rest[n + len..];
+        }
+        frames
+    }
+
+    fn assert_failing(&mut self, code: CloseCode) {
+        let frames = self.sent();
+        let close = frames.last().expect("a Close frame was sent");
+        assert_eq!(close.opcode, OpCode::Close);
+        let reason = CloseReason::parse(&close.payload).unwrap();
+        assert_eq!(reason.code, code, "close reason {reason}");
+        assert!(self.conn.is_closed());
+        assert!(matches!(self.conn.termination(), Some(Termination::Failed(e)) if e.close_code() == code));
+    }
+}
+
+mod rfc6455_5_1_masking {
+    use super::*;
+
+    #[test]
+    fn server_fails_unmasked_client_frame_with_1002() {
+        let mut h = Harness::server();
+        h.feed(&raw_frame(true, 0, 0x1, b"hi", None));
+        h.assert_failing(CloseCode::PROTOCOL_ERROR);
+        assert!(h.events().is_empty());
+    }
+
+    #[test]
+    fn client_fails_masked_server_frame_with_1002() {
+        let mut h = Harness::with(Config::new(Role::Client));
+        h.feed(&raw_frame(true, 0, 0x1, b"hi", Some(KEY)));
+        assert!(matches!(
+            h.conn.termination(),
+            Some(Termination::Failed(ProtocolError::MaskedFrame))
+        ));
+    }
+
+    #[test]
+    fn server_sends_unmasked_frames_by_default() {
+        let mut h = Harness::server();
+        h.conn.send_message(Message::text("x")).unwrap();
+        let q = h.conn.write_queue();
+        assert_eq!(q.chunk(), &[0x81, 0x01, b'x']);
+    }
+
+    #[test]
+    fn masking_option_masks_server_frames() {
+        let mut config = Config::new(Role::Server);
+        config.mask_outgoing = true;
+        let mut h = Harness::with(config);
+        h.conn.send_message(Message::text("hello")).unwrap();
+        let bytes = h.conn.write_queue().chunk().to_vec();
+        assert_eq!(bytes[1], 0x80 | 5);
+        let frames = h.sent();
+        assert_eq!(frames[0].payload, Bytes::from_static(b"hello"));
+    }
+}
+
+mod rfc6455_5_2_base_framing {
+    use super::*;
+
+    #[test]
+    fn server_fails_reserved_opcodes_with_1002() {
+        for op in (3..=7).chain(11..=15) {
+            let mut h = Harness::server();
+            h.feed(&client_frame(true, 0, op, b""));
+            h.assert_failing(CloseCode::PROTOCOL_ERROR);
+        }
+    }
+
+    #[test]
+    fn server_fails_rsv_bits_without_extension_with_1002() {
+        for rsv in 1..=7 {
+            let mut h = Harness::server();
+            h.feed(&client_frame(true, rsv, 0x1, b"x"));
+            h.assert_failing(CloseCode::PROTOCOL_ERROR);
+        }
+    }
+
+    #[test]
+    fn server_accepts_rsv_bits_an_extension_claims() {
+        let mut config = Config::new(Role::Server);
+        config.extension_rsv = Rsv::RSV1;
+        let mut h = Harness::with(config);
+        h.feed(&client_frame(true, 0b100, 0x2, b"x"));
+        assert!(!h.conn.is_closed());
+        h.feed(&client_frame(true, 0b010, 0x2, b"x"));
+        h.assert_failing(CloseCode::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn frames_arrive_one_byte_at_a_time() {
+        let mut h = Harness::server();
+        let mut wire = text("hello, world");
+        wire.extend(client_frame(true, 0, 0x2, &vec![7u8; 70_000]));
+        wire.extend(text(""));
+        h.feed_bytewise(&wire);
+        let msgs = h.messages();
+        assert_eq!(msgs.len(), 3);
+        assert_eq!(msgs[0], Message::text("hello, world"));
+        assert_eq!(msgs[1], Message::binary(vec![7u8; 70_000]));
+        assert_eq!(msgs[2], Message::text(""));
+    }
+
+    #[test]
+    fn many_frames_in_one_read() {
+        let mut h = Harness::server();
+        let wire: Vec<u8> = (0..100).flat_map(|i| text(&i.to_string())).collect();
+        h.feed(&wire);
+        let msgs = h.messages();
+        assert_eq!(msgs.len(), 100);
+        assert_eq!(msgs[99], Message::text("99"));
+    }
+
+    #[test]
+    fn frame_over_max_frame_size_fails_with_1009_before_its_payload() {
+        let mut config = Config::new(Role::Server);
+        config.max_frame_size = 100;
+        let mut h = Harness::with(config);
+        // Only the header: the limit is checked before any payload arrives.
+        let frame = client_frame(true, 0, 0x2, &[0; 101]);
+        h.feed(&frame[..8]);
+        h.assert_failing(CloseCode::TOO_BIG);
+    }
+
+    #[test]
+    fn huge_declared_length_fails_without_allocating() {
+        let mut h = Harness::server();
+        let mut wire = vec![0x82, 0xff];
+        wire.extend_from_slice(&(1u64 << 62).to_be_bytes());
+        wire.extend_from_slice(&KEY);
+        let mut buf = BytesMut::from(&wire[..]);
+        h.conn.handle_input(h.now, &mut buf);
+        assert!(buf.capacity() < 1 << 20);
+        h.assert_failing(CloseCode::TOO_BIG);
+    }
+}
+
+mod rfc6455_5_4_fragmentation {
+    use super::*;
+
+    #[test]
+    fn server_reassembles_fragments() {
+        let mut h = Harness::server();
+        h.feed(&client_frame(false, 0, 0x1, b"Hel"));
+        h.feed(&client_frame(false, 0, 0x0, b"lo, "));
+        assert!(h.events().is_empty());
+        h.feed(&client_frame(true, 0, 0x0, b"world"));
+        assert_eq!(h.messages(), [Message::text("Hello, world")]);
+    }
+
+    #[test]
+    fn control_frames_may_interleave_with_fragments() {
+        let mut h = Harness::server();
+        h.feed(&client_frame(false, 0, 0x2, b"a"));
+        h.feed(&client_frame(true, 0, 0x9, b"ping!"));
+        h.feed(&client_frame(true, 0, 0x0, b"b"));
+        assert_eq!(h.messages(), [Message::binary(&b"ab"[..])]);
+        let sent = h.sent();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].opcode, OpCode::Pong);
+        assert_eq!(sent[0].payload, Bytes::from_static(b"ping!"));
+    }
+
+    #[test]
+    fn server_fails_continuation_without_a_message_with_1002() {
+        let mut h = Harness::server();
+        h.feed(&client_frame(true, 0, 0x0, b"x"));
+        h.assert_failing(CloseCode::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn server_fails_new_message_inside_fragmented_one_with_1002() {
+        let mut h = Harness::server();
+        h.feed(&client_frame(false, 0, 0x1, b"a"));
+        h.feed(&client_frame(true, 0, 0x1, b"b"));
+        h.assert_failing(CloseCode::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn reassembled_message_over_max_message_size_fails_with_1009() {
+        let mut config = Config::new(Role::Server);
+        config.max_message_size = 10;
+        let mut h = Harness::with(config);
+        h.feed(&client_frame(false, 0, 0x2, &[0; 6]));
+        h.feed(&client_frame(true, 0, 0x0, &[0; 6]));
+        h.assert_failing(CloseCode::TOO_BIG);
+    }
+
+    #[test]
+    fn sender_refuses_broken_fragment_sequences() {
+        let mut h = Harness::server();
+        let now = h.now;
+        assert_eq!(
+            h.conn.send_frame(now, Frame::new(OpCode::Continuation, "x")),
+            Err(SendError::InvalidFragment)
+        );
+        h.conn.send_frame(now, Frame::new(OpCode::Text, "a").with_fin(false)).unwrap();
+        assert_eq!(h.conn.send_message(Message::text("b")), Err(SendError::InvalidFragment));
+        h.conn.send_frame(now, Frame::new(OpCode::Ping, "p")).unwrap();
+        h.conn.send_frame(now, Frame::new(OpCode::Continuation, "c")).unwrap();
+        h.conn.send_message(Message::text("d")).unwrap();
+        let ops: Vec<_> = h.sent().iter().map(|f| (f.opcode, f.fin)).collect();
+        assert_eq!(
+            ops,
+            [
+                (OpCode::Text, false),
+                (OpCode::Ping, true),
+                (OpCode::Continuation, true),
+                (OpCode::Text, true)
+            ]
+        );
+    }
+}
+
+mod rfc6455_5_5_control_frames {
+    use super::*;
+
+    #[test]
+    fn server_fails_control_frame_over_125_bytes_with_1002() {
+        let mut h = Harness::server();
+        h.feed(&client_frame(true, 0, 0x9, &[0; 126]));
+        h.assert_failing(CloseCode::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn server_fails_fragmented_control_frame_with_1002() {
+        let mut h = Harness::server();
+        h.feed(&client_frame(false, 0, 0x9, b""));
+        h.assert_failing(CloseCode::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn sender_refuses_control_payload_over_125_bytes() {
+        let mut h = Harness::server();
+        assert_eq!(
+            h.conn.send_ping(Bytes::from(vec![0; 126])),
+            Err(SendError::ControlFrameTooLong)
+        );
+    }
+}
+
+mod rfc6455_5_5_2_ping {
+    use super::*;
+
+    #[test]
+    fn server_answers_ping_with_pong_of_same_payload() {
+        let mut h = Harness::server();
+        h.feed(&client_frame(true, 0, 0x9, b"are you there"));
+        let sent = h.sent();
+        assert_eq!(sent, [Frame::new(OpCode::Pong, "are you there")]);
+        assert!(h.events().is_empty(), "default mode hides pings");
+    }
+
+    #[test]
+    fn raw_mode_hands_over_pings_and_answers_nothing() {
+        let mut h = Harness::raw();
+        h.feed(&client_frame(true, 0, 0x9, b"p"));
+        assert!(h.sent().is_empty());
+        assert_eq!(h.events(), [Event::Frame(Frame::new(OpCode::Ping, "p"))]);
+    }
+}
+
+mod rfc6455_5_5_3_pong {
+    use super::*;
+
+    fn pinging() -> Harness {
+        let mut config = Config::new(Role::Server);
+        config.ping_period = Some(Duration::from_secs(10));
+        config.pong_timeout = Duration::from_secs(5);
+        Harness::with(config)
+    }
+
+    #[test]
+    fn server_pings_every_period() {
+        let mut h = pinging();
+        h.advance(Duration::from_secs(9));
+        assert!(h.sent().is_empty());
+        h.advance(Duration::from_secs(1));
+        let sent = h.sent();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].opcode, OpCode::Ping);
+    }
+
+    #[test]
+    fn answered_ping_keeps_the_connection_and_schedules_the_next() {
+        let mut h = pinging();
+        h.advance(Duration::from_secs(10));
+        let ping = h.sent().remove(0);
+        h.feed(&client_frame(true, 0, 0xA, &ping.payload));
+        h.advance(Duration::from_secs(6));
+        assert!(!h.conn.is_closed());
+        h.advance(Duration::from_secs(4));
+        assert_eq!(h.sent()[0].opcode, OpCode::Ping);
+    }
+
+    #[test]
+    fn unanswered_ping_closes_with_1011_ping_timeout() {
+        let mut h = pinging();
+        h.advance(Duration::from_secs(10));
+        h.sent();
+        // An unsolicited Pong with another payload does not count (§5.5.3).
+        h.feed(&client_frame(true, 0, 0xA, b"something else"));
+        h.advance(Duration::from_secs(5));
+        assert_eq!(h.conn.termination(), Some(&Termination::PingTimeout));
+        let close = h.sent().remove(0);
+        let reason = CloseReason::parse(&close.payload).unwrap();
+        assert_eq!(reason, CloseReason::new(CloseCode::INTERNAL_ERROR, "Ping timeout"));
+    }
+
+    #[test]
+    fn early_timeout_calls_do_nothing() {
+        let mut h = pinging();
+        h.advance(Duration::ZERO);
+        h.advance(Duration::from_secs(1));
+        assert!(h.sent().is_empty());
+        assert!(h.conn.poll_timeout().is_some());
+    }
+}
+
+mod rfc6455_5_5_1_close {
+    use super::*;
+
+    #[test]
+    fn server_echoes_the_peers_close_and_completes() {
+        let mut h = Harness::server();
+        h.feed(&close_frame(1000, "bye"));
+        let sent = h.sent();
+        assert_eq!(CloseReason::parse(&sent[0].payload).unwrap().code, CloseCode::NORMAL);
+        assert_eq!(
+            h.conn.termination(),
+            Some(&Termination::Closed(CloseReason::new(CloseCode::NORMAL, "bye")))
+        );
+    }
+
+    #[test]
+    fn empty_close_is_answered_with_empty_close_and_reports_1005() {
+        let mut h = Harness::server();
+        h.feed(&client_frame(true, 0, 0x8, b""));
+        assert_eq!(h.sent()[0].payload.len(), 0);
+        assert_eq!(h.conn.termination().unwrap().close_reason().code, CloseCode::NO_STATUS);
+    }
+
+    #[test]
+    fn server_initiated_close_completes_on_the_peers_reply() {
+        let mut h = Harness::server();
+        let now = h.now;
+        h.conn
+            .close(now, CloseReason::new(CloseCode::GOING_AWAY, "shutdown"))
+            .unwrap();
+        assert!(!h.conn.is_closed());
+        assert_eq!(h.conn.send_message(Message::text("late")), Err(SendError::Closed));
+        // Data that was in flight still arrives before the peer's Close.
+        h.feed(&text("in flight"));
+        h.feed(&close_frame(1001, ""));
+        assert_eq!(h.messages(), [Message::text("in flight")]);
+        assert_eq!(
+            h.conn.termination(),
+            Some(&Termination::Closed(CloseReason::new(CloseCode::GOING_AWAY, "shutdown")))
+        );
+        assert_eq!(h.sent().len(), 1, "no second Close");
+    }
+
+    #[test]
+    fn close_times_out_without_a_reply() {
+        let mut h = Harness::server();
+        let now = h.now;
+        h.conn.close(now, CloseReason::normal()).unwrap();
+        h.advance(Duration::from_secs(10));
+        assert_eq!(h.conn.termination(), Some(&Termination::CloseTimeout));
+    }
+
+    #[test]
+    fn input_after_close_is_discarded() {
+        let mut h = Harness::server();
+        let mut wire = close_frame(1000, "");
+        wire.extend(text("after close"));
+        h.feed(&wire);
+        assert!(h.events().is_empty());
+    }
+
+    #[test]
+    fn server_fails_one_byte_close_payload_with_1002() {
+        let mut h = Harness::server();
+        h.feed(&client_frame(true, 0, 0x8, &[0x03]));
+        h.assert_failing(CloseCode::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn server_fails_invalid_close_codes_with_1002() {
+        for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
+            let mut h = Harness::server();
+            h.feed(&close_frame(code, ""));
+            h.assert_failing(CloseCode::PROTOCOL_ERROR);
+        }
+    }
+
+    #[test]
+    fn server_accepts_application_close_codes() {
+        for code in [1000u16, 1001, 1002, 1003, 1007, 1011, 1014, 3000, 4999] {
+            let mut h = Harness::server();
+            h.feed(&close_frame(code, ""));
+            let echoed = CloseReason::parse(&h.sent()[0].payload).unwrap();
+            assert_eq!(echoed.code.0, code);
+        }
+    }
+
+    #[test]
+    fn raw_mode_hands_over_close_and_waits_for_the_answer() {
+        let mut h = Harness::raw();
+        h.feed(&close_frame(4000, "app"));
+        assert!(h.sent().is_empty());
+        assert!(!h.conn.is_closed());
+        assert_eq!(h.events().len(), 1);
+        let now = h.now;
+        h.conn.close(now, CloseReason::new(CloseCode(4000), "")).unwrap();
+        assert!(h.conn.is_closed());
+        assert_eq!(h.sent()[0].opcode, OpCode::Close);
+    }
+
+    #[test]
+    fn eof_without_close_is_abnormal_1006() {
+        let mut h = Harness::server();
+        h.conn.handle_eof(h.now);
+        assert_eq!(h.conn.termination().unwrap().close_reason().code, CloseCode::ABNORMAL);
+    }
+
+    #[test]
+    fn sending_reserved_close_codes_is_refused() {
+        let mut h = Harness::server();
+        let now = h.now;
+        assert_eq!(
+            h.conn.close(now, CloseReason::new(CloseCode::ABNORMAL, "")),
+            Err(SendError::InvalidCloseCode(1006))
+        );
+    }
+}
+
+mod rfc6455_8_1_utf8_handling {
+    use super::*;
+
+    #[test]
+    fn server_fails_invalid_utf8_text_with_1007() {
+        let mut h = Harness::server();
+        h.feed(&client_frame(true, 0, 0x1, &[0xce, 0xba, 0xff]));
+        h.assert_failing(CloseCode::INVALID_PAYLOAD);
+    }
+
+    #[test]
+    fn invalid_utf8_fails_on_the_fragment_that_brings_it() {
+        let mut h = Harness::server();
+        h.feed(&client_frame(false, 0, 0x1, "κόσμε".as_bytes()));
+        assert!(!h.conn.is_closed());
+        h.feed(&client_frame(false, 0, 0x0, &[0xf4, 0x90, 0x80, 0x80]));
+        h.assert_failing(CloseCode::INVALID_PAYLOAD);
+    }
+
+    #[test]
+    fn invalid_utf8_fails_before_the_frame_is_complete() {
+        let mut h = Harness::server();
+        let mut payload = "κόσμε".as_bytes().to_vec();
+        payload.extend_from_slice(&[0xf4, 0x90, 0x80, 0x80]);
+        payload.extend_from_slice(b"edited");
+        let wire = client_frame(true, 0, 0x1, &payload);
+        // Header (6 bytes), the valid part and the first bad byte only.
+        let cut = 6 + "κόσμε".len() + 2;
+        let mut buf = BytesMut::from(&wire[..cut]);
+        h.conn.handle_input(h.now, &mut buf);
+        h.assert_failing(CloseCode::INVALID_PAYLOAD);
+    }
+
+    #[test]
+    fn characters_split_across_fragments_are_valid() {
+        let mut h = Harness::server();
+        let bytes = "€".as_bytes();
+        h.feed(&client_frame(false, 0, 0x1, &bytes[..1]));
+        h.feed(&client_frame(false, 0, 0x0, &bytes[1..2]));
+        h.feed(&client_frame(true, 0, 0x0, &bytes[2..]));
+        assert_eq!(h.messages(), [Message::text("€")]);
+    }
+
+    #[test]
+    fn message_ending_inside_a_character_fails_with_1007() {
+        let mut h = Harness::server();
+        h.feed(&client_frame(true, 0, 0x1, &"€".as_bytes()[..2]));
+        h.assert_failing(CloseCode::INVALID_PAYLOAD);
+    }
+
+    #[test]
+    fn binary_messages_are_not_checked() {
+        let mut h = Harness::server();
+        h.feed(&client_frame(true, 0, 0x2, &[0xff, 0xfe]));
+        assert_eq!(h.messages(), [Message::binary(&[0xff, 0xfe][..])]);
+    }
+}
+
+mod rfc6455_7_1_7_fail_the_connection {
+    use super::*;
+
+    #[test]
+    fn nothing_is_read_after_a_failure() {
+        let mut h = Harness::server();
+        let mut wire = client_frame(true, 0, 0x3, b"");
+        wire.extend(text("after"));
+        h.feed(&wire);
+        assert!(h.events().is_empty());
+        h.feed(&text("later"));
+        assert!(h.events().is_empty());
+    }
+
+    #[test]
+    fn one_close_frame_only() {
+        let mut h = Harness::server();
+        h.feed(&client_frame(true, 0, 0x3, b""));
+        h.feed(&client_frame(true, 0, 0x3, b""));
+        assert_eq!(h.sent().len(), 1);
+    }
+}
