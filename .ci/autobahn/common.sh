@@ -1,10 +1,11 @@
 # shellcheck shell=bash
 # Shared settings for the Autobahn|Testsuite harness; sourced by install.sh and run.sh.
 
+# shellcheck disable=SC2034  # used by the scripts that source this file
 AUTOBAHN_VERSION="25.10.1"
 AUTOBAHN_PY_VERSION="2.7.18"
+# shellcheck disable=SC2034
 AUTOBAHN_MARKER=".duplex-autobahn-install"
-AUTOBAHN_LIB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 # Print the path of the CPython 2.7.18 interpreter, or an error and return 1.
 # AUTOBAHN_PYTHON may point at another CPython 2.7 interpreter.

@@ -477,6 +477,11 @@ impl Connection {
         &mut self.out
     }
 
+    /// Bytes waiting in the write queue.
+    pub fn write_queue_len(&self) -> usize {
+        self.out.len()
+    }
+
     /// The earliest deadline at which [`handle_timeout`](Self::handle_timeout)
     /// has work to do.
     #[must_use]

@@ -1,0 +1,204 @@
+//! The `App` builder: install the configuration, route WebSocket endpoints
+//! next to plain HTTP routes, serve, shut down gracefully.
+
+use std::{future::Future, io, net::SocketAddr, time::Duration};
+
+use axum::{Router, routing::MethodRouter, serve::ListenerExt};
+use tokio::net::TcpListener;
+
+use crate::{
+    config::WebSockets,
+    endpoint,
+    handler::Handler,
+    session::{RawSession, Session},
+};
+
+type Mount = Box<dyn FnOnce(Router, &WebSockets) -> Router + Send>;
+
+/// A server: a WebSockets configuration, WebSocket routes and plain HTTP
+/// routes (an axum `Router` underneath).
+///
+/// ```no_run
+/// use duplex::{App, Session, WebSockets};
+/// use std::time::Duration;
+///
+/// # async fn run() -> std::io::Result<()> {
+/// App::new()
+///     .install(WebSockets::default().ping_period(Some(Duration::from_secs(15))))
+///     .web_socket("/echo", |mut session: Session| async move {
+///         while let Some(message) = session.recv().await? {
+///             session.send(message).await?;
+///         }
+///         Ok::<_, duplex::Error>(())
+///     })
+///     .route("/health", axum::routing::get(|| async { "ok" }))
+///     .serve(tokio::net::TcpListener::bind("127.0.0.1:8080").await?)
+///     .await
+/// # }
+/// ```
+pub struct App {
+    websockets: WebSockets,
+    mounts: Vec<Mount>,
+    router: Router,
+    shutdown_grace: Duration,
+}
+
+impl Default for App {
+    fn default() -> Self {
+        App {
+            websockets: WebSockets::default(),
+            mounts: Vec::new(),
+            router: Router::new(),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl App {
+    /// An app with the default configuration and no routes.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Installs the WebSockets configuration. Routes use it whatever the
+    /// order of the calls.
+    #[must_use]
+    pub fn install(mut self, websockets: WebSockets) -> Self {
+        self.websockets = websockets;
+        self
+    }
+
+    /// The configuration, also the handle for [`WebSockets::shutdown`].
+    pub fn websockets(&self) -> &WebSockets {
+        &self.websockets
+    }
+
+    /// A WebSocket endpoint with a default [`Session`] (Ktor's `webSocket`).
+    /// Path parameters (`/rooms/{room}`) are in
+    /// [`Request::path_param`](crate::Request::path_param).
+    #[must_use]
+    pub fn web_socket<H: Handler<Session>>(self, path: &str, handler: H) -> Self {
+        self.web_socket_with_protocols(path, std::iter::empty::<String>(), handler)
+    }
+
+    /// A WebSocket endpoint that speaks these subprotocols (Ktor's
+    /// `webSocket(path, protocol)`); see
+    /// [`endpoint::web_socket_with_protocols`](crate::web_socket_with_protocols).
+    #[must_use]
+    pub fn web_socket_with_protocols<H, I, P>(mut self, path: &str, protocols: I, handler: H) -> Self
+    where
+        H: Handler<Session>,
+        I: IntoIterator<Item = P>,
+        P: Into<String>,
+    {
+        let path = path.to_owned();
+        let protocols: Vec<String> = protocols.into_iter().map(Into::into).collect();
+        self.mounts.push(Box::new(move |router, ws| {
+            router.route(&path, endpoint::web_socket_with_protocols(ws, protocols, handler))
+        }));
+        self
+    }
+
+    /// A WebSocket endpoint with a [`RawSession`] (Ktor's `webSocketRaw`).
+    #[must_use]
+    pub fn web_socket_raw<H: Handler<RawSession>>(mut self, path: &str, handler: H) -> Self {
+        let path = path.to_owned();
+        self.mounts.push(Box::new(move |router, ws| {
+            router.route(&path, endpoint::web_socket_raw(ws, handler))
+        }));
+        self
+    }
+
+    /// A plain HTTP route.
+    #[must_use]
+    pub fn route(mut self, path: &str, method_router: MethodRouter) -> Self {
+        self.router = self.router.route(path, method_router);
+        self
+    }
+
+    /// Merges a whole axum `Router` of plain routes.
+    #[must_use]
+    pub fn merge(mut self, router: Router) -> Self {
+        self.router = self.router.merge(router);
+        self
+    }
+
+    /// How long [`serve`](Self::serve) waits for sessions to close after the
+    /// shutdown signal. Default 10 s.
+    #[must_use]
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// The axum `Router` with every route mounted, to serve it yourself.
+    pub fn into_router(self) -> Router {
+        let websockets = self.websockets;
+        self.mounts
+            .into_iter()
+            .fold(self.router, |router, mount| mount(router, &websockets))
+    }
+
+    /// Serves until Ctrl-C or SIGTERM, then shuts down gracefully.
+    ///
+    /// # Errors
+    /// An I/O error of the listener.
+    pub async fn serve(self, listener: TcpListener) -> io::Result<()> {
+        self.serve_with_shutdown(listener, shutdown_signal()).await
+    }
+
+    /// Serves until `signal` completes, then stops accepting, closes every
+    /// session with 1001 "Server shutting down" and waits for them, up to the
+    /// shutdown grace.
+    ///
+    /// # Errors
+    /// An I/O error of the listener.
+    pub async fn serve_with_shutdown<F>(self, listener: TcpListener, signal: F) -> io::Result<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let websockets = self.websockets.clone();
+        let grace = self.shutdown_grace;
+        let router = self.into_router();
+        let listener = listener.tap_io(|tcp| {
+            // Frames are whole when written; Nagle would only delay them.
+            let _ = tcp.set_nodelay(true);
+        });
+        let ws = websockets.clone();
+        let stop = async move {
+            signal.await;
+            tracing::info!("shutting down");
+            let ws = ws.clone();
+            tokio::spawn(async move { ws.shutdown(grace).await });
+        };
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop)
+        .await?;
+        websockets.shutdown(grace).await;
+        Ok(())
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,195 @@
+//! The WebSockets configuration installed on an [`App`](crate::App):
+//! Ktor's `install(WebSockets) { … }`.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use duplex_proto::{Config as ProtoConfig, Mode, Role};
+
+use crate::{
+    convert::{ContentConverter, JsonConverter},
+    lifecycle::Lifecycle,
+};
+
+/// Options shared by every WebSocket endpoint of a server.
+///
+/// Built by value, each setter documents its default and how it departs
+/// from Ktor's where Ktor's default is unsafe in production:
+///
+/// ```
+/// use std::time::Duration;
+/// let ws = duplex::WebSockets::default()
+///     .ping_period(Some(Duration::from_secs(15)))
+///     .timeout(Duration::from_secs(15))
+///     .max_frame_size(1 << 20)
+///     .masking(false);
+/// assert_eq!(ws.get_max_frame_size(), 1 << 20);
+/// ```
+#[derive(Clone)]
+pub struct WebSockets {
+    pub(crate) ping_period: Option<Duration>,
+    pub(crate) timeout: Duration,
+    pub(crate) close_timeout: Duration,
+    pub(crate) max_frame_size: u64,
+    pub(crate) max_message_size: u64,
+    pub(crate) masking: bool,
+    pub(crate) incoming_buffer: usize,
+    pub(crate) outgoing_buffer: usize,
+    pub(crate) allowed_origins: Option<Arc<[String]>>,
+    pub(crate) converter: Arc<dyn ContentConverter>,
+    pub(crate) lifecycle: Lifecycle,
+}
+
+impl Default for WebSockets {
+    fn default() -> Self {
+        WebSockets {
+            ping_period: Some(Duration::from_secs(30)),
+            timeout: Duration::from_secs(15),
+            close_timeout: Duration::from_secs(10),
+            max_frame_size: 16 << 20,
+            max_message_size: 64 << 20,
+            masking: false,
+            incoming_buffer: 1 << 20,
+            outgoing_buffer: 1 << 20,
+            allowed_origins: None,
+            converter: Arc::new(JsonConverter),
+            lifecycle: Lifecycle::default(),
+        }
+    }
+}
+
+impl fmt::Debug for WebSockets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebSockets")
+            .field("ping_period", &self.ping_period)
+            .field("timeout", &self.timeout)
+            .field("close_timeout", &self.close_timeout)
+            .field("max_frame_size", &self.max_frame_size)
+            .field("max_message_size", &self.max_message_size)
+            .field("masking", &self.masking)
+            .field("incoming_buffer", &self.incoming_buffer)
+            .field("outgoing_buffer", &self.outgoing_buffer)
+            .field("allowed_origins", &self.allowed_origins)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebSockets {
+    /// How often a default session pings its peer; `None` or zero sends no
+    /// pings. Default 30 s (Ktor: off, which leaves dead peers undetected).
+    #[must_use]
+    pub fn ping_period(mut self, period: Option<Duration>) -> Self {
+        self.ping_period = period.filter(|p| !p.is_zero());
+        self
+    }
+
+    /// How long to wait for the Pong after a Ping before closing with 1011
+    /// "Ping timeout". Default 15 s, as Ktor. Has no effect without pings.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How long to wait for the peer's Close after ours before dropping the
+    /// connection (1006). Default 10 s (Ktor waits forever).
+    #[must_use]
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
+    /// The largest frame accepted; a larger one closes with 1009. Default
+    /// 16 MiB (Ktor: unlimited).
+    #[must_use]
+    pub fn max_frame_size(mut self, bytes: u64) -> Self {
+        self.max_frame_size = bytes.max(1);
+        self
+    }
+
+    /// The largest message accepted, fragments added up; a larger one closes
+    /// with 1009. Default 64 MiB (Ktor checks reassembled messages against
+    /// `maxFrameSize`).
+    #[must_use]
+    pub fn max_message_size(mut self, bytes: u64) -> Self {
+        self.max_message_size = bytes.max(1);
+        self
+    }
+
+    /// Whether the server masks its own frames. Default false, as Ktor.
+    ///
+    /// RFC 6455 §5.1 forbids masked server frames and browsers close the
+    /// connection when they see one: this exists for Ktor parity and for
+    /// peers that ask for it, not for security.
+    #[must_use]
+    pub fn masking(mut self, masking: bool) -> Self {
+        self.masking = masking;
+        self
+    }
+
+    /// How many bytes of received messages may wait for the handler before
+    /// the server stops reading from the socket (TCP then slows the client).
+    /// Default 1 MiB (Ktor: unbounded).
+    #[must_use]
+    pub fn incoming_buffer(mut self, bytes: usize) -> Self {
+        self.incoming_buffer = bytes.max(1);
+        self
+    }
+
+    /// How many bytes may wait to be written before `send` waits and
+    /// `try_send` reports the session full. Default 1 MiB (Ktor: unbounded).
+    /// A single larger message is still accepted when nothing is queued.
+    #[must_use]
+    pub fn outgoing_buffer(mut self, bytes: usize) -> Self {
+        self.outgoing_buffer = bytes.max(1);
+        self
+    }
+
+    /// Accepts upgrades only from these `Origin`s (exact match, such as
+    /// `https://example.com`); others get 403. Requests without an `Origin`
+    /// header (non-browser clients) are accepted. Default: every origin.
+    #[must_use]
+    pub fn allowed_origins<I, S>(mut self, origins: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.allowed_origins = Some(origins.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// The converter for `send_json` / `recv_json`. Default: JSON.
+    #[must_use]
+    pub fn content_converter(mut self, converter: impl ContentConverter) -> Self {
+        self.converter = Arc::new(converter);
+        self
+    }
+
+    /// The maximum frame size in force.
+    pub fn get_max_frame_size(&self) -> u64 {
+        self.max_frame_size
+    }
+
+    /// Closes every live session of this configuration with 1001 "Server
+    /// shutting down" and waits, up to `grace`, until they are gone.
+    /// New upgrades are refused with 503 from then on.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.lifecycle.shutdown(grace).await;
+    }
+
+    /// How many sessions are live.
+    pub fn live_sessions(&self) -> usize {
+        self.lifecycle.live()
+    }
+
+    pub(crate) fn proto_config(&self, mode: Mode) -> ProtoConfig {
+        let mut config = ProtoConfig::new(Role::Server);
+        config.mode = mode;
+        config.max_frame_size = self.max_frame_size;
+        config.max_message_size = self.max_message_size;
+        config.mask_outgoing = self.masking;
+        config.ping_period = self.ping_period;
+        config.pong_timeout = self.timeout;
+        config.close_timeout = self.close_timeout;
+        config
+    }
+}

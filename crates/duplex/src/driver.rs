@@ -1,0 +1,391 @@
+//! The connection task: one future per connection that drives the socket,
+//! the protocol, the timers and the user's handler together, the way hyper's
+//! HTTP/1 dispatcher drives I/O and a service in one task.
+//!
+//! Each poll runs rounds of: poll the handler, then (under the lock) fire
+//! timers, read and feed the protocol, and write everything queued. Replies
+//! that the handler produces for one read leave in one write (corking),
+//! without waiting for anything later. Rounds repeat while they make progress,
+//! at most [`MAX_ROUNDS`] times before yielding to other tasks.
+
+use std::{
+    any::Any,
+    future::Future,
+    io::IoSlice,
+    panic::{AssertUnwindSafe, catch_unwind},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use duplex_proto::{CloseCode, CloseReason};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::{
+    error::BoxError,
+    shared::{Inner, Shared},
+};
+
+/// Rounds per poll before yielding: enough to drain a burst, few enough that
+/// one busy connection cannot starve the others on its worker (hyper uses 16).
+const MAX_ROUNDS: usize = 16;
+
+/// Reads per round: a fast sender cannot keep one round reading forever.
+const MAX_READS_PER_ROUND: usize = 4;
+
+/// The read buffer's first size and its growth step. Small, so that an idle
+/// connection costs little; frames larger than this reserve their own size.
+const READ_CHUNK: usize = 4096;
+
+/// Slices per vectored write.
+const MAX_IOVECS: usize = 64;
+
+/// How long to keep reading (and discarding) after our side has closed, so
+/// that unread input does not turn our FIN into a reset that destroys the
+/// Close frame in flight.
+const LINGER: Duration = Duration::from_secs(2);
+
+pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+
+/// Where the transport is in its life.
+enum Transport<T> {
+    /// Reading and writing.
+    Open(T),
+    /// The protocol is closed and the queue written: our FIN is being sent.
+    ShuttingDown(T),
+    /// Our FIN is out; read and discard until the peer's FIN or the deadline.
+    Lingering(T, Instant),
+    /// The socket is dropped.
+    Gone,
+}
+
+/// The future of one connection. Spawn it; it ends when both the transport
+/// and the handler are done.
+#[must_use = "a connection does nothing unless spawned"]
+pub(crate) struct Driver<T> {
+    shared: Arc<Shared>,
+    transport: Transport<T>,
+    read_buf: BytesMut,
+    handler: Option<HandlerFuture>,
+    shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    sleep_deadline: Option<Instant>,
+    /// Whether the end was announced to waiters.
+    end_announced: bool,
+    /// For log lines.
+    peer: String,
+}
+
+impl<T> Driver<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    pub(crate) fn new(
+        io: T,
+        shared: Arc<Shared>,
+        handler: HandlerFuture,
+        shutdown: WaitForCancellationFutureOwned,
+        peer: String,
+    ) -> Self {
+        Driver {
+            shared,
+            transport: Transport::Open(io),
+            read_buf: BytesMut::new(),
+            handler: Some(handler),
+            shutdown: Some(Box::pin(shutdown)),
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            sleep_deadline: None,
+            end_announced: false,
+            peer,
+        }
+    }
+
+    /// Polls the handler once; true if it finished.
+    fn poll_handler(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(handler) = self.handler.as_mut() else {
+            return false;
+        };
+        let outcome = match catch_unwind(AssertUnwindSafe(|| handler.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => return false,
+            Ok(Poll::Ready(result)) => result.map_err(HandlerFailure::Error),
+            Err(panic) => Err(HandlerFailure::Panic(panic)),
+        };
+        self.handler = None;
+        let mut inner = self.shared.lock();
+        let reason = match outcome {
+            Ok(()) => CloseReason::normal(),
+            Err(failure) => {
+                tracing::error!(peer = %self.peer, "WebSocket handler failed: {failure}");
+                // Details could be sensitive: the peer only learns that it failed.
+                CloseReason::new(CloseCode::INTERNAL_ERROR, "Internal error")
+            }
+        };
+        if inner.conn.can_send() {
+            let _ = inner.conn.close(Inner::now(), reason);
+        }
+        true
+    }
+
+    /// One round of socket work under the lock; true if anything moved.
+    fn drive_transport(&mut self, cx: &mut Context<'_>) -> bool {
+        let shared = Arc::clone(&self.shared);
+        let mut inner = shared.lock();
+        inner.set_driver_waker(cx);
+        let now = Inner::now();
+        let mut progress = false;
+
+        if let Some(shutdown) = self.shutdown.as_mut()
+            && shutdown.as_mut().poll(cx).is_ready()
+        {
+            self.shutdown = None;
+            let reason = CloseReason::new(CloseCode::GOING_AWAY, "Server shutting down");
+            let _ = inner.conn.close(now, reason);
+            progress = true;
+        }
+        if inner.terminate_requested {
+            self.transport = Transport::Gone;
+        }
+        if inner.conn.poll_timeout().is_some_and(|at| at <= now) {
+            inner.conn.handle_timeout(now);
+            progress = true;
+        }
+        progress |= self.read(&mut inner, cx, now);
+        progress |= self.write(&mut inner, cx);
+        progress |= self.finish_transport(&mut inner, cx, now);
+
+        if inner.conn.is_closed() || inner.transport_done {
+            if !self.end_announced {
+                self.end_announced = true;
+                inner.wake_all();
+            }
+        }
+        if inner.conn.pending_events().0 > 0 && inner.wake_receiver(cx) {
+            progress = true;
+        }
+        progress |= self.arm_timer(&inner, cx);
+        progress
+    }
+
+    fn read(&mut self, inner: &mut Inner, cx: &mut Context<'_>, now: Instant) -> bool {
+        let Transport::Open(io) = &mut self.transport else {
+            return false;
+        };
+        let mut progress = false;
+        for _ in 0..MAX_READS_PER_ROUND {
+            if !inner.conn.wants_input() {
+                break;
+            }
+            if inner.inbox_full() {
+                inner.reading_paused = true;
+                break;
+            }
+            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
+                self.read_buf.reserve(READ_CHUNK);
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut self.read_buf) {
+                Poll::Ready(Ok(0)) => {
+                    inner.conn.handle_eof(now);
+                    progress = true;
+                    break;
+                }
+                Poll::Ready(Ok(_)) => {
+                    inner.conn.handle_input(now, &mut self.read_buf);
+                    progress = true;
+                }
+                Poll::Ready(Err(err)) => {
+                    tracing::debug!(peer = %self.peer, "read failed: {err}");
+                    inner.conn.handle_eof(now);
+                    progress = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if self.read_buf.is_empty() && self.read_buf.capacity() > 16 * READ_CHUNK {
+            // A large frame has passed; give its memory back.
+            self.read_buf = BytesMut::new();
+        }
+        progress
+    }
+
+    fn write(&mut self, inner: &mut Inner, cx: &mut Context<'_>) -> bool {
+        let io = match &mut self.transport {
+            Transport::Open(io) | Transport::ShuttingDown(io) => io,
+            _ => return false,
+        };
+        let mut wrote = false;
+        loop {
+            let queue = inner.conn.write_queue();
+            if queue.is_empty() {
+                break;
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let n = queue.chunks_vectored(&mut slices);
+            let result = if n == 1 {
+                Pin::new(&mut *io).poll_write(cx, &slices[0])
+            } else {
+                Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n])
+            };
+            match result {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    inner.conn.terminate();
+                    self.transport = Transport::Gone;
+                    wrote = true;
+                    break;
+                }
+                Poll::Ready(Ok(written)) => {
+                    inner.conn.write_queue().advance(written);
+                    inner.written += written as u64;
+                    wrote = true;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if wrote {
+            if let Transport::Open(io) | Transport::ShuttingDown(io) = &mut self.transport {
+                // A no-op on TCP; TLS streams need it to push their records.
+                let _ = Pin::new(io).poll_flush(cx);
+            }
+            inner.on_written();
+        }
+        wrote
+    }
+
+    /// Closes the socket once the protocol is closed and its queue written.
+    fn finish_transport(&mut self, inner: &mut Inner, cx: &mut Context<'_>, now: Instant) -> bool {
+        let mut progress = false;
+        loop {
+            let next = match std::mem::replace(&mut self.transport, Transport::Gone) {
+                Transport::Open(io)
+                    if inner.conn.is_closed() && inner.conn.write_queue_len() == 0 =>
+                {
+                    Transport::ShuttingDown(io)
+                }
+                Transport::ShuttingDown(mut io) => match Pin::new(&mut io).poll_shutdown(cx) {
+                    Poll::Ready(_) => Transport::Lingering(io, now + LINGER),
+                    Poll::Pending => {
+                        self.transport = Transport::ShuttingDown(io);
+                        return progress;
+                    }
+                },
+                Transport::Lingering(mut io, deadline) => {
+                    if now >= deadline || drain(&mut io, cx, &mut self.read_buf) {
+                        Transport::Gone
+                    } else {
+                        self.transport = Transport::Lingering(io, deadline);
+                        return progress;
+                    }
+                }
+                Transport::Gone => {
+                    if !inner.transport_done {
+                        inner.transport_done = true;
+                        self.read_buf = BytesMut::new();
+                        inner.conn.handle_eof(now);
+                        inner.wake_all();
+                        progress = true;
+                    }
+                    return progress;
+                }
+                open => {
+                    self.transport = open;
+                    return progress;
+                }
+            };
+            self.transport = next;
+            progress = true;
+        }
+    }
+
+    /// Points the one timer at the earliest deadline; true if it has passed.
+    fn arm_timer(&mut self, inner: &Inner, cx: &mut Context<'_>) -> bool {
+        let linger = match &self.transport {
+            Transport::Lingering(_, at) => Some(*at),
+            _ => None,
+        };
+        let deadline = match (inner.conn.poll_timeout(), linger) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let Some(deadline) = deadline else {
+            self.sleep_deadline = None;
+            return false;
+        };
+        if self.sleep_deadline != Some(deadline) {
+            self.sleep_deadline = Some(deadline);
+            self.sleep.as_mut().reset(deadline.into());
+        }
+        self.sleep.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// Reads and discards; true once the peer's FIN (or an error) arrives.
+fn drain<T: AsyncRead + Unpin>(io: &mut T, cx: &mut Context<'_>, buf: &mut BytesMut) -> bool {
+    loop {
+        buf.clear();
+        if buf.capacity() < READ_CHUNK {
+            buf.reserve(READ_CHUNK);
+        }
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
+            Poll::Ready(Ok(0) | Err(_)) => return true,
+            Poll::Ready(Ok(_)) => {}
+            Poll::Pending => return false,
+        }
+    }
+}
+
+impl<T> Future for Driver<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        for _ in 0..MAX_ROUNDS {
+            // The handler first: what it sends is written in the same round.
+            let mut progress = this.poll_handler(cx);
+            let transport_live = !matches!(this.transport, Transport::Gone)
+                || !this.shared.lock().transport_done;
+            if transport_live {
+                progress |= this.drive_transport(cx);
+            }
+            if this.handler.is_none() && matches!(this.transport, Transport::Gone) {
+                let done = this.shared.lock().transport_done;
+                if done {
+                    return Poll::Ready(());
+                }
+                continue;
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        // Still busy: yield, and come back after the others had their turn.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+enum HandlerFailure {
+    Error(BoxError),
+    Panic(Box<dyn Any + Send>),
+}
+
+impl std::fmt::Display for HandlerFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandlerFailure::Error(err) => write!(f, "{err}"),
+            HandlerFailure::Panic(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("(non-text panic payload)");
+                write!(f, "panicked: {message}")
+            }
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! WebSocket routes as axum `MethodRouter`s: the upgrade, and the spawn of
+//! the connection task.
+//!
+//! [`App`](crate::App) uses these; users with their own axum `Router` mount
+//! them directly:
+//!
+//! ```no_run
+//! use axum::{Router, routing::get};
+//! use duplex::{Session, WebSockets};
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let ws = WebSockets::default();
+//! let router = Router::new()
+//!     .route("/", get(|| async { "hello" }))
+//!     .route("/echo", duplex::web_socket(&ws, |mut s: Session| async move {
+//!         while let Ok(Some(m)) = s.recv().await {
+//!             let _ = s.send(m).await;
+//!         }
+//!     }));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! axum::serve(listener, router).await
+//! # }
+//! ```
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    body::Body,
+    extract::{ConnectInfo, FromRequestParts, RawPathParams},
+    response::{IntoResponse, Response},
+    routing::{MethodRouter, any},
+};
+use duplex_proto::{Connection, Mode};
+use hyper_util::rt::TokioIo;
+
+use crate::{
+    config::WebSockets,
+    driver::Driver,
+    handler::Handler,
+    handshake::{self, Rejection},
+    request::Request,
+    session::{RawSession, Sender, Session},
+    shared::{Inner, Shared},
+};
+
+/// A `web_socket` route for an axum `Router`: a default [`Session`] per
+/// connection, with no subprotocol.
+pub fn web_socket<H: Handler<Session>>(config: &WebSockets, handler: H) -> MethodRouter {
+    web_socket_with_protocols(config, std::iter::empty::<String>(), handler)
+}
+
+/// A `web_socket` route that speaks the given subprotocols, in our order of
+/// support. The client's first offer that is in the list is chosen; a
+/// client that offers none of them gets 400, as in Ktor.
+pub fn web_socket_with_protocols<H, I, P>(config: &WebSockets, protocols: I, handler: H) -> MethodRouter
+where
+    H: Handler<Session>,
+    I: IntoIterator<Item = P>,
+    P: Into<String>,
+{
+    let protocols = protocols.into_iter().map(Into::into).collect();
+    endpoint(config, protocols, Mode::Messages, Session::new, handler)
+}
+
+/// A `web_socket_raw` route for an axum `Router`: a [`RawSession`] per
+/// connection, every frame as it arrived and nothing automatic.
+pub fn web_socket_raw<H: Handler<RawSession>>(config: &WebSockets, handler: H) -> MethodRouter {
+    endpoint(config, Vec::new(), Mode::Frames, RawSession::new, handler)
+}
+
+type MakeSession<S> = fn(Sender, Arc<Request>, Option<String>) -> S;
+
+fn endpoint<S, H>(
+    config: &WebSockets,
+    protocols: Vec<String>,
+    mode: Mode,
+    make_session: MakeSession<S>,
+    handler: H,
+) -> MethodRouter
+where
+    S: Send + 'static,
+    H: Handler<S>,
+{
+    let config = config.clone();
+    let protocols: Arc<[String]> = protocols.into();
+    any(move |request: http::Request<Body>| {
+        let config = config.clone();
+        let protocols = Arc::clone(&protocols);
+        let handler = handler.clone();
+        async move { upgrade(request, config, &protocols, mode, make_session, handler).await }
+    })
+}
+
+async fn upgrade<S, H>(
+    request: http::Request<Body>,
+    config: WebSockets,
+    protocols: &[String],
+    mode: Mode,
+    make_session: MakeSession<S>,
+    handler: H,
+) -> Response
+where
+    S: Send + 'static,
+    H: Handler<S>,
+{
+    let (mut parts, _body) = request.into_parts();
+    if config.lifecycle.is_shutting_down() {
+        return Rejection::ShuttingDown.into_response();
+    }
+    let accepted = match handshake::accept(
+        &parts.method,
+        parts.version,
+        &parts.headers,
+        protocols,
+        config.allowed_origins.as_deref(),
+    ) {
+        Ok(accepted) => accepted,
+        Err(rejection) => {
+            tracing::debug!(path = %parts.uri.path(), "WebSocket upgrade rejected: {rejection}");
+            return rejection.into_response();
+        }
+    };
+    let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        // HTTP/2 or a test harness without a connection behind the request.
+        tracing::debug!(path = %parts.uri.path(), "request cannot be upgraded");
+        return (http::StatusCode::BAD_REQUEST, "this connection cannot be upgraded\n").into_response();
+    };
+    let path_params = RawPathParams::from_request_parts(&mut parts, &())
+        .await
+        .map(|params| {
+            params
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let remote_addr = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0);
+    let request = Arc::new(Request {
+        method: parts.method,
+        uri: parts.uri,
+        version: parts.version,
+        headers: parts.headers,
+        remote_addr,
+        path_params,
+    });
+    let response = accepted.response();
+    let protocol = accepted.protocol;
+    let lifecycle = config.lifecycle.clone();
+    lifecycle.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(err) => {
+                tracing::debug!("upgrade failed: {err}");
+                return;
+            }
+        };
+        let peer = remote_addr.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let conn = Connection::new(config.proto_config(mode), Inner::now());
+        let shared = Arc::new(Shared::new(conn, config.incoming_buffer, config.outgoing_buffer));
+        let sender = Sender::new(Arc::clone(&shared), Arc::clone(&config.converter));
+        let session = make_session(sender, request, protocol);
+        let handler_future = handler.call(session);
+        let shutdown = config.lifecycle.token().cancelled_owned();
+        Driver::new(TokioIo::new(upgraded), shared, handler_future, shutdown, peer).await;
+    });
+    response
+}

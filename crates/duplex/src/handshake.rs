@@ -1,0 +1,259 @@
+//! The server side of the opening handshake (RFC 6455 §4.2) as values:
+//! a request is accepted with a 101 response, or rejected with a status.
+
+use axum::{
+    body::Body,
+    response::{IntoResponse, Response},
+};
+use duplex_proto::{accept_key, header_has_token, header_tokens, is_valid_key};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
+
+/// Why an upgrade request was refused, each with its HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// Not a GET (405).
+    #[error("WebSocket upgrades must use GET")]
+    MethodNotGet,
+    /// Older than HTTP/1.1 (400).
+    #[error("WebSocket upgrades need HTTP/1.1")]
+    HttpVersion,
+    /// No `Upgrade: websocket` or no `Connection: upgrade`: a plain request
+    /// to a WebSocket route (400, as Ktor).
+    #[error("expected a WebSocket upgrade request (Upgrade: websocket, Connection: Upgrade)")]
+    NotUpgrade,
+    /// `Sec-WebSocket-Version` is not 13 (426 with `Sec-WebSocket-Version: 13`).
+    #[error("unsupported Sec-WebSocket-Version; this server speaks 13")]
+    UnsupportedVersion,
+    /// `Sec-WebSocket-Key` is missing or not base64 of 16 bytes (400).
+    #[error("missing or invalid Sec-WebSocket-Key")]
+    InvalidKey,
+    /// The `Origin` is not on the allow-list (403).
+    #[error("origin not allowed")]
+    OriginNotAllowed,
+    /// The route needs a subprotocol the client does not offer (400, as Ktor).
+    #[error("no offered subprotocol is supported here")]
+    NoSubprotocol,
+    /// The server is shutting down (503).
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+impl Rejection {
+    /// The HTTP status that answers the request.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Rejection::MethodNotGet => StatusCode::METHOD_NOT_ALLOWED,
+            Rejection::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
+            Rejection::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Rejection::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::HttpVersion
+            | Rejection::NotUpgrade
+            | Rejection::InvalidKey
+            | Rejection::NoSubprotocol => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl IntoResponse for Rejection {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), format!("{self}\n")).into_response();
+        match self {
+            Rejection::UnsupportedVersion => {
+                response
+                    .headers_mut()
+                    .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            }
+            Rejection::MethodNotGet => {
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("GET"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// An accepted upgrade: what the 101 response carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Accepted {
+    accept: String,
+    /// The subprotocol chosen, if the route names any.
+    pub(crate) protocol: Option<String>,
+}
+
+impl Accepted {
+    /// The `101 Switching Protocols` response.
+    pub(crate) fn response(&self) -> Response {
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        if let Ok(accept) = HeaderValue::from_str(&self.accept) {
+            headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        }
+        if let Some(protocol) = self.protocol.as_deref().and_then(|p| HeaderValue::from_str(p).ok()) {
+            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+        }
+        response
+    }
+}
+
+/// Checks an upgrade request (§4.2.1) and picks the subprotocol: the first
+/// of the client's offers, in the client's order, that `protocols` holds.
+pub(crate) fn accept(
+    method: &Method,
+    version: Version,
+    headers: &HeaderMap,
+    protocols: &[String],
+    allowed_origins: Option<&[String]>,
+) -> Result<Accepted, Rejection> {
+    if method != Method::GET {
+        return Err(Rejection::MethodNotGet);
+    }
+    if version < Version::HTTP_11 {
+        return Err(Rejection::HttpVersion);
+    }
+    let has = |name, token| {
+        headers
+            .get_all(name)
+            .iter()
+            .any(|v| header_has_token(v.as_bytes(), token))
+    };
+    if !has(header::UPGRADE, "websocket") || !has(header::CONNECTION, "upgrade") {
+        return Err(Rejection::NotUpgrade);
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes().trim_ascii() != b"13")
+    {
+        return Err(Rejection::UnsupportedVersion);
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| k.as_bytes().trim_ascii())
+        .filter(|k| is_valid_key(k))
+        .ok_or(Rejection::InvalidKey)?;
+    if let (Some(allowed), Some(origin)) = (allowed_origins, headers.get(header::ORIGIN))
+        && !allowed.iter().any(|a| a.as_bytes() == origin.as_bytes())
+    {
+        return Err(Rejection::OriginNotAllowed);
+    }
+    let protocol = if protocols.is_empty() {
+        None
+    } else {
+        let offered = headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .flat_map(|v| header_tokens(v.as_bytes()));
+        let chosen = offered
+            .filter_map(|p| std::str::from_utf8(p).ok())
+            .find(|p| protocols.iter().any(|ours| ours == p))
+            .ok_or(Rejection::NoSubprotocol)?;
+        Some(chosen.to_owned())
+    };
+    Ok(Accepted {
+        accept: accept_key(key),
+        protocol,
+    })
+}
+
+#[cfg(test)]
+mod rfc6455_4_2_1_server_requirements {
+    use super::*;
+
+    fn good() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        h.insert(
+            header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
+        );
+        h
+    }
+
+    fn check(h: &HeaderMap) -> Result<Accepted, Rejection> {
+        accept(&Method::GET, Version::HTTP_11, h, &[], None)
+    }
+
+    #[test]
+    fn valid_request_is_accepted_with_the_right_key() {
+        let accepted = check(&good()).unwrap();
+        let response = accepted.response();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(
+            response.headers()[header::SEC_WEBSOCKET_ACCEPT],
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn each_missing_piece_has_its_status() {
+        assert_eq!(
+            accept(&Method::POST, Version::HTTP_11, &good(), &[], None).unwrap_err().status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            accept(&Method::GET, Version::HTTP_10, &good(), &[], None).unwrap_err(),
+            Rejection::HttpVersion
+        );
+        for (name, status) in [
+            (header::UPGRADE, StatusCode::BAD_REQUEST),
+            (header::CONNECTION, StatusCode::BAD_REQUEST),
+            (header::SEC_WEBSOCKET_VERSION, StatusCode::UPGRADE_REQUIRED),
+            (header::SEC_WEBSOCKET_KEY, StatusCode::BAD_REQUEST),
+        ] {
+            let mut h = good();
+            h.remove(&name);
+            assert_eq!(check(&h).unwrap_err().status(), status, "without {name}");
+        }
+    }
+
+    #[test]
+    fn wrong_version_gets_426_naming_13() {
+        let mut h = good();
+        h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("8"));
+        let response = check(&h).unwrap_err().into_response();
+        assert_eq!(response.status(), StatusCode::UPGRADE_REQUIRED);
+        assert_eq!(response.headers()[header::SEC_WEBSOCKET_VERSION], "13");
+    }
+
+    #[test]
+    fn key_of_wrong_length_is_rejected() {
+        let mut h = good();
+        h.insert(header::SEC_WEBSOCKET_KEY, HeaderValue::from_static("c2hvcnQ="));
+        assert_eq!(check(&h).unwrap_err(), Rejection::InvalidKey);
+    }
+
+    #[test]
+    fn subprotocol_is_the_first_of_the_clients_that_we_speak() {
+        let mut h = good();
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("v3, v2"));
+        h.append(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("v1"));
+        let ours = ["v1".to_owned(), "v2".to_owned()];
+        let accepted = accept(&Method::GET, Version::HTTP_11, &h, &ours, None).unwrap();
+        assert_eq!(accepted.protocol.as_deref(), Some("v2"));
+        let none = ["v9".to_owned()];
+        assert_eq!(
+            accept(&Method::GET, Version::HTTP_11, &h, &none, None).unwrap_err(),
+            Rejection::NoSubprotocol
+        );
+    }
+
+    #[test]
+    fn origin_allow_list_gives_403() {
+        let allowed = ["https://good.example".to_owned()];
+        let mut h = good();
+        h.insert(header::ORIGIN, HeaderValue::from_static("https://evil.example"));
+        assert_eq!(
+            accept(&Method::GET, Version::HTTP_11, &h, &[], Some(&allowed)).unwrap_err().status(),
+            StatusCode::FORBIDDEN
+        );
+        h.insert(header::ORIGIN, HeaderValue::from_static("https://good.example"));
+        assert!(accept(&Method::GET, Version::HTTP_11, &h, &[], Some(&allowed)).is_ok());
+    }
+}

@@ -1,0 +1,483 @@
+//! Session handles: [`Session`] and [`RawSession`] for the handler, and the
+//! cloneable [`Sender`] for any task.
+
+use std::{
+    fmt,
+    future::poll_fn,
+    ops::Deref,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use duplex_proto::{CloseReason, Event, Frame, Message, SendError, Termination};
+use futures_core::Stream;
+
+use crate::{
+    convert::{self, ContentConverter},
+    error::Error,
+    request::Request,
+    shared::{Inner, Shared},
+};
+
+/// Sends on a session from any task. Cheap to clone; every clone feeds the
+/// same connection, and whole messages from several senders never
+/// interleave.
+///
+/// ```no_run
+/// # async fn demo(session: duplex::Session) {
+/// let sender = session.sender();
+/// tokio::spawn(async move {
+///     let _ = sender.send("from another task").await;
+/// });
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Sender {
+    shared: Arc<Shared>,
+    converter: Arc<dyn ContentConverter>,
+}
+
+/// Why [`Sender::try_send`] did not queue a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrySendError {
+    /// The outgoing buffer is full: the peer reads slower than we send.
+    #[error("the session's outgoing buffer is full")]
+    Full,
+    /// The session is closing or closed.
+    #[error("the session is closed")]
+    Closed,
+}
+
+impl fmt::Debug for Sender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sender").finish_non_exhaustive()
+    }
+}
+
+impl Sender {
+    pub(crate) fn new(shared: Arc<Shared>, converter: Arc<dyn ContentConverter>) -> Self {
+        Sender { shared, converter }
+    }
+
+    /// Queues a whole message, waiting while the outgoing buffer is full.
+    ///
+    /// Returning `Ok` means the message will be written before any later one
+    /// and before our Close; it does not mean the peer has it
+    /// ([`flush`](Self::flush) waits until it is written).
+    ///
+    /// # Errors
+    /// [`Error::Closed`] once the session is closing.
+    ///
+    /// # Cancel safety
+    /// Cancelling before it returns means the message was not queued.
+    pub async fn send(&self, message: impl Into<Message>) -> Result<(), Error> {
+        let mut message = Some(message.into());
+        poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if !inner.conn.can_send() {
+                return Poll::Ready(Err(Error::Closed));
+            }
+            if !inner.has_room() {
+                inner.register_send(cx);
+                return Poll::Pending;
+            }
+            let Some(message) = message.take() else {
+                return Poll::Ready(Ok(()));
+            };
+            let result = inner.conn.send_message(message).map_err(Error::from);
+            inner.wake_driver(Some(cx));
+            Poll::Ready(result)
+        })
+        .await
+    }
+
+    /// Queues a text message.
+    ///
+    /// # Errors
+    /// As [`send`](Self::send).
+    pub async fn send_text(&self, text: impl Into<String>) -> Result<(), Error> {
+        self.send(Message::from(text.into())).await
+    }
+
+    /// Queues a binary message.
+    ///
+    /// # Errors
+    /// As [`send`](Self::send).
+    pub async fn send_binary(&self, data: impl Into<Bytes>) -> Result<(), Error> {
+        self.send(Message::Binary(data.into())).await
+    }
+
+    /// Queues a message without waiting: for fan-out, where one slow peer
+    /// must not hold up the others.
+    ///
+    /// # Errors
+    /// [`TrySendError::Full`] when the outgoing buffer is full,
+    /// [`TrySendError::Closed`] once the session is closing.
+    pub fn try_send(&self, message: impl Into<Message>) -> Result<(), TrySendError> {
+        let mut inner = self.shared.lock();
+        if !inner.conn.can_send() {
+            return Err(TrySendError::Closed);
+        }
+        if !inner.has_room() {
+            return Err(TrySendError::Full);
+        }
+        inner
+            .conn
+            .send_message(message.into())
+            .map_err(|_| TrySendError::Closed)?;
+        inner.wake_driver(None);
+        Ok(())
+    }
+
+    /// Queues one frame as given: a fragment (`fin` false, then
+    /// continuations), a Ping or a Pong. A Close frame closes the session as
+    /// [`close`](Self::close) does.
+    ///
+    /// # Errors
+    /// [`Error::Send`] for a frame that breaks the rules, [`Error::Closed`]
+    /// once the session is closing.
+    pub async fn send_frame(&self, frame: Frame) -> Result<(), Error> {
+        let mut frame = Some(frame);
+        poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if !inner.has_room() && inner.conn.can_send() {
+                inner.register_send(cx);
+                return Poll::Pending;
+            }
+            let Some(frame) = frame.take() else {
+                return Poll::Ready(Ok(()));
+            };
+            let now = Inner::now();
+            let result = inner.conn.send_frame(now, frame).map_err(Error::from);
+            inner.wake_driver(Some(cx));
+            Poll::Ready(result)
+        })
+        .await
+    }
+
+    /// Sends a Ping with `payload` (at most 125 bytes).
+    ///
+    /// # Errors
+    /// As [`send_frame`](Self::send_frame).
+    pub async fn ping(&self, payload: impl Into<Bytes>) -> Result<(), Error> {
+        self.send_frame(Frame::new(duplex_proto::OpCode::Ping, payload.into()))
+            .await
+    }
+
+    /// Encodes `value` with the configured content converter (JSON by
+    /// default) and sends it (Ktor's `sendSerialized`).
+    ///
+    /// # Errors
+    /// [`Error::Convert`] if the value does not encode, or as
+    /// [`send`](Self::send).
+    pub async fn send_json<T: serde::Serialize>(&self, value: &T) -> Result<(), Error> {
+        let message = convert::encode(&*self.converter, value)?;
+        self.send(message).await
+    }
+
+    /// Waits until every message queued before this call is written to the
+    /// socket, or the connection is gone.
+    pub async fn flush(&self) {
+        let mut mark = None;
+        poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            let target = *mark.get_or_insert(inner.written + inner.conn.write_queue_len() as u64);
+            if inner.written >= target || inner.transport_done {
+                return Poll::Ready(());
+            }
+            inner.register_flush(target, cx);
+            inner.wake_driver(Some(cx));
+            Poll::Pending
+        })
+        .await;
+    }
+
+    /// Starts the closing handshake with `reason` and waits until the Close
+    /// is written (Ktor's `close`). Messages keep arriving until the peer's
+    /// Close; the session ends then, or after the close timeout.
+    ///
+    /// Closing an already closing session does nothing.
+    ///
+    /// # Errors
+    /// [`Error::Send`] for a reserved code (1005 sends an empty Close;
+    /// 1006 and 1015 cannot be sent).
+    pub async fn close(&self, reason: CloseReason) -> Result<(), Error> {
+        {
+            let mut inner = self.shared.lock();
+            match inner.conn.close(Inner::now(), reason) {
+                Ok(()) | Err(SendError::Closed) => {}
+                Err(err) => return Err(Error::from(err)),
+            }
+            inner.wake_driver(None);
+        }
+        self.flush().await;
+        Ok(())
+    }
+
+    /// Waits until the session has ended and returns why: the peer's or our
+    /// close reason, 1002/1007/1009 for a protocol error, 1011 "Ping timeout",
+    /// or 1006 when the connection dropped without a closing handshake.
+    pub async fn close_reason(&self) -> CloseReason {
+        poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            match inner.termination() {
+                Some(t) => Poll::Ready(t.close_reason()),
+                None => {
+                    inner.register_close(cx);
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+
+    /// The close reason if the session has ended, without waiting.
+    pub fn try_close_reason(&self) -> Option<CloseReason> {
+        self.shared.lock().termination().map(|t| t.close_reason())
+    }
+
+    /// Drops the connection at once, without a closing handshake (1006).
+    pub fn terminate(&self) {
+        let mut inner = self.shared.lock();
+        inner.terminate_requested = true;
+        inner.conn.terminate();
+        inner.wake_driver(None);
+    }
+
+    /// Whether nothing more can be sent.
+    pub fn is_closed(&self) -> bool {
+        !self.shared.lock().conn.can_send()
+    }
+}
+
+/// What the handler of a [`web_socket`](crate::App::web_socket) route gets:
+/// whole messages in, messages out, the closing handshake and pings handled.
+///
+/// It dereferences to [`Sender`], so `session.send(...)` works, and
+/// `session.sender()` gives a clone for other tasks.
+///
+/// ```no_run
+/// async fn echo(mut session: duplex::Session) -> Result<(), duplex::Error> {
+///     while let Some(message) = session.recv().await? {
+///         session.send(message).await?;
+///     }
+///     Ok(())
+/// }
+/// ```
+pub struct Session {
+    sender: Sender,
+    request: Arc<Request>,
+    protocol: Option<String>,
+    ended: bool,
+}
+
+impl Session {
+    pub(crate) fn new(sender: Sender, request: Arc<Request>, protocol: Option<String>) -> Self {
+        Session {
+            sender,
+            request,
+            protocol,
+            ended: false,
+        }
+    }
+
+    /// Waits for the next whole message.
+    ///
+    /// `Ok(None)` means the closing handshake completed (Ktor's `onClose`);
+    /// an `Err` means the connection failed (`onError`). In both cases
+    /// [`close_reason`](Sender::close_reason) is set.
+    ///
+    /// # Errors
+    /// [`Error::Protocol`], [`Error::PingTimeout`] or [`Error::ConnectionLost`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a message is taken only when it is returned.
+    pub async fn recv(&mut self) -> Result<Option<Message>, Error> {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Message>, Error>> {
+        let mut inner = self.sender.shared.lock();
+        match poll_event(&mut inner, cx) {
+            Poll::Ready(Ok(Some(Event::Message(m)))) => Poll::Ready(Ok(Some(m))),
+            // A default session's connection hands over messages only.
+            Poll::Ready(Ok(Some(Event::Frame(_)))) => Poll::Ready(Err(Error::Closed)),
+            Poll::Ready(Ok(None)) => {
+                self.ended = true;
+                Poll::Ready(Ok(None))
+            }
+            Poll::Ready(Err(e)) => {
+                self.ended = true;
+                Poll::Ready(Err(e))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// The messages as a `Stream`, ending after the closing handshake or
+    /// after the error that failed the connection.
+    pub fn incoming(&mut self) -> Incoming<'_> {
+        Incoming { session: self }
+    }
+
+    /// Receives a message and decodes it with the content converter
+    /// (Ktor's `receiveDeserialized`). The message is consumed even when it
+    /// does not decode, and the session stays open.
+    ///
+    /// # Errors
+    /// [`Error::Convert`] for a message that does not decode, or as
+    /// [`recv`](Self::recv).
+    pub async fn recv_json<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, Error> {
+        match self.recv().await? {
+            Some(message) => Ok(Some(convert::decode(&*self.sender.converter, &message)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A sender for other tasks.
+    pub fn sender(&self) -> Sender {
+        self.sender.clone()
+    }
+
+    /// The upgrade request: address, path, query, headers, path parameters.
+    pub fn request(&self) -> &Request {
+        &self.request
+    }
+
+    /// The subprotocol agreed in the handshake, if the route names any.
+    pub fn protocol(&self) -> Option<&str> {
+        self.protocol.as_deref()
+    }
+}
+
+impl Deref for Session {
+    type Target = Sender;
+    fn deref(&self) -> &Sender {
+        &self.sender
+    }
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("path", &self.request.path())
+            .field("protocol", &self.protocol)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The stream of a session's messages; see [`Session::incoming`].
+pub struct Incoming<'a> {
+    session: &'a mut Session,
+}
+
+impl Stream for Incoming<'_> {
+    type Item = Result<Message, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.session.ended {
+            return Poll::Ready(None);
+        }
+        this.session.poll_recv(cx).map(Result::transpose)
+    }
+}
+
+/// What the handler of a [`web_socket_raw`](crate::App::web_socket_raw) route
+/// gets: every frame as it arrived, Ping, Pong, Close and fragments included,
+/// and nothing done for it (Ktor's `webSocketRaw`).
+///
+/// The RFC's rules are still enforced (a protocol error still fails the
+/// connection). When the peer sends a Close, answer it with
+/// [`close`](Sender::close); a handler that returns without closing gets a
+/// Close 1000 sent for it, so the connection never hangs open.
+pub struct RawSession {
+    sender: Sender,
+    request: Arc<Request>,
+    protocol: Option<String>,
+}
+
+impl RawSession {
+    pub(crate) fn new(sender: Sender, request: Arc<Request>, protocol: Option<String>) -> Self {
+        RawSession {
+            sender,
+            request,
+            protocol,
+        }
+    }
+
+    /// Waits for the next frame. `Ok(None)` once the connection has ended.
+    ///
+    /// # Errors
+    /// As [`Session::recv`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn recv(&mut self) -> Result<Option<Frame>, Error> {
+        poll_fn(|cx| {
+            let mut inner = self.sender.shared.lock();
+            poll_event(&mut inner, cx).map_ok(|event| {
+                event.map(|e| match e {
+                    Event::Frame(f) => f,
+                    Event::Message(Message::Text(t)) => {
+                        Frame::new(duplex_proto::OpCode::Text, t.into_bytes())
+                    }
+                    Event::Message(Message::Binary(b)) => Frame::new(duplex_proto::OpCode::Binary, b),
+                })
+            })
+        })
+        .await
+    }
+
+    /// A sender for other tasks.
+    pub fn sender(&self) -> Sender {
+        self.sender.clone()
+    }
+
+    /// The upgrade request.
+    pub fn request(&self) -> &Request {
+        &self.request
+    }
+
+    /// The subprotocol agreed in the handshake, if the route names any.
+    pub fn protocol(&self) -> Option<&str> {
+        self.protocol.as_deref()
+    }
+}
+
+impl Deref for RawSession {
+    type Target = Sender;
+    fn deref(&self) -> &Sender {
+        &self.sender
+    }
+}
+
+impl fmt::Debug for RawSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawSession")
+            .field("path", &self.request.path())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The next event, the end of the session, or a registered wait.
+fn poll_event(inner: &mut Inner, cx: &Context<'_>) -> Poll<Result<Option<Event>, Error>> {
+    if let Some(event) = inner.take_event(Some(cx)) {
+        return Poll::Ready(Ok(Some(event)));
+    }
+    match inner.termination() {
+        Some(Termination::Closed(_)) => Poll::Ready(Ok(None)),
+        Some(Termination::Failed(e)) => Poll::Ready(Err(Error::Protocol(e))),
+        Some(Termination::PingTimeout) => Poll::Ready(Err(Error::PingTimeout)),
+        Some(Termination::CloseTimeout | Termination::Abnormal) => {
+            Poll::Ready(Err(Error::ConnectionLost))
+        }
+        None => {
+            inner.register_recv(cx);
+            Poll::Pending
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The state a connection task shares with its session handles.
+//!
+//! The protocol state machine itself lives here, behind one mutex: a send
+//! from any task encodes straight into the connection's write queue, and a
+//! receive takes straight from its event queue, with no channel between.
+//! The lock is held for a few hundred nanoseconds (encode, push, pop), never
+//! across an await.
+
+use std::{
+    sync::{Mutex, MutexGuard, PoisonError},
+    task::{Context, Waker},
+    time::Instant,
+};
+
+use duplex_proto::{Connection, Event, Termination};
+
+/// The shared half of a connection.
+pub(crate) struct Shared {
+    inner: Mutex<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) conn: Connection,
+    /// The connection task.
+    driver_waker: Option<Waker>,
+    /// A receive waiting for an event.
+    recv_waker: Option<Waker>,
+    /// Sends waiting for room in the write queue.
+    send_wakers: Vec<Waker>,
+    /// Flushes waiting for `written` to reach their mark.
+    flush_wakers: Vec<(u64, Waker)>,
+    /// `close_reason` calls waiting for the end.
+    close_wakers: Vec<Waker>,
+    /// Bytes written to the socket since the start.
+    pub(crate) written: u64,
+    /// The socket is gone: nothing more is read or written.
+    pub(crate) transport_done: bool,
+    /// The handler asked to drop the connection at once.
+    pub(crate) terminate_requested: bool,
+    /// The task stopped reading because the handler is behind.
+    pub(crate) reading_paused: bool,
+    pub(crate) incoming_limit: usize,
+    pub(crate) outgoing_limit: usize,
+}
+
+/// At most this many events wait for the handler, whatever their size.
+const MAX_PENDING_EVENTS: usize = 4096;
+
+impl Shared {
+    pub(crate) fn new(conn: Connection, incoming_limit: usize, outgoing_limit: usize) -> Self {
+        Shared {
+            inner: Mutex::new(Inner {
+                conn,
+                driver_waker: None,
+                recv_waker: None,
+                send_wakers: Vec::new(),
+                flush_wakers: Vec::new(),
+                close_wakers: Vec::new(),
+                written: 0,
+                transport_done: false,
+                terminate_requested: false,
+                reading_paused: false,
+                incoming_limit,
+                outgoing_limit,
+            }),
+        }
+    }
+
+    /// Locks the state. A panic never happens under this lock in our code;
+    /// should one happen in a future version, the state is still coherent
+    /// enough to close the connection, so poisoning is ignored.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Inner {
+    /// Remembers the connection task's waker.
+    pub(crate) fn set_driver_waker(&mut self, cx: &Context<'_>) {
+        match &self.driver_waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => self.driver_waker = Some(cx.waker().clone()),
+        }
+    }
+
+    /// Wakes the connection task, unless `cx` belongs to it: a handler polled
+    /// by the task itself needs no wake-up, the task writes after polling it.
+    pub(crate) fn wake_driver(&self, cx: Option<&Context<'_>>) {
+        if let Some(w) = &self.driver_waker
+            && !cx.is_some_and(|cx| w.will_wake(cx.waker()))
+        {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Whether the handler is too far behind for more reading.
+    pub(crate) fn inbox_full(&self) -> bool {
+        let (count, bytes) = self.conn.pending_events();
+        count >= MAX_PENDING_EVENTS || bytes >= self.incoming_limit
+    }
+
+    /// Whether a send may queue more bytes now.
+    pub(crate) fn has_room(&self) -> bool {
+        let queued = self.conn.write_queue_len();
+        queued == 0 || queued < self.outgoing_limit
+    }
+
+    /// Takes the next event for a receiver, resuming reading when the inbox
+    /// has drained to a quarter of its bound.
+    pub(crate) fn take_event(&mut self, cx: Option<&Context<'_>>) -> Option<Event> {
+        let event = self.conn.poll_event()?;
+        if self.reading_paused {
+            let (count, bytes) = self.conn.pending_events();
+            if count < MAX_PENDING_EVENTS / 4 && bytes < self.incoming_limit / 4 {
+                self.reading_paused = false;
+                self.wake_driver(cx);
+            }
+        }
+        Some(event)
+    }
+
+    pub(crate) fn register_recv(&mut self, cx: &Context<'_>) {
+        match &self.recv_waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => self.recv_waker = Some(cx.waker().clone()),
+        }
+    }
+
+    pub(crate) fn register_send(&mut self, cx: &Context<'_>) {
+        self.send_wakers.push(cx.waker().clone());
+    }
+
+    pub(crate) fn register_flush(&mut self, mark: u64, cx: &Context<'_>) {
+        self.flush_wakers.push((mark, cx.waker().clone()));
+    }
+
+    pub(crate) fn register_close(&mut self, cx: &Context<'_>) {
+        self.close_wakers.push(cx.waker().clone());
+    }
+
+    /// Wakes a waiting receiver. Returns true when it is the connection task
+    /// itself, which then polls its handler again instead.
+    pub(crate) fn wake_receiver(&mut self, cx: &Context<'_>) -> bool {
+        match self.recv_waker.take() {
+            Some(w) if w.will_wake(cx.waker()) => true,
+            Some(w) => {
+                w.wake();
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Wakes what bytes leaving the queue can unblock: sends waiting for
+    /// room and flushes whose mark was reached.
+    pub(crate) fn on_written(&mut self) {
+        if self.has_room() {
+            self.send_wakers.drain(..).for_each(Waker::wake);
+        }
+        let written = self.written;
+        let done = self.transport_done;
+        self.flush_wakers.retain(|(mark, w)| {
+            let reached = done || *mark <= written;
+            if reached {
+                w.wake_by_ref();
+            }
+            !reached
+        });
+    }
+
+    /// Wakes everyone: the connection has ended or the transport is gone.
+    pub(crate) fn wake_all(&mut self) {
+        if let Some(w) = self.recv_waker.take() {
+            w.wake();
+        }
+        self.send_wakers.drain(..).for_each(Waker::wake);
+        self.close_wakers.drain(..).for_each(Waker::wake);
+        self.on_written();
+    }
+
+    /// The termination, once known.
+    pub(crate) fn termination(&self) -> Option<Termination> {
+        self.conn.termination().cloned().or_else(|| {
+            self.transport_done.then_some(Termination::Abnormal)
+        })
+    }
+
+    pub(crate) fn now() -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+}
