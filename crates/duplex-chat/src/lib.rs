@@ -97,6 +97,8 @@ impl ChatRoom {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Sender>> {
-        self.members.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.members
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }

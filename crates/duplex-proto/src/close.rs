@@ -164,8 +164,8 @@ impl CloseReason {
                 if !code.is_sendable() {
                     return Err(ProtocolError::InvalidCloseCode(code.0));
                 }
-                let reason = simdutf8::basic::from_utf8(reason)
-                    .map_err(|_| ProtocolError::InvalidUtf8)?;
+                let reason =
+                    simdutf8::basic::from_utf8(reason).map_err(|_| ProtocolError::InvalidUtf8)?;
                 Ok(CloseReason {
                     code,
                     reason: reason.to_owned(),
@@ -203,13 +203,17 @@ mod rfc6455_7_4_close_codes {
 
     #[test]
     fn sendable_codes_match_the_registry() {
-        for code in [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014] {
+        for code in [
+            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014,
+        ] {
             assert!(CloseCode(code).is_sendable(), "{code}");
         }
         for code in [3000, 3999, 4000, 4999] {
             assert!(CloseCode(code).is_sendable(), "{code}");
         }
-        for code in [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
+        for code in [
+            0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
             assert!(!CloseCode(code).is_sendable(), "{code}");
         }
     }

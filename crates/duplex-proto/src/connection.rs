@@ -221,6 +221,10 @@ pub struct Connection {
     /// The payload of the Ping awaiting its Pong.
     ping_payload: Option<Bytes>,
     ping_counter: u64,
+    /// A rule the peer broke after frames that are still waiting in
+    /// `events`: the connection fails once the user has taken them, so that
+    /// replies to those earlier messages go out before our Close.
+    deferred_failure: Option<ProtocolError>,
 }
 
 impl Connection {
@@ -246,6 +250,7 @@ impl Connection {
             timers,
             ping_payload: None,
             ping_counter: 0,
+            deferred_failure: None,
         }
     }
 
@@ -269,7 +274,7 @@ impl Connection {
 
     /// Whether input is still read: until the peer's Close arrives.
     pub fn wants_input(&self) -> bool {
-        matches!(self.state, State::Open | State::CloseSent(_))
+        matches!(self.state, State::Open | State::CloseSent(_)) && self.deferred_failure.is_none()
     }
 
     /// How the connection ended, once it has.
@@ -294,12 +299,17 @@ impl Connection {
     /// fails the connection as soon as it arrives. Nothing is read once the
     /// connection is closing in the receive direction: the rest of `input` is
     /// discarded (§1.4).
+    ///
+    /// When a frame breaks a rule while earlier messages still wait in
+    /// [`poll_event`](Self::poll_event), the failure waits until they are
+    /// taken: what the user answers to them goes out before the Close.
     pub fn handle_input(&mut self, now: Instant, input: &mut BytesMut) {
         while self.wants_input() {
             match self.read_frame(now, input) {
                 Ok(true) => {}
                 Ok(false) => return,
-                Err(err) => self.fail(err),
+                Err(err) if self.events.is_empty() => self.fail(err),
+                Err(err) => self.deferred_failure = Some(err),
             }
         }
         input.clear();
@@ -435,11 +445,17 @@ impl Connection {
         if reason.code != CloseCode::NO_STATUS && !reason.code.is_sendable() {
             return Err(SendError::InvalidCloseCode(reason.code.0));
         }
+        if let Some(err) = self.deferred_failure.take() {
+            // The peer's error decides how this connection ends.
+            self.fail(err);
+            return Ok(());
+        }
         match std::mem::replace(&mut self.state, State::Open) {
             State::Open => {
                 self.queue_control(OpCode::Close, reason.to_payload());
                 self.state = State::CloseSent(reason);
-                self.timers.set(Timer::Close, now + self.config.close_timeout);
+                self.timers
+                    .set(Timer::Close, now + self.config.close_timeout);
                 self.timers.clear(Timer::Ping);
                 self.timers.clear(Timer::PongTimeout);
             }
@@ -466,7 +482,12 @@ impl Connection {
     /// The next event for the user.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
-        let event = self.events.pop_front()?;
+        let Some(event) = self.events.pop_front() else {
+            if let Some(err) = self.deferred_failure.take() {
+                self.fail(err);
+            }
+            return None;
+        };
         self.event_bytes -= event_len(&event);
         Some(event)
     }
@@ -527,12 +548,11 @@ impl Connection {
             }
         };
         // The limit check in `check_header` bounds this below max_frame_size.
-        let len = usize::try_from(frame.header.payload_len).map_err(|_| {
-            ProtocolError::FrameTooBig {
+        let len =
+            usize::try_from(frame.header.payload_len).map_err(|_| ProtocolError::FrameTooBig {
                 size: frame.header.payload_len,
                 max: self.config.max_frame_size,
-            }
-        })?;
+            })?;
         let available = input.len().min(len);
         if available > frame.processed {
             let fresh = &mut input[frame.processed..available];
@@ -610,7 +630,12 @@ impl Connection {
         }
     }
 
-    fn on_frame(&mut self, now: Instant, h: FrameHeader, payload: Bytes) -> Result<(), ProtocolError> {
+    fn on_frame(
+        &mut self,
+        now: Instant,
+        h: FrameHeader,
+        payload: Bytes,
+    ) -> Result<(), ProtocolError> {
         match h.opcode {
             OpCode::Close => self.on_close(h, payload),
             OpCode::Ping => {
@@ -750,6 +775,7 @@ impl Connection {
 
     fn enter_closed(&mut self, termination: Termination) {
         self.state = State::Closed(termination);
+        self.deferred_failure = None;
         self.in_frame = None;
         self.assembly = None;
         self.ping_payload = None;

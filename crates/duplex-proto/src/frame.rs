@@ -249,7 +249,11 @@ mod rfc6455_5_2_base_framing {
             (0x10000, 10),
             (u64::MAX >> 1, 10),
         ] {
-            assert_eq!(header(OpCode::Binary, len, None).encode(&mut out), expected, "{len}");
+            assert_eq!(
+                header(OpCode::Binary, len, None).encode(&mut out),
+                expected,
+                "{len}"
+            );
         }
     }
 
@@ -258,7 +262,12 @@ mod rfc6455_5_2_base_framing {
         let mut out = [0; MAX_HEADER_LEN];
         for len in [0u64, 1, 125, 126, 127, 65535, 65536, 1 << 40] {
             for mask in [None, Some([1, 2, 3, 4])] {
-                for opcode in [OpCode::Text, OpCode::Binary, OpCode::Continuation, OpCode::Ping] {
+                for opcode in [
+                    OpCode::Text,
+                    OpCode::Binary,
+                    OpCode::Continuation,
+                    OpCode::Ping,
+                ] {
                     let h = FrameHeader {
                         fin: len % 2 == 0,
                         rsv: Rsv::RSV1,

@@ -140,7 +140,9 @@ impl Harness {
         let reason = CloseReason::parse(&close.payload).unwrap();
         assert_eq!(reason.code, code, "close reason {reason}");
         assert!(self.conn.is_closed());
-        assert!(matches!(self.conn.termination(), Some(Termination::Failed(e)) if e.close_code() == code));
+        assert!(
+            matches!(self.conn.termination(), Some(Termination::Failed(e)) if e.close_code() == code)
+        );
     }
 }
 
@@ -214,6 +216,7 @@ mod rfc6455_5_2_base_framing {
         let mut h = Harness::with(config);
         h.feed(&client_frame(true, 0b100, 0x2, b"x"));
         assert!(!h.conn.is_closed());
+        assert_eq!(h.events().len(), 1);
         h.feed(&client_frame(true, 0b010, 0x2, b"x"));
         h.assert_failing(CloseCode::PROTOCOL_ERROR);
     }
@@ -322,13 +325,23 @@ mod rfc6455_5_4_fragmentation {
         let mut h = Harness::server();
         let now = h.now;
         assert_eq!(
-            h.conn.send_frame(now, Frame::new(OpCode::Continuation, "x")),
+            h.conn
+                .send_frame(now, Frame::new(OpCode::Continuation, "x")),
             Err(SendError::InvalidFragment)
         );
-        h.conn.send_frame(now, Frame::new(OpCode::Text, "a").with_fin(false)).unwrap();
-        assert_eq!(h.conn.send_message(Message::text("b")), Err(SendError::InvalidFragment));
-        h.conn.send_frame(now, Frame::new(OpCode::Ping, "p")).unwrap();
-        h.conn.send_frame(now, Frame::new(OpCode::Continuation, "c")).unwrap();
+        h.conn
+            .send_frame(now, Frame::new(OpCode::Text, "a").with_fin(false))
+            .unwrap();
+        assert_eq!(
+            h.conn.send_message(Message::text("b")),
+            Err(SendError::InvalidFragment)
+        );
+        h.conn
+            .send_frame(now, Frame::new(OpCode::Ping, "p"))
+            .unwrap();
+        h.conn
+            .send_frame(now, Frame::new(OpCode::Continuation, "c"))
+            .unwrap();
         h.conn.send_message(Message::text("d")).unwrap();
         let ops: Vec<_> = h.sent().iter().map(|f| (f.opcode, f.fin)).collect();
         assert_eq!(
@@ -435,7 +448,10 @@ mod rfc6455_5_5_3_pong {
         assert_eq!(h.conn.termination(), Some(&Termination::PingTimeout));
         let close = h.sent().remove(0);
         let reason = CloseReason::parse(&close.payload).unwrap();
-        assert_eq!(reason, CloseReason::new(CloseCode::INTERNAL_ERROR, "Ping timeout"));
+        assert_eq!(
+            reason,
+            CloseReason::new(CloseCode::INTERNAL_ERROR, "Ping timeout")
+        );
     }
 
     #[test]
@@ -456,10 +472,16 @@ mod rfc6455_5_5_1_close {
         let mut h = Harness::server();
         h.feed(&close_frame(1000, "bye"));
         let sent = h.sent();
-        assert_eq!(CloseReason::parse(&sent[0].payload).unwrap().code, CloseCode::NORMAL);
+        assert_eq!(
+            CloseReason::parse(&sent[0].payload).unwrap().code,
+            CloseCode::NORMAL
+        );
         assert_eq!(
             h.conn.termination(),
-            Some(&Termination::Closed(CloseReason::new(CloseCode::NORMAL, "bye")))
+            Some(&Termination::Closed(CloseReason::new(
+                CloseCode::NORMAL,
+                "bye"
+            )))
         );
     }
 
@@ -468,7 +490,10 @@ mod rfc6455_5_5_1_close {
         let mut h = Harness::server();
         h.feed(&client_frame(true, 0, 0x8, b""));
         assert_eq!(h.sent()[0].payload.len(), 0);
-        assert_eq!(h.conn.termination().unwrap().close_reason().code, CloseCode::NO_STATUS);
+        assert_eq!(
+            h.conn.termination().unwrap().close_reason().code,
+            CloseCode::NO_STATUS
+        );
     }
 
     #[test]
@@ -479,14 +504,20 @@ mod rfc6455_5_5_1_close {
             .close(now, CloseReason::new(CloseCode::GOING_AWAY, "shutdown"))
             .unwrap();
         assert!(!h.conn.is_closed());
-        assert_eq!(h.conn.send_message(Message::text("late")), Err(SendError::Closed));
+        assert_eq!(
+            h.conn.send_message(Message::text("late")),
+            Err(SendError::Closed)
+        );
         // Data that was in flight still arrives before the peer's Close.
         h.feed(&text("in flight"));
         h.feed(&close_frame(1001, ""));
         assert_eq!(h.messages(), [Message::text("in flight")]);
         assert_eq!(
             h.conn.termination(),
-            Some(&Termination::Closed(CloseReason::new(CloseCode::GOING_AWAY, "shutdown")))
+            Some(&Termination::Closed(CloseReason::new(
+                CloseCode::GOING_AWAY,
+                "shutdown"
+            )))
         );
         assert_eq!(h.sent().len(), 1, "no second Close");
     }
@@ -543,7 +574,9 @@ mod rfc6455_5_5_1_close {
         assert!(!h.conn.is_closed());
         assert_eq!(h.events().len(), 1);
         let now = h.now;
-        h.conn.close(now, CloseReason::new(CloseCode(4000), "")).unwrap();
+        h.conn
+            .close(now, CloseReason::new(CloseCode(4000), ""))
+            .unwrap();
         assert!(h.conn.is_closed());
         assert_eq!(h.sent()[0].opcode, OpCode::Close);
     }
@@ -552,7 +585,10 @@ mod rfc6455_5_5_1_close {
     fn eof_without_close_is_abnormal_1006() {
         let mut h = Harness::server();
         h.conn.handle_eof(h.now);
-        assert_eq!(h.conn.termination().unwrap().close_reason().code, CloseCode::ABNORMAL);
+        assert_eq!(
+            h.conn.termination().unwrap().close_reason().code,
+            CloseCode::ABNORMAL
+        );
     }
 
     #[test]
@@ -626,6 +662,44 @@ mod rfc6455_8_1_utf8_handling {
 
 mod rfc6455_7_1_7_fail_the_connection {
     use super::*;
+
+    #[test]
+    fn messages_before_the_bad_frame_are_answered_before_the_close() {
+        let mut h = Harness::server();
+        let mut wire = text("first");
+        wire.extend(client_frame(true, 0, 0x5, b""));
+        wire.extend(text("never read"));
+        h.feed(&wire);
+        assert!(
+            !h.conn.is_closed(),
+            "the failure waits for the queued message"
+        );
+        assert_eq!(
+            h.conn.poll_event(),
+            Some(Event::Message(Message::text("first")))
+        );
+        h.conn.send_message(Message::text("first")).unwrap();
+        assert_eq!(h.conn.poll_event(), None);
+        let sent = h.sent();
+        assert_eq!(sent[0], Frame::new(OpCode::Text, "first"));
+        assert_eq!(sent[1].opcode, OpCode::Close);
+        assert_eq!(
+            CloseReason::parse(&sent[1].payload).unwrap().code,
+            CloseCode::PROTOCOL_ERROR
+        );
+        assert!(h.conn.is_closed());
+    }
+
+    #[test]
+    fn closing_with_a_deferred_failure_reports_the_peers_error() {
+        let mut h = Harness::server();
+        let mut wire = text("first");
+        wire.extend(client_frame(true, 0, 0x5, b""));
+        h.feed(&wire);
+        let now = h.now;
+        h.conn.close(now, CloseReason::normal()).unwrap();
+        h.assert_failing(CloseCode::PROTOCOL_ERROR);
+    }
 
     #[test]
     fn nothing_is_read_after_a_failure() {

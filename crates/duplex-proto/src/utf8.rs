@@ -132,7 +132,12 @@ mod rfc6455_8_1_utf8 {
 
     #[test]
     fn surrogates_and_overlongs_are_rejected() {
-        for bad in [&[0xed, 0xa0, 0x80][..], &[0xc0, 0xaf], &[0xe0, 0x80, 0xaf], &[0xff]] {
+        for bad in [
+            &[0xed, 0xa0, 0x80][..],
+            &[0xc0, 0xaf],
+            &[0xe0, 0x80, 0xaf],
+            &[0xff],
+        ] {
             let mut v = Utf8Validator::new();
             let failed_early = bad.iter().any(|b| v.feed(&[*b]).is_err());
             assert!(failed_early, "{bad:x?} accepted byte by byte");

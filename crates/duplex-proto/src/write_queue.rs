@@ -185,7 +185,10 @@ mod tests {
     #[test]
     fn masked_frames_are_masked_in_the_queue() {
         let mut q = WriteQueue::new();
-        q.push_frame(&header(5, Some([0x37, 0xfa, 0x21, 0x3d])), Bytes::from_static(b"Hello"));
+        q.push_frame(
+            &header(5, Some([0x37, 0xfa, 0x21, 0x3d])),
+            Bytes::from_static(b"Hello"),
+        );
         let bytes = drain(&mut q, usize::MAX);
         assert_eq!(bytes[6..], [0x7f, 0x9f, 0x4d, 0x51, 0x58]);
     }

@@ -85,7 +85,12 @@ impl App {
     /// `webSocket(path, protocol)`); see
     /// [`endpoint::web_socket_with_protocols`](crate::web_socket_with_protocols).
     #[must_use]
-    pub fn web_socket_with_protocols<H, I, P>(mut self, path: &str, protocols: I, handler: H) -> Self
+    pub fn web_socket_with_protocols<H, I, P>(
+        mut self,
+        path: &str,
+        protocols: I,
+        handler: H,
+    ) -> Self
     where
         H: Handler<Session>,
         I: IntoIterator<Item = P>,
@@ -94,7 +99,10 @@ impl App {
         let path = path.to_owned();
         let protocols: Vec<String> = protocols.into_iter().map(Into::into).collect();
         self.mounts.push(Box::new(move |router, ws| {
-            router.route(&path, endpoint::web_socket_with_protocols(ws, protocols, handler))
+            router.route(
+                &path,
+                endpoint::web_socket_with_protocols(ws, protocols, handler),
+            )
         }));
         self
     }

@@ -114,7 +114,10 @@ mod tests {
             priority: 1,
         };
         let msg = encode(&JsonConverter, &task).unwrap();
-        assert_eq!(msg.as_text(), Some(r#"{"name":"write tests","priority":1}"#));
+        assert_eq!(
+            msg.as_text(),
+            Some(r#"{"name":"write tests","priority":1}"#)
+        );
         assert_eq!(decode::<Task>(&JsonConverter, &msg).unwrap(), task);
     }
 
@@ -122,8 +125,11 @@ mod tests {
     fn malformed_json_is_a_decode_error() {
         let err = decode::<Task>(&JsonConverter, &Message::text("{nope")).unwrap_err();
         assert!(matches!(err, ConvertError::Decode(_)));
-        let err = decode::<Task>(&JsonConverter, &Message::text(r#"{"name":"x","priority":1} trailing"#))
-            .unwrap_err();
+        let err = decode::<Task>(
+            &JsonConverter,
+            &Message::text(r#"{"name":"x","priority":1} trailing"#),
+        )
+        .unwrap_err();
         assert!(matches!(err, ConvertError::Decode(_)));
     }
 

@@ -156,11 +156,9 @@ where
         progress |= self.write(&mut inner, cx);
         progress |= self.finish_transport(&mut inner, cx, now);
 
-        if inner.conn.is_closed() || inner.transport_done {
-            if !self.end_announced {
-                self.end_announced = true;
-                inner.wake_all();
-            }
+        if (inner.conn.is_closed() || inner.transport_done) && !self.end_announced {
+            self.end_announced = true;
+            inner.wake_all();
         }
         if inner.conn.pending_events().0 > 0 && inner.wake_receiver(cx) {
             progress = true;
@@ -347,8 +345,8 @@ where
         for _ in 0..MAX_ROUNDS {
             // The handler first: what it sends is written in the same round.
             let mut progress = this.poll_handler(cx);
-            let transport_live = !matches!(this.transport, Transport::Gone)
-                || !this.shared.lock().transport_done;
+            let transport_live =
+                !matches!(this.transport, Transport::Gone) || !this.shared.lock().transport_done;
             if transport_live {
                 progress |= this.drive_transport(cx);
             }

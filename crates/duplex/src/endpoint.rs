@@ -52,7 +52,11 @@ pub fn web_socket<H: Handler<Session>>(config: &WebSockets, handler: H) -> Metho
 /// A `web_socket` route that speaks the given subprotocols, in our order of
 /// support. The client's first offer that is in the list is chosen; a
 /// client that offers none of them gets 400, as in Ktor.
-pub fn web_socket_with_protocols<H, I, P>(config: &WebSockets, protocols: I, handler: H) -> MethodRouter
+pub fn web_socket_with_protocols<H, I, P>(
+    config: &WebSockets,
+    protocols: I,
+    handler: H,
+) -> MethodRouter
 where
     H: Handler<Session>,
     I: IntoIterator<Item = P>,
@@ -123,7 +127,11 @@ where
     let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
         // HTTP/2 or a test harness without a connection behind the request.
         tracing::debug!(path = %parts.uri.path(), "request cannot be upgraded");
-        return (http::StatusCode::BAD_REQUEST, "this connection cannot be upgraded\n").into_response();
+        return (
+            http::StatusCode::BAD_REQUEST,
+            "this connection cannot be upgraded\n",
+        )
+            .into_response();
     };
     let path_params = RawPathParams::from_request_parts(&mut parts, &())
         .await
@@ -159,12 +167,23 @@ where
         };
         let peer = remote_addr.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         let conn = Connection::new(config.proto_config(mode), Inner::now());
-        let shared = Arc::new(Shared::new(conn, config.incoming_buffer, config.outgoing_buffer));
+        let shared = Arc::new(Shared::new(
+            conn,
+            config.incoming_buffer,
+            config.outgoing_buffer,
+        ));
         let sender = Sender::new(Arc::clone(&shared), Arc::clone(&config.converter));
         let session = make_session(sender, request, protocol);
         let handler_future = handler.call(session);
         let shutdown = config.lifecycle.token().cancelled_owned();
-        Driver::new(TokioIo::new(upgraded), shared, handler_future, shutdown, peer).await;
+        Driver::new(
+            TokioIo::new(upgraded),
+            shared,
+            handler_future,
+            shutdown,
+            peer,
+        )
+        .await;
     });
     response
 }

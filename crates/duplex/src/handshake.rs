@@ -60,9 +60,10 @@ impl IntoResponse for Rejection {
         let mut response = (self.status(), format!("{self}\n")).into_response();
         match self {
             Rejection::UnsupportedVersion => {
-                response
-                    .headers_mut()
-                    .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                response.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
             }
             Rejection::MethodNotGet => {
                 response
@@ -94,7 +95,11 @@ impl Accepted {
         if let Ok(accept) = HeaderValue::from_str(&self.accept) {
             headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
         }
-        if let Some(protocol) = self.protocol.as_deref().and_then(|p| HeaderValue::from_str(p).ok()) {
+        if let Some(protocol) = self
+            .protocol
+            .as_deref()
+            .and_then(|p| HeaderValue::from_str(p).ok())
+        {
             headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
         }
         response
@@ -167,8 +172,14 @@ mod rfc6455_4_2_1_server_requirements {
     fn good() -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
-        h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         h.insert(
             header::SEC_WEBSOCKET_KEY,
             HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
@@ -194,7 +205,9 @@ mod rfc6455_4_2_1_server_requirements {
     #[test]
     fn each_missing_piece_has_its_status() {
         assert_eq!(
-            accept(&Method::POST, Version::HTTP_11, &good(), &[], None).unwrap_err().status(),
+            accept(&Method::POST, Version::HTTP_11, &good(), &[], None)
+                .unwrap_err()
+                .status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
         assert_eq!(
@@ -225,15 +238,24 @@ mod rfc6455_4_2_1_server_requirements {
     #[test]
     fn key_of_wrong_length_is_rejected() {
         let mut h = good();
-        h.insert(header::SEC_WEBSOCKET_KEY, HeaderValue::from_static("c2hvcnQ="));
+        h.insert(
+            header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_static("c2hvcnQ="),
+        );
         assert_eq!(check(&h).unwrap_err(), Rejection::InvalidKey);
     }
 
     #[test]
     fn subprotocol_is_the_first_of_the_clients_that_we_speak() {
         let mut h = good();
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("v3, v2"));
-        h.append(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("v1"));
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("v3, v2"),
+        );
+        h.append(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("v1"),
+        );
         let ours = ["v1".to_owned(), "v2".to_owned()];
         let accepted = accept(&Method::GET, Version::HTTP_11, &h, &ours, None).unwrap();
         assert_eq!(accepted.protocol.as_deref(), Some("v2"));
@@ -248,12 +270,20 @@ mod rfc6455_4_2_1_server_requirements {
     fn origin_allow_list_gives_403() {
         let allowed = ["https://good.example".to_owned()];
         let mut h = good();
-        h.insert(header::ORIGIN, HeaderValue::from_static("https://evil.example"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.example"),
+        );
         assert_eq!(
-            accept(&Method::GET, Version::HTTP_11, &h, &[], Some(&allowed)).unwrap_err().status(),
+            accept(&Method::GET, Version::HTTP_11, &h, &[], Some(&allowed))
+                .unwrap_err()
+                .status(),
             StatusCode::FORBIDDEN
         );
-        h.insert(header::ORIGIN, HeaderValue::from_static("https://good.example"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://good.example"),
+        );
         assert!(accept(&Method::GET, Version::HTTP_11, &h, &[], Some(&allowed)).is_ok());
     }
 }

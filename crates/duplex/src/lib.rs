@@ -57,9 +57,9 @@ mod session;
 mod shared;
 
 pub use app::App;
+pub use axum;
 pub use config::WebSockets;
 pub use convert::{ContentConverter, ConvertError, ErasedDeserializer, JsonConverter};
-pub use axum;
 pub use duplex_proto as proto;
 pub use duplex_proto::{CloseCode, CloseReason, Frame, Message, OpCode, Utf8Bytes};
 pub use endpoint::{web_socket, web_socket_raw, web_socket_with_protocols};

@@ -35,7 +35,10 @@ impl Lifecycle {
     pub(crate) async fn shutdown(&self, grace: Duration) {
         self.token.cancel();
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 remaining = self.tracker.len(),
                 "sessions still open after the shutdown grace period"

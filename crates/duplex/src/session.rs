@@ -425,7 +425,9 @@ impl RawSession {
                     Event::Message(Message::Text(t)) => {
                         Frame::new(duplex_proto::OpCode::Text, t.into_bytes())
                     }
-                    Event::Message(Message::Binary(b)) => Frame::new(duplex_proto::OpCode::Binary, b),
+                    Event::Message(Message::Binary(b)) => {
+                        Frame::new(duplex_proto::OpCode::Binary, b)
+                    }
                 })
             })
         })

@@ -180,9 +180,10 @@ impl Inner {
 
     /// The termination, once known.
     pub(crate) fn termination(&self) -> Option<Termination> {
-        self.conn.termination().cloned().or_else(|| {
-            self.transport_done.then_some(Termination::Abnormal)
-        })
+        self.conn
+            .termination()
+            .cloned()
+            .or_else(|| self.transport_done.then_some(Termination::Abnormal))
     }
 
     pub(crate) fn now() -> Instant {

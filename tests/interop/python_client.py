@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Interop tests: Python `websockets` as an independent client of duplex-chat.
+
+Starts the duplex-chat binary on a free loopback port, runs each test
+against /echo, /chat and /mirror, stops the server, and prints the plain
+closing line "interop: N passed, M failed". Exits non-zero on any failure.
+
+Usage: python_client.py --server PATH/TO/duplex-chat
+"""
+
+import argparse
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+import traceback
+
+import websockets
+from websockets.exceptions import ConnectionClosed
+
+TESTS = []
+
+
+def test(fn):
+    TESTS.append(fn)
+    return fn
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def expect_close(ws):
+    """Reads until the server closes; returns the Close frame it sent."""
+    try:
+        while True:
+            await asyncio.wait_for(ws.recv(), 5)
+    except ConnectionClosed as e:
+        return e.rcvd
+
+
+@test
+async def echo_greets_and_closes_on_bye(base):
+    async with websockets.connect(base + "/echo", compression=None) as ws:
+        assert await ws.recv() == "Please enter your name"
+        await ws.send("Ada")
+        assert await ws.recv() == "Hi, Ada!"
+        await ws.send("bye")
+        close = await expect_close(ws)
+        assert close is not None and close.code == 1000, close
+        assert close.reason == "Client said BYE", close.reason
+
+
+@test
+async def chat_counts_users_and_broadcasts_to_everyone(base):
+    clients = []
+    try:
+        for n in range(1, 4):
+            ws = await websockets.connect(base + "/chat", compression=None)
+            clients.append(ws)
+            greeting = await asyncio.wait_for(ws.recv(), 5)
+            assert greeting == f"You are connected! There are {n} users here.", greeting
+        await clients[1].send("hello from the middle")
+        lines = [await asyncio.wait_for(ws.recv(), 5) for ws in clients]
+        assert len(set(lines)) == 1, lines
+        assert lines[0].startswith("[user") and lines[0].endswith("]: hello from the middle"), lines
+    finally:
+        for ws in clients:
+            await ws.close()
+
+
+@test
+async def mirror_returns_text_and_binary_from_0_bytes_to_16_mib(base):
+    async with websockets.connect(base + "/mirror", compression=None, max_size=None) as ws:
+        for n in [0, 1, 125, 126, 65535, 65536, 1 << 20, 16 << 20]:
+            data = bytes(i % 251 for i in range(min(n, 4096))) * (n // 4096 + 1)
+            data = data[:n]
+            await ws.send(data)
+            assert await asyncio.wait_for(ws.recv(), 10) == data, f"binary {n}"
+            text = ("ünï" * (n // 5 + 1))[: max(n // 2, 0)]
+            await ws.send(text)
+            assert await asyncio.wait_for(ws.recv(), 10) == text, f"text {n}"
+
+
+@test
+async def mirror_reassembles_fragments(base):
+    async with websockets.connect(base + "/mirror", compression=None) as ws:
+        await ws.send(["frag", "men", "ted ✓"])
+        assert await ws.recv() == "fragmented ✓"
+        await ws.send([b"\x00\x01", b"", b"\x02"])
+        assert await ws.recv() == b"\x00\x01\x02"
+
+
+@test
+async def server_answers_ping_with_same_payload(base):
+    async with websockets.connect(base + "/mirror", compression=None) as ws:
+        pong = await ws.ping(b"duplex?")
+        latency = await asyncio.wait_for(pong, 5)
+        assert latency >= 0
+
+
+@test
+async def client_close_is_echoed_with_its_code(base):
+    ws = await websockets.connect(base + "/mirror", compression=None)
+    await ws.close(code=4001, reason="done here")
+    rcvd = ws.protocol.close_rcvd
+    assert rcvd is not None and rcvd.code == 4001, rcvd
+    assert rcvd.reason == "done here", rcvd.reason
+
+
+@test
+async def invalid_handshake_version_is_refused_with_426(base):
+    host, port = base[len("ws://"):].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /mirror HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n"
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 426"), head
+    assert b"sec-websocket-version: 13" in head.lower(), head
+
+
+async def run_all(base):
+    passed, failed = 0, 0
+    for fn in TESTS:
+        try:
+            await asyncio.wait_for(fn(base), 60)
+            print(f"PASS {fn.__name__}")
+            passed += 1
+        except Exception:
+            print(f"FAIL {fn.__name__}")
+            traceback.print_exc()
+            failed += 1
+    return passed, failed
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--server", required=True, help="path to the duplex-chat binary")
+    args = parser.parse_args()
+    port = free_port()
+    server = subprocess.Popen([args.server, "--addr", f"127.0.0.1:{port}"])
+    try:
+        deadline = time.time() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    print("interop: duplex-chat did not start", file=sys.stderr)
+                    sys.exit(1)
+                time.sleep(0.05)
+        passed, failed = asyncio.run(run_all(f"ws://127.0.0.1:{port}"))
+    finally:
+        server.terminate()
+        server.wait(10)
+    print(f"interop: {passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
