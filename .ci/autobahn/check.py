@@ -66,7 +66,11 @@ def judge(case_id, behavior, behavior_close, deflate):
                            "(--deflate unimplemented), so behavior must be "
                            "UNIMPLEMENTED")
     elif behavior not in PASSING:
-        reasons.append("behavior must be OK or INFORMATIONAL")
+        if behavior == "UNIMPLEMENTED":
+            reasons.append("permessage-deflate was not negotiated, but "
+                           "--deflate required needs OK or INFORMATIONAL")
+        else:
+            reasons.append("behavior must be OK or INFORMATIONAL")
     if behavior_close != "OK" and not (
             behavior_close == "INFORMATIONAL" and behavior == "INFORMATIONAL"):
         reasons.append("behaviorClose must be OK")

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
-use duplex::WebSockets;
+use duplex::{Deflate, WebSockets};
 
 /// The duplex chat server.
 #[derive(Debug, Parser)]
@@ -27,6 +27,9 @@ struct Args {
     /// Mask server frames (RFC 6455 forbids it; browsers reject it).
     #[arg(long)]
     masking: bool,
+    /// Do not offer permessage-deflate (RFC 7692).
+    #[arg(long)]
+    no_deflate: bool,
     /// Seconds to wait for sessions to close on shutdown.
     #[arg(long, default_value_t = 5)]
     shutdown_grace: u64,
@@ -46,6 +49,13 @@ async fn main() -> std::io::Result<()> {
         .max_frame_size(args.max_frame_size)
         .max_message_size(args.max_message_size)
         .masking(args.masking);
+    let websockets = if args.no_deflate {
+        websockets
+    } else {
+        websockets
+            .extension(Deflate::default())
+            .map_err(std::io::Error::other)?
+    };
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     tracing::info!("duplex-chat listening on http://{}", listener.local_addr()?);
     duplex_chat::app(websockets)

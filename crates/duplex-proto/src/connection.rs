@@ -7,6 +7,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use crate::{
     close::{CloseCode, CloseReason},
     error::ProtocolError,
+    extension::Extension,
     frame::{Frame, FrameHeader, MAX_CONTROL_PAYLOAD, OpCode, Rsv},
     mask::apply_mask,
     message::{Message, Utf8Bytes},
@@ -212,6 +213,11 @@ pub struct Connection {
     utf8: Utf8Validator,
     /// Whether the message being received is text (UTF-8 is checked).
     receiving_text: bool,
+    /// The RSV bits of the first frame of the message being received: the
+    /// extensions that transformed it.
+    receiving_rsv: Rsv,
+    /// Negotiated extensions, in the order they were installed.
+    extensions: Vec<Box<dyn Extension>>,
     /// Whether a fragmented message is being sent with `send_frame`.
     sending_fragmented: bool,
     events: VecDeque<Event>,
@@ -243,6 +249,8 @@ impl Connection {
             assembly: None,
             utf8: Utf8Validator::new(),
             receiving_text: false,
+            receiving_rsv: Rsv::NONE,
+            extensions: Vec::new(),
             sending_fragmented: false,
             events: VecDeque::new(),
             event_bytes: 0,
@@ -252,6 +260,21 @@ impl Connection {
             ping_counter: 0,
             deferred_failure: None,
         }
+    }
+
+    /// Installs the extensions negotiated for this connection, in
+    /// installation order; their RSV bits become legal on data frames.
+    /// Extensions apply in [`Mode::Messages`] only.
+    pub fn set_extensions(&mut self, extensions: Vec<Box<dyn Extension>>) {
+        self.config.extension_rsv = extensions
+            .iter()
+            .fold(Rsv::NONE, |acc, e| acc.union(e.rsv()));
+        self.extensions = extensions;
+    }
+
+    /// The negotiated extensions.
+    pub fn extensions(&self) -> impl Iterator<Item = &dyn Extension> {
+        self.extensions.iter().map(|e| &**e)
     }
 
     // ---- getters ----
@@ -367,11 +390,24 @@ impl Connection {
         if self.sending_fragmented {
             return Err(SendError::InvalidFragment);
         }
-        let (opcode, payload) = match message {
+        let (opcode, mut payload) = match message {
             Message::Text(t) => (OpCode::Text, t.into_bytes()),
             Message::Binary(b) => (OpCode::Binary, b),
         };
-        self.queue_frame(true, Rsv::NONE, opcode, payload);
+        let mut rsv = Rsv::NONE;
+        for extension in &mut self.extensions {
+            match extension.encode(opcode, payload) {
+                Ok((bits, encoded)) => {
+                    rsv = rsv.union(bits);
+                    payload = encoded;
+                }
+                Err(err) => {
+                    self.fail(err);
+                    return Err(SendError::Closed);
+                }
+            }
+        }
+        self.queue_frame(true, rsv, opcode, payload);
         Ok(())
     }
 
@@ -559,7 +595,7 @@ impl Connection {
             if let Some(key) = frame.header.mask {
                 apply_mask(fresh, key, frame.processed);
             }
-            if self.is_text_data(frame.header.opcode) {
+            if self.is_text_data(&frame.header) {
                 self.utf8.feed(fresh)?;
             }
             frame.processed = available;
@@ -594,7 +630,10 @@ impl Connection {
             }
             return Ok(());
         }
-        if !self.config.extension_rsv.contains(h.rsv) {
+        // Extensions mark a message on its first frame only (RFC 7692 §6.1).
+        if !self.config.extension_rsv.contains(h.rsv)
+            || (h.opcode == OpCode::Continuation && !h.rsv.is_empty())
+        {
             return Err(ProtocolError::ReservedBits);
         }
         match (h.opcode, &self.assembly) {
@@ -621,11 +660,12 @@ impl Connection {
         Ok(())
     }
 
-    /// Whether a data frame with this opcode carries text.
-    fn is_text_data(&self, opcode: OpCode) -> bool {
-        match opcode {
-            OpCode::Text => true,
-            OpCode::Continuation => self.receiving_text,
+    /// Whether a frame's bytes are text to check as they arrive: text that
+    /// no extension transformed (transformed text is checked once decoded).
+    fn is_text_data(&self, h: &FrameHeader) -> bool {
+        match h.opcode {
+            OpCode::Text => h.rsv.is_empty(),
+            OpCode::Continuation => self.receiving_text && self.receiving_rsv.is_empty(),
             _ => false,
         }
     }
@@ -662,13 +702,13 @@ impl Connection {
     }
 
     fn on_data(&mut self, h: FrameHeader, payload: Bytes) -> Result<(), ProtocolError> {
-        if h.opcode == OpCode::Text {
-            self.receiving_text = true;
-        } else if h.opcode == OpCode::Binary {
-            self.receiving_text = false;
+        if h.opcode != OpCode::Continuation {
+            self.receiving_text = h.opcode == OpCode::Text;
+            self.receiving_rsv = h.rsv;
         }
         let text = self.receiving_text;
-        if h.fin && text {
+        let transformed = !self.receiving_rsv.is_empty();
+        if h.fin && text && !transformed {
             self.utf8.finish()?;
         }
         if self.config.mode == Mode::Frames {
@@ -697,15 +737,41 @@ impl Connection {
                 assembly.data.freeze()
             }
         };
+        let message_payload = if transformed {
+            let decoded = self.decode_extensions(message_payload)?;
+            if text && simdutf8::basic::from_utf8(&decoded).is_err() {
+                return Err(ProtocolError::InvalidUtf8);
+            }
+            decoded
+        } else {
+            message_payload
+        };
         let message = if text {
-            // The validator accepted every byte of this payload and `finish`
-            // passed above.
+            // Either the validator accepted every byte of this payload and
+            // `finish` passed above, or the decoded text was checked whole.
             Message::Text(Utf8Bytes::from_validated(message_payload))
         } else {
             Message::Binary(message_payload)
         };
         self.push_event(Event::Message(message));
         Ok(())
+    }
+
+    /// Undoes the extensions that marked the message, last applied first.
+    fn decode_extensions(&mut self, mut payload: Bytes) -> Result<Bytes, ProtocolError> {
+        let rsv = self.receiving_rsv;
+        let opcode = if self.receiving_text {
+            OpCode::Text
+        } else {
+            OpCode::Binary
+        };
+        let max = self.config.max_message_size;
+        for extension in self.extensions.iter_mut().rev() {
+            if rsv.0 & extension.rsv().0 != 0 {
+                payload = extension.decode(opcode, rsv, payload, max)?;
+            }
+        }
+        Ok(payload)
     }
 
     /// Keeps the fragmentation state of a raw connection, which hands over

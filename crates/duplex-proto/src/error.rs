@@ -43,6 +43,10 @@ pub enum ProtocolError {
     /// A Close frame with a code that may not be sent (§7.4).
     #[error("invalid close code {0}")]
     InvalidCloseCode(u16),
+    /// An extension could not undo its transformation of a message (corrupt
+    /// compressed data, for instance).
+    #[error("invalid extension data: {0}")]
+    ExtensionData(String),
     /// A frame longer than the configured maximum frame size.
     #[error("Frame is too big: {size}. Max size is {max}")]
     FrameTooBig {
@@ -66,7 +70,9 @@ impl ProtocolError {
     /// 1009 for sizes over the limits, 1002 for everything else.
     pub const fn close_code(&self) -> CloseCode {
         match self {
-            ProtocolError::InvalidUtf8 => CloseCode::INVALID_PAYLOAD,
+            ProtocolError::InvalidUtf8 | ProtocolError::ExtensionData(_) => {
+                CloseCode::INVALID_PAYLOAD
+            }
             ProtocolError::FrameTooBig { .. } | ProtocolError::MessageTooBig { .. } => {
                 CloseCode::TOO_BIG
             }

@@ -13,12 +13,17 @@
 //!   is built from, public for tools that need them alone.
 //! - [`accept_key`] and friends are the parts of the opening handshake that
 //!   need no HTTP library.
+//! - [`Extension`] and [`ExtensionFactory`] are the extension API (RFC 6455
+//!   §9), and [`Deflate`] is permessage-deflate (RFC 7692) with all four
+//!   parameters.
 //! - Every failure is a [`ProtocolError`] that knows its close code.
 #![deny(unsafe_code)]
 
 mod close;
 mod connection;
+mod deflate;
 mod error;
+mod extension;
 mod frame;
 mod handshake;
 mod mask;
@@ -31,7 +36,15 @@ mod write_queue;
 
 pub use close::{CloseCode, CloseReason};
 pub use connection::{Config, Connection, Event, Mode, Role, SendError, Termination};
+pub use deflate::{
+    CompressPredicate, Deflate, DeflateExtension, DeflateParams, PERMESSAGE_DEFLATE,
+    compress_standalone,
+};
 pub use error::ProtocolError;
+pub use extension::{
+    Extension, ExtensionFactory, ExtensionOffer, ExtensionSyntaxError, Negotiated, negotiate,
+    parse_extensions,
+};
 pub use frame::{Frame, FrameHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Rsv};
 pub use handshake::{accept_key, generate_key, header_has_token, header_tokens, is_valid_key};
 pub use mask::apply_mask;

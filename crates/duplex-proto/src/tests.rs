@@ -720,3 +720,129 @@ mod rfc6455_7_1_7_fail_the_connection {
         assert_eq!(h.sent().len(), 1);
     }
 }
+
+mod rfc7692_6_permessage_deflate_framing {
+    use super::*;
+
+    fn deflate_server() -> Harness {
+        let mut h = Harness::server();
+        let params = Deflate::default()
+            .negotiate(&[&ExtensionOffer::new(PERMESSAGE_DEFLATE)])
+            .unwrap();
+        h.conn.set_extensions(vec![params.extension]);
+        h
+    }
+
+    fn compressed(payload: &[u8]) -> Vec<u8> {
+        compress_standalone(6, 15, payload).unwrap().to_vec()
+    }
+
+    #[test]
+    fn compressed_message_is_inflated() {
+        let mut h = deflate_server();
+        h.feed(&client_frame(
+            true,
+            0b100,
+            0x1,
+            &compressed("héllo".repeat(20).as_bytes()),
+        ));
+        assert_eq!(h.messages(), [Message::text("héllo".repeat(20))]);
+    }
+
+    #[test]
+    fn rsv1_only_on_the_first_frame() {
+        let wire = compressed(&[b'z'; 300]);
+        let mut h = deflate_server();
+        h.feed(&client_frame(false, 0b100, 0x2, &wire[..5]));
+        h.feed(&client_frame(true, 0, 0x0, &wire[5..]));
+        assert_eq!(h.messages(), [Message::binary(vec![b'z'; 300])]);
+        let mut h = deflate_server();
+        h.feed(&client_frame(false, 0b100, 0x2, &wire[..5]));
+        h.feed(&client_frame(true, 0b100, 0x0, &wire[5..]));
+        h.assert_failing(CloseCode::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn rsv1_on_a_control_frame_is_1002() {
+        let mut h = deflate_server();
+        h.feed(&client_frame(true, 0b100, 0x9, b""));
+        h.assert_failing(CloseCode::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn uncompressed_messages_between_compressed_ones() {
+        let mut h = deflate_server();
+        h.feed(&client_frame(true, 0b100, 0x1, &compressed(b"one")));
+        h.feed(&text("two"));
+        h.feed(&client_frame(true, 0b100, 0x1, &compressed(b"three")));
+        assert_eq!(
+            h.messages(),
+            [
+                Message::text("one"),
+                Message::text("two"),
+                Message::text("three")
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_compressed_message() {
+        let mut h = deflate_server();
+        // §7.2.3.6: an empty message compresses to a single 0x00 byte.
+        h.feed(&client_frame(true, 0b100, 0x1, &[0x00]));
+        h.feed(&client_frame(true, 0b100, 0x2, &compressed(b"")));
+        assert_eq!(
+            h.messages(),
+            [Message::text(""), Message::binary(Vec::new())]
+        );
+    }
+
+    #[test]
+    fn compressed_invalid_utf8_is_1007() {
+        let mut h = deflate_server();
+        h.feed(&client_frame(
+            true,
+            0b100,
+            0x1,
+            &compressed(&[0xce, 0xba, 0xff]),
+        ));
+        h.assert_failing(CloseCode::INVALID_PAYLOAD);
+    }
+
+    #[test]
+    fn bomb_over_max_message_size_is_1009() {
+        let mut config = Config::new(Role::Server);
+        config.max_message_size = 1 << 20;
+        let mut h = Harness::with(config);
+        let negotiated = Deflate::default()
+            .negotiate(&[&ExtensionOffer::new(PERMESSAGE_DEFLATE)])
+            .unwrap();
+        h.conn.set_extensions(vec![negotiated.extension]);
+        h.feed(&client_frame(
+            true,
+            0b100,
+            0x2,
+            &compressed(&vec![0; 64 << 20]),
+        ));
+        h.assert_failing(CloseCode::TOO_BIG);
+    }
+
+    #[test]
+    fn outgoing_messages_are_compressed_with_rsv1() {
+        let mut h = deflate_server();
+        let payload = "a compressible line of text; ".repeat(10);
+        h.conn.send_message(Message::text(payload.clone())).unwrap();
+        let sent = h.sent();
+        assert_eq!(sent[0].rsv, Rsv::RSV1);
+        assert!(sent[0].payload.len() < payload.len());
+        // A client would inflate it back.
+        let mut client = Deflate::default()
+            .negotiate(&[&ExtensionOffer::new(PERMESSAGE_DEFLATE)])
+            .unwrap()
+            .extension;
+        let back = client
+            .decode(OpCode::Text, Rsv::RSV1, sent[0].payload.clone(), 1 << 20)
+            .unwrap();
+        assert_eq!(&back[..], payload.as_bytes());
+    }
+}

@@ -3,7 +3,7 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use duplex_proto::{Config as ProtoConfig, Mode, Role};
+use duplex_proto::{Config as ProtoConfig, ExtensionFactory, Mode, Role, Rsv};
 
 use crate::{
     convert::{ContentConverter, JsonConverter},
@@ -36,7 +36,20 @@ pub struct WebSockets {
     pub(crate) outgoing_buffer: usize,
     pub(crate) allowed_origins: Option<Arc<[String]>>,
     pub(crate) converter: Arc<dyn ContentConverter>,
+    pub(crate) extensions: Vec<Arc<dyn ExtensionFactory>>,
     pub(crate) lifecycle: Lifecycle,
+}
+
+/// Two installed extensions claim the same RSV bit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("extension {new} claims RSV bits {bits:#05b} already claimed by {installed}")]
+pub struct ExtensionConflict {
+    /// The extension installed first.
+    pub installed: String,
+    /// The extension that was refused.
+    pub new: String,
+    /// The bits both claim.
+    pub bits: u8,
 }
 
 impl Default for WebSockets {
@@ -52,6 +65,7 @@ impl Default for WebSockets {
             outgoing_buffer: 1 << 20,
             allowed_origins: None,
             converter: Arc::new(JsonConverter),
+            extensions: Vec::new(),
             lifecycle: Lifecycle::default(),
         }
     }
@@ -69,6 +83,7 @@ impl fmt::Debug for WebSockets {
             .field("incoming_buffer", &self.incoming_buffer)
             .field("outgoing_buffer", &self.outgoing_buffer)
             .field("allowed_origins", &self.allowed_origins)
+            .field("extensions", &self.extensions)
             .finish_non_exhaustive()
     }
 }
@@ -162,6 +177,40 @@ impl WebSockets {
     pub fn content_converter(mut self, converter: impl ContentConverter) -> Self {
         self.converter = Arc::new(converter);
         self
+    }
+
+    /// Installs an extension (Ktor's `extensions { install(…) }`), such as
+    /// [`Deflate`](duplex_proto::Deflate). Extensions are offered to the
+    /// client's offers in installation order and, once negotiated, encode
+    /// outgoing messages in that order and decode incoming ones in reverse.
+    ///
+    /// ```
+    /// use duplex::{WebSockets, proto::Deflate};
+    /// let ws = WebSockets::default().extension(Deflate::default())?;
+    /// # Ok::<_, duplex::ExtensionConflict>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ExtensionConflict`] when an installed extension already claims one
+    /// of its RSV bits.
+    pub fn extension(mut self, factory: impl ExtensionFactory) -> Result<Self, ExtensionConflict> {
+        let bits = factory.rsv();
+        if let Some(installed) = self.extensions.iter().find(|f| f.rsv().0 & bits.0 != 0) {
+            return Err(ExtensionConflict {
+                installed: installed.name().to_owned(),
+                new: factory.name().to_owned(),
+                bits: installed.rsv().0 & bits.0,
+            });
+        }
+        self.extensions.push(Arc::new(factory));
+        Ok(self)
+    }
+
+    /// The RSV bits that installed extensions claim.
+    pub fn extension_rsv(&self) -> Rsv {
+        self.extensions
+            .iter()
+            .fold(Rsv::NONE, |acc, f| acc.union(f.rsv()))
     }
 
     /// The maximum frame size in force.

@@ -30,7 +30,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{MethodRouter, any},
 };
-use duplex_proto::{Connection, Mode};
+use duplex_proto::{Connection, ExtensionOffer, Mode};
 use hyper_util::rt::TokioIo;
 
 use crate::{
@@ -72,7 +72,7 @@ pub fn web_socket_raw<H: Handler<RawSession>>(config: &WebSockets, handler: H) -
     endpoint(config, Vec::new(), Mode::Frames, RawSession::new, handler)
 }
 
-type MakeSession<S> = fn(Sender, Arc<Request>, Option<String>) -> S;
+type MakeSession<S> = fn(Sender, Arc<Request>, Option<String>, Vec<ExtensionOffer>) -> S;
 
 fn endpoint<S, H>(
     config: &WebSockets,
@@ -111,7 +111,7 @@ where
     if config.lifecycle.is_shutting_down() {
         return Rejection::ShuttingDown.into_response();
     }
-    let accepted = match handshake::accept(
+    let mut accepted = match handshake::accept(
         &parts.method,
         parts.version,
         &parts.headers,
@@ -119,6 +119,20 @@ where
         config.allowed_origins.as_deref(),
     ) {
         Ok(accepted) => accepted,
+        Err(rejection) => {
+            tracing::debug!(path = %parts.uri.path(), "WebSocket upgrade rejected: {rejection}");
+            return rejection.into_response();
+        }
+    };
+    // Raw sessions hand over frames untouched, so they take no extensions (as in Ktor).
+    let factories: &[_] = if mode == Mode::Messages {
+        &config.extensions
+    } else {
+        &[]
+    };
+    let negotiated = match handshake::negotiate_extensions(&parts.headers, factories, &mut accepted)
+    {
+        Ok(negotiated) => negotiated,
         Err(rejection) => {
             tracing::debug!(path = %parts.uri.path(), "WebSocket upgrade rejected: {rejection}");
             return rejection.into_response();
@@ -166,14 +180,16 @@ where
             }
         };
         let peer = remote_addr.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
-        let conn = Connection::new(config.proto_config(mode), Inner::now());
+        let mut conn = Connection::new(config.proto_config(mode), Inner::now());
+        let extension_names = negotiated.iter().map(|n| n.response.clone()).collect();
+        conn.set_extensions(negotiated.into_iter().map(|n| n.extension).collect());
         let shared = Arc::new(Shared::new(
             conn,
             config.incoming_buffer,
             config.outgoing_buffer,
         ));
         let sender = Sender::new(Arc::clone(&shared), Arc::clone(&config.converter));
-        let session = make_session(sender, request, protocol);
+        let session = make_session(sender, request, protocol, extension_names);
         let handler_future = handler.call(session);
         let shutdown = config.lifecycle.token().cancelled_owned();
         Driver::new(

@@ -5,7 +5,10 @@ use axum::{
     body::Body,
     response::{IntoResponse, Response},
 };
-use duplex_proto::{accept_key, header_has_token, header_tokens, is_valid_key};
+use duplex_proto::{
+    ExtensionFactory, Negotiated, accept_key, header_has_token, header_tokens, is_valid_key,
+    negotiate, parse_extensions,
+};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
 
 /// Why an upgrade request was refused, each with its HTTP status.
@@ -34,6 +37,10 @@ pub enum Rejection {
     /// The route needs a subprotocol the client does not offer (400, as Ktor).
     #[error("no offered subprotocol is supported here")]
     NoSubprotocol,
+    /// `Sec-WebSocket-Extensions` does not follow the grammar of RFC 6455
+    /// §9.1 (400).
+    #[error("invalid Sec-WebSocket-Extensions header")]
+    InvalidExtensions,
     /// The server is shutting down (503).
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -50,7 +57,8 @@ impl Rejection {
             Rejection::HttpVersion
             | Rejection::NotUpgrade
             | Rejection::InvalidKey
-            | Rejection::NoSubprotocol => StatusCode::BAD_REQUEST,
+            | Rejection::NoSubprotocol
+            | Rejection::InvalidExtensions => StatusCode::BAD_REQUEST,
         }
     }
 }
@@ -82,6 +90,8 @@ pub(crate) struct Accepted {
     accept: String,
     /// The subprotocol chosen, if the route names any.
     pub(crate) protocol: Option<String>,
+    /// The `Sec-WebSocket-Extensions` answer, if any extension was accepted.
+    pub(crate) extensions: Option<String>,
 }
 
 impl Accepted {
@@ -101,6 +111,13 @@ impl Accepted {
             .and_then(|p| HeaderValue::from_str(p).ok())
         {
             headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+        }
+        if let Some(extensions) = self
+            .extensions
+            .as_deref()
+            .and_then(|e| HeaderValue::from_str(e).ok())
+        {
+            headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, extensions);
         }
         response
     }
@@ -162,7 +179,32 @@ pub(crate) fn accept(
     Ok(Accepted {
         accept: accept_key(key),
         protocol,
+        extensions: None,
     })
+}
+
+/// Negotiates the installed extensions against the client's offers, from
+/// every `Sec-WebSocket-Extensions` header, and records the answer in
+/// `accepted`.
+pub(crate) fn negotiate_extensions(
+    headers: &HeaderMap,
+    factories: &[std::sync::Arc<dyn ExtensionFactory>],
+    accepted: &mut Accepted,
+) -> Result<Vec<Negotiated>, Rejection> {
+    if factories.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut offers = Vec::new();
+    for value in headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS) {
+        let value = value.to_str().map_err(|_| Rejection::InvalidExtensions)?;
+        offers.extend(parse_extensions(value).map_err(|_| Rejection::InvalidExtensions)?);
+    }
+    let negotiated = negotiate(factories, &offers);
+    if !negotiated.is_empty() {
+        let answer: Vec<String> = negotiated.iter().map(|n| n.response.to_string()).collect();
+        accepted.extensions = Some(answer.join(", "));
+    }
+    Ok(negotiated)
 }
 
 #[cfg(test)]
@@ -264,6 +306,43 @@ mod rfc6455_4_2_1_server_requirements {
             accept(&Method::GET, Version::HTTP_11, &h, &none, None).unwrap_err(),
             Rejection::NoSubprotocol
         );
+    }
+
+    #[test]
+    fn extensions_are_negotiated_from_every_header_line() {
+        let factories: Vec<std::sync::Arc<dyn ExtensionFactory>> =
+            vec![std::sync::Arc::new(duplex_proto::Deflate::default())];
+        let mut h = good();
+        h.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("x-unknown"),
+        );
+        h.append(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("permessage-deflate; client_max_window_bits"),
+        );
+        let mut accepted = check(&h).unwrap();
+        let negotiated = negotiate_extensions(&h, &factories, &mut accepted).unwrap();
+        assert_eq!(negotiated.len(), 1);
+        let response = accepted.response();
+        assert_eq!(
+            response.headers()[header::SEC_WEBSOCKET_EXTENSIONS],
+            "permessage-deflate"
+        );
+    }
+
+    #[test]
+    fn malformed_extensions_header_is_400() {
+        let factories: Vec<std::sync::Arc<dyn ExtensionFactory>> =
+            vec![std::sync::Arc::new(duplex_proto::Deflate::default())];
+        let mut h = good();
+        h.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("permessage-deflate; ="),
+        );
+        let mut accepted = check(&h).unwrap();
+        let err = negotiate_extensions(&h, &factories, &mut accepted).unwrap_err();
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
     }
 
     #[test]

@@ -58,10 +58,13 @@ mod shared;
 
 pub use app::App;
 pub use axum;
-pub use config::WebSockets;
+pub use config::{ExtensionConflict, WebSockets};
 pub use convert::{ContentConverter, ConvertError, ErasedDeserializer, JsonConverter};
 pub use duplex_proto as proto;
-pub use duplex_proto::{CloseCode, CloseReason, Frame, Message, OpCode, Utf8Bytes};
+pub use duplex_proto::{
+    CloseCode, CloseReason, Deflate, Extension, ExtensionFactory, ExtensionOffer, Frame, Message,
+    OpCode, Rsv, Utf8Bytes,
+};
 pub use endpoint::{web_socket, web_socket_raw, web_socket_with_protocols};
 pub use error::{BoxError, Error};
 pub use handler::{Handler, IntoOutcome};

@@ -11,7 +11,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use duplex_proto::{CloseReason, Event, Frame, Message, SendError, Termination};
+use duplex_proto::{CloseReason, Event, ExtensionOffer, Frame, Message, SendError, Termination};
 use futures_core::Stream;
 
 use crate::{
@@ -271,17 +271,30 @@ pub struct Session {
     sender: Sender,
     request: Arc<Request>,
     protocol: Option<String>,
+    extensions: Vec<ExtensionOffer>,
     ended: bool,
 }
 
 impl Session {
-    pub(crate) fn new(sender: Sender, request: Arc<Request>, protocol: Option<String>) -> Self {
+    pub(crate) fn new(
+        sender: Sender,
+        request: Arc<Request>,
+        protocol: Option<String>,
+        extensions: Vec<ExtensionOffer>,
+    ) -> Self {
         Session {
             sender,
             request,
             protocol,
+            extensions,
             ended: false,
         }
+    }
+
+    /// The extensions negotiated for this session, as the server answered
+    /// them (name and parameters), in installation order.
+    pub fn extensions(&self) -> &[ExtensionOffer] {
+        &self.extensions
     }
 
     /// Waits for the next whole message.
@@ -401,7 +414,12 @@ pub struct RawSession {
 }
 
 impl RawSession {
-    pub(crate) fn new(sender: Sender, request: Arc<Request>, protocol: Option<String>) -> Self {
+    pub(crate) fn new(
+        sender: Sender,
+        request: Arc<Request>,
+        protocol: Option<String>,
+        _extensions: Vec<ExtensionOffer>,
+    ) -> Self {
         RawSession {
             sender,
             request,

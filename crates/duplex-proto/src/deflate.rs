@@ -1,0 +1,764 @@
+//! permessage-deflate (RFC 7692): negotiation of all four parameters and
+//! per-message compression with raw DEFLATE (flate2 on zlib-rs).
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+use crate::{
+    error::ProtocolError,
+    extension::{Extension, ExtensionFactory, ExtensionOffer, Negotiated},
+    frame::{OpCode, Rsv},
+};
+
+/// The extension token.
+pub const PERMESSAGE_DEFLATE: &str = "permessage-deflate";
+
+/// The empty stored block that ends a sync flush; §7.2.1 removes it from
+/// the wire and §7.2.2 puts it back before inflating.
+const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// Which messages to compress, beyond the size threshold.
+pub type CompressPredicate = Arc<dyn Fn(OpCode, &[u8]) -> bool + Send + Sync>;
+
+/// permessage-deflate's server configuration (Ktor's `WebSocketDeflateExtension`
+/// options, plus the window sizes Ktor cannot set).
+///
+/// ```
+/// use duplex_proto::Deflate;
+/// let deflate = Deflate::default()
+///     .compression_level(6)
+///     .compress_if_bigger_than(64)
+///     .server_no_context_takeover(true);
+/// # let _ = deflate;
+/// ```
+#[derive(Clone)]
+pub struct Deflate {
+    level: u32,
+    threshold: usize,
+    predicate: Option<CompressPredicate>,
+    server_no_context_takeover: bool,
+    client_no_context_takeover: bool,
+    server_max_window_bits: u8,
+    client_max_window_bits: u8,
+}
+
+impl Default for Deflate {
+    /// Level 6 (zlib's default), compress messages over 32 bytes, keep both
+    /// contexts, windows of 15 bits.
+    fn default() -> Self {
+        Deflate {
+            level: 6,
+            threshold: 32,
+            predicate: None,
+            server_no_context_takeover: false,
+            client_no_context_takeover: false,
+            server_max_window_bits: 15,
+            client_max_window_bits: 15,
+        }
+    }
+}
+
+impl std::fmt::Debug for Deflate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deflate")
+            .field("level", &self.level)
+            .field("threshold", &self.threshold)
+            .field("predicate", &self.predicate.is_some())
+            .field(
+                "server_no_context_takeover",
+                &self.server_no_context_takeover,
+            )
+            .field(
+                "client_no_context_takeover",
+                &self.client_no_context_takeover,
+            )
+            .field("server_max_window_bits", &self.server_max_window_bits)
+            .field("client_max_window_bits", &self.client_max_window_bits)
+            .finish()
+    }
+}
+
+impl Deflate {
+    /// zlib level 0 (store) to 9 (smallest). Default 6.
+    #[must_use]
+    pub fn compression_level(mut self, level: u32) -> Self {
+        self.level = level.min(9);
+        self
+    }
+
+    /// Compresses only messages longer than `bytes` (Ktor's
+    /// `compressIfBiggerThan`): tiny messages grow when compressed. Default 32.
+    #[must_use]
+    pub fn compress_if_bigger_than(mut self, bytes: usize) -> Self {
+        self.threshold = bytes;
+        self
+    }
+
+    /// Compresses only messages for which `predicate` holds (Ktor's
+    /// `compressIf`), on top of the size threshold.
+    #[must_use]
+    pub fn compress_if(
+        mut self,
+        predicate: impl Fn(OpCode, &[u8]) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.predicate = Some(Arc::new(predicate));
+        self
+    }
+
+    /// Resets the server's compressor after every message, even when the
+    /// client did not ask: less memory between messages, worse ratio, and
+    /// messages can be compressed once for many connections. Default false.
+    #[must_use]
+    pub fn server_no_context_takeover(mut self, on: bool) -> Self {
+        self.server_no_context_takeover = on;
+        self
+    }
+
+    /// Asks the client to reset its compressor after every message, so the
+    /// server need not keep an inflate window between messages. Default false.
+    #[must_use]
+    pub fn client_no_context_takeover(mut self, on: bool) -> Self {
+        self.client_no_context_takeover = on;
+        self
+    }
+
+    /// The largest window the server compresses with, 9 to 15 (8 is
+    /// accepted from clients, see below). Default 15.
+    #[must_use]
+    pub fn server_max_window_bits(mut self, bits: u8) -> Self {
+        self.server_max_window_bits = bits.clamp(9, 15);
+        self
+    }
+
+    /// The largest window the server asks clients to compress with, when
+    /// they allow it (`client_max_window_bits` in their offer), 8 to 15.
+    /// Default 15.
+    #[must_use]
+    pub fn client_max_window_bits(mut self, bits: u8) -> Self {
+        self.client_max_window_bits = bits.clamp(8, 15);
+        self
+    }
+
+    /// Reads one offer as §7.1 says. `None` declines it: an unknown or
+    /// repeated parameter, or a value out of range.
+    fn accept(&self, offer: &ExtensionOffer) -> Option<DeflateParams> {
+        let mut server_no_context = false;
+        let mut client_no_context = false;
+        let mut server_bits: Option<u8> = None;
+        let mut client_bits: Option<Option<u8>> = None;
+        let mut seen = Vec::with_capacity(offer.params.len());
+        for (name, value) in &offer.params {
+            if seen.contains(&name.as_str()) {
+                return None;
+            }
+            seen.push(name.as_str());
+            match (name.as_str(), value.as_deref()) {
+                ("server_no_context_takeover", None) => server_no_context = true,
+                ("client_no_context_takeover", None) => client_no_context = true,
+                ("server_max_window_bits", Some(v)) => server_bits = Some(window_bits(v)?),
+                ("client_max_window_bits", None) => client_bits = Some(None),
+                ("client_max_window_bits", Some(v)) => client_bits = Some(Some(window_bits(v)?)),
+                _ => return None,
+            }
+        }
+        // §7.1.2.1: our window may not pass what the client allows.
+        let server_window = server_bits.map_or(self.server_max_window_bits, |b| {
+            b.min(self.server_max_window_bits)
+        });
+        // §7.1.2.2: we may limit the client's window only if it said it can.
+        let client_window = match client_bits {
+            None => None,
+            Some(None) => (self.client_max_window_bits < 15).then_some(self.client_max_window_bits),
+            Some(Some(offered)) => Some(offered.min(self.client_max_window_bits)),
+        };
+        Some(DeflateParams {
+            server_no_context_takeover: server_no_context || self.server_no_context_takeover,
+            client_no_context_takeover: client_no_context || self.client_no_context_takeover,
+            server_max_window_bits: server_window,
+            announce_server_window: server_bits.is_some() || server_window < 15,
+            client_max_window_bits: client_window,
+        })
+    }
+}
+
+/// A window size value: 8 to 15, digits only, no leading zero (§7.1.2).
+fn window_bits(value: &str) -> Option<u8> {
+    if value.len() > 2 || value.starts_with('0') || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok().filter(|b| (8..=15).contains(b))
+}
+
+/// The parameters agreed for one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeflateParams {
+    /// We reset our compressor after every message.
+    pub server_no_context_takeover: bool,
+    /// The client resets its compressor after every message; we reset our
+    /// decompressor too.
+    pub client_no_context_takeover: bool,
+    /// Our compression window, in bits.
+    pub server_max_window_bits: u8,
+    /// Whether the response names our window.
+    announce_server_window: bool,
+    /// The client's window limit we answered with, if any.
+    pub client_max_window_bits: Option<u8>,
+}
+
+impl DeflateParams {
+    /// The response header item for these parameters.
+    pub fn response(&self) -> ExtensionOffer {
+        let mut response = ExtensionOffer::new(PERMESSAGE_DEFLATE);
+        if self.server_no_context_takeover {
+            response = response.param("server_no_context_takeover", None);
+        }
+        if self.client_no_context_takeover {
+            response = response.param("client_no_context_takeover", None);
+        }
+        if self.announce_server_window {
+            response = response.param(
+                "server_max_window_bits",
+                Some(self.server_max_window_bits.to_string()),
+            );
+        }
+        if let Some(bits) = self.client_max_window_bits {
+            response = response.param("client_max_window_bits", Some(bits.to_string()));
+        }
+        response
+    }
+}
+
+impl ExtensionFactory for Deflate {
+    fn name(&self) -> &str {
+        PERMESSAGE_DEFLATE
+    }
+
+    fn rsv(&self) -> Rsv {
+        Rsv::RSV1
+    }
+
+    /// §7.1: the first offer we can accept wins.
+    fn negotiate(&self, offers: &[&ExtensionOffer]) -> Option<Negotiated> {
+        let params = offers.iter().find_map(|offer| self.accept(offer))?;
+        Some(Negotiated {
+            response: params.response(),
+            extension: Box::new(DeflateExtension::new(self.clone(), params)),
+        })
+    }
+}
+
+/// permessage-deflate on one connection.
+pub struct DeflateExtension {
+    config: Deflate,
+    params: DeflateParams,
+    /// Created on the first compressed message: zlib's deflate state is
+    /// about 256 KiB, too much to hold for connections that never need it.
+    compressor: Option<Compress>,
+    decompressor: Option<Decompress>,
+}
+
+impl std::fmt::Debug for DeflateExtension {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeflateExtension")
+            .field("params", &self.params)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeflateExtension {
+    /// The extension for agreed parameters.
+    pub fn new(config: Deflate, params: DeflateParams) -> Self {
+        DeflateExtension {
+            config,
+            params,
+            compressor: None,
+            decompressor: None,
+        }
+    }
+
+    /// The agreed parameters.
+    pub fn params(&self) -> &DeflateParams {
+        &self.params
+    }
+
+    fn wants_to_compress(&self, opcode: OpCode, payload: &[u8]) -> bool {
+        // zlib cannot compress with an 8-bit window; sending uncompressed
+        // messages is always allowed (§6), so a client that insists on one
+        // gets uncompressed messages.
+        self.params.server_max_window_bits >= 9
+            && payload.len() > self.config.threshold
+            && self
+                .config
+                .predicate
+                .as_ref()
+                .is_none_or(|p| p(opcode, payload))
+    }
+}
+
+impl Extension for DeflateExtension {
+    fn name(&self) -> &str {
+        PERMESSAGE_DEFLATE
+    }
+
+    fn rsv(&self) -> Rsv {
+        Rsv::RSV1
+    }
+
+    fn encode(&mut self, opcode: OpCode, payload: Bytes) -> Result<(Rsv, Bytes), ProtocolError> {
+        if !self.wants_to_compress(opcode, &payload) {
+            return Ok((Rsv::NONE, payload));
+        }
+        let level = self.config.level;
+        let bits = self.params.server_max_window_bits;
+        let compressor = self.compressor.get_or_insert_with(|| {
+            Compress::new_with_window_bits(Compression::new(level), false, bits)
+        });
+        let compressed = compress_message(compressor, &payload)?;
+        if self.params.server_no_context_takeover {
+            // Drop the state: it is rebuilt for the next message anyway, and
+            // holding it would cost its whole window between messages.
+            self.compressor = None;
+        }
+        Ok((Rsv::RSV1, compressed))
+    }
+
+    fn decode(
+        &mut self,
+        _opcode: OpCode,
+        rsv: Rsv,
+        payload: Bytes,
+        max_size: u64,
+    ) -> Result<Bytes, ProtocolError> {
+        if !rsv.contains(Rsv::RSV1) {
+            return Ok(payload);
+        }
+        // A 15-bit window inflates anything a smaller one produced, and 8
+        // (which zlib cannot inflate raw) never reaches it.
+        let decompressor = self
+            .decompressor
+            .get_or_insert_with(|| Decompress::new_with_window_bits(false, 15));
+        let out = inflate_message(decompressor, &payload, max_size)?;
+        if self.params.client_no_context_takeover {
+            self.decompressor = None;
+        }
+        Ok(out)
+    }
+}
+
+/// Compresses a whole message with a sync flush and removes the trailing
+/// empty block (§7.2.1).
+pub(crate) fn compress_message(
+    compressor: &mut Compress,
+    payload: &[u8],
+) -> Result<Bytes, ProtocolError> {
+    let mut out = Vec::with_capacity(payload.len() / 2 + 64);
+    let start_in = compressor.total_in();
+    loop {
+        let consumed = (compressor.total_in() - start_in) as usize;
+        let input = payload.get(consumed..).unwrap_or_default();
+        if out.capacity() - out.len() < 64 {
+            out.reserve(out.capacity().max(1024));
+        }
+        compressor
+            .compress_vec(input, &mut out, FlushCompress::Sync)
+            .map_err(|e| ProtocolError::ExtensionData(e.to_string()))?;
+        let done = (compressor.total_in() - start_in) as usize == payload.len();
+        // Output room left over means the flush completed.
+        if done && out.len() < out.capacity() {
+            break;
+        }
+    }
+    if out.ends_with(&TAIL) {
+        out.truncate(out.len() - TAIL.len());
+    } else {
+        // Cannot happen with a sync flush; an empty stored block keeps the
+        // message decodable if it ever does.
+        out.push(0x00);
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Compresses `payload` as a standalone message (no context before or
+/// after), for sending the same bytes to many connections whose server
+/// context is not kept.
+pub fn compress_standalone(
+    level: u32,
+    window_bits: u8,
+    payload: &[u8],
+) -> Result<Bytes, ProtocolError> {
+    let mut compressor = Compress::new_with_window_bits(
+        Compression::new(level.min(9)),
+        false,
+        window_bits.clamp(9, 15),
+    );
+    compress_message(&mut compressor, payload)
+}
+
+/// Inflates a whole message (its tail put back, §7.2.2), failing with 1009
+/// as soon as the output passes `max_size`: a small bomb never gets to
+/// allocate its inflated size.
+pub(crate) fn inflate_message(
+    decompressor: &mut Decompress,
+    payload: &[u8],
+    max_size: u64,
+) -> Result<Bytes, ProtocolError> {
+    let mut out = BytesMut::new();
+    let start_in = decompressor.total_in();
+    let start_out = decompressor.total_out();
+    let mut tail_fed = false;
+    loop {
+        let consumed = (decompressor.total_in() - start_in) as usize;
+        let input: &[u8] = match payload.get(consumed..) {
+            Some(rest) if !rest.is_empty() => rest,
+            _ => {
+                tail_fed = true;
+                let tail_consumed = consumed.saturating_sub(payload.len());
+                TAIL.get(tail_consumed..).unwrap_or_default()
+            }
+        };
+        let produced = decompressor.total_out() - start_out;
+        if produced > max_size {
+            return Err(ProtocolError::MessageTooBig {
+                size: produced,
+                max: max_size,
+            });
+        }
+        // Grow by steps, never beyond the limit (plus one byte to see that
+        // it is passed).
+        let room_needed = (max_size - produced + 1).min(64 * 1024).max(1) as usize;
+        if out.capacity() - out.len() < room_needed {
+            out.reserve(room_needed);
+        }
+        let before_in = decompressor.total_in();
+        let before_out = decompressor.total_out();
+        let limit = (out.len() + room_needed).min(out.capacity());
+        let status = inflate_into(decompressor, input, &mut out, limit)?;
+        let progressed =
+            decompressor.total_in() != before_in || decompressor.total_out() != before_out;
+        let all_in = (decompressor.total_in() - start_in) as usize >= payload.len() + TAIL.len();
+        if (decompressor.total_out() - start_out) > max_size {
+            return Err(ProtocolError::MessageTooBig {
+                size: decompressor.total_out() - start_out,
+                max: max_size,
+            });
+        }
+        match status {
+            Status::StreamEnd => break,
+            _ if all_in && tail_fed && out.len() < limit => break,
+            _ if !progressed => {
+                return Err(ProtocolError::ExtensionData(
+                    "inflate made no progress".into(),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// One inflate call writing into `out` up to `limit` bytes of length.
+fn inflate_into(
+    decompressor: &mut Decompress,
+    input: &[u8],
+    out: &mut BytesMut,
+    limit: usize,
+) -> Result<Status, ProtocolError> {
+    let start = out.len();
+    out.resize(limit, 0);
+    let before = decompressor.total_out();
+    let result = decompressor.decompress(input, &mut out[start..limit], FlushDecompress::Sync);
+    let written = (decompressor.total_out() - before) as usize;
+    out.truncate(start + written);
+    result.map_err(|e| ProtocolError::ExtensionData(e.to_string()))
+}
+
+#[cfg(test)]
+mod rfc7692 {
+    use super::*;
+    use crate::extension::parse_extensions;
+
+    fn negotiate(config: &Deflate, header: &str) -> Option<String> {
+        let offers = parse_extensions(header).unwrap();
+        let refs: Vec<&ExtensionOffer> = offers.iter().collect();
+        config.negotiate(&refs).map(|n| n.response.to_string())
+    }
+
+    mod section_7_1_negotiation {
+        use super::*;
+
+        #[test]
+        fn no_parameters() {
+            assert_eq!(
+                negotiate(&Deflate::default(), "permessage-deflate").as_deref(),
+                Some("permessage-deflate")
+            );
+        }
+
+        #[test]
+        fn both_no_context_takeover_flags_are_echoed() {
+            assert_eq!(
+                negotiate(
+                    &Deflate::default(),
+                    "permessage-deflate; client_no_context_takeover; server_no_context_takeover"
+                )
+                .as_deref(),
+                Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
+            );
+        }
+
+        #[test]
+        fn server_may_add_no_context_takeover_on_its_own() {
+            let config = Deflate::default()
+                .server_no_context_takeover(true)
+                .client_no_context_takeover(true);
+            assert_eq!(
+                negotiate(&config, "permessage-deflate").as_deref(),
+                Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
+            );
+        }
+
+        #[test]
+        fn server_max_window_bits_each_value() {
+            for bits in 8..=15 {
+                let response = negotiate(
+                    &Deflate::default(),
+                    &format!("permessage-deflate; server_max_window_bits={bits}"),
+                );
+                assert_eq!(
+                    response,
+                    Some(format!("permessage-deflate; server_max_window_bits={bits}"))
+                );
+            }
+        }
+
+        #[test]
+        fn server_announces_a_smaller_window_of_its_own() {
+            let config = Deflate::default().server_max_window_bits(10);
+            assert_eq!(
+                negotiate(&config, "permessage-deflate; server_max_window_bits=12").as_deref(),
+                Some("permessage-deflate; server_max_window_bits=10")
+            );
+            assert_eq!(
+                negotiate(&config, "permessage-deflate").as_deref(),
+                Some("permessage-deflate; server_max_window_bits=10")
+            );
+        }
+
+        #[test]
+        fn client_max_window_bits_with_and_without_value() {
+            let config = Deflate::default();
+            // Bare: the client accepts a limit; we set none at 15.
+            assert_eq!(
+                negotiate(&config, "permessage-deflate; client_max_window_bits").as_deref(),
+                Some("permessage-deflate")
+            );
+            for bits in 8..=15 {
+                assert_eq!(
+                    negotiate(
+                        &config,
+                        &format!("permessage-deflate; client_max_window_bits={bits}")
+                    ),
+                    Some(format!("permessage-deflate; client_max_window_bits={bits}"))
+                );
+            }
+            let limited = Deflate::default().client_max_window_bits(10);
+            assert_eq!(
+                negotiate(&limited, "permessage-deflate; client_max_window_bits").as_deref(),
+                Some("permessage-deflate; client_max_window_bits=10")
+            );
+            assert_eq!(
+                negotiate(&limited, "permessage-deflate; client_max_window_bits=9").as_deref(),
+                Some("permessage-deflate; client_max_window_bits=9")
+            );
+        }
+
+        #[test]
+        fn client_window_is_never_limited_unless_offered() {
+            let limited = Deflate::default().client_max_window_bits(10);
+            assert_eq!(
+                negotiate(&limited, "permessage-deflate").as_deref(),
+                Some("permessage-deflate")
+            );
+        }
+
+        #[test]
+        fn invalid_offers_are_declined() {
+            for bad in [
+                "permessage-deflate; server_max_window_bits",
+                "permessage-deflate; server_max_window_bits=7",
+                "permessage-deflate; server_max_window_bits=16",
+                "permessage-deflate; server_max_window_bits=010",
+                "permessage-deflate; client_max_window_bits=0",
+                "permessage-deflate; server_no_context_takeover=1",
+                "permessage-deflate; client_no_context_takeover; client_no_context_takeover",
+                "permessage-deflate; unknown_param",
+            ] {
+                assert_eq!(negotiate(&Deflate::default(), bad), None, "{bad}");
+            }
+        }
+
+        #[test]
+        fn first_acceptable_offer_wins() {
+            assert_eq!(
+                negotiate(
+                    &Deflate::default(),
+                    "permessage-deflate; server_max_window_bits=20, permessage-deflate; client_no_context_takeover, permessage-deflate"
+                )
+                .as_deref(),
+                Some("permessage-deflate; client_no_context_takeover")
+            );
+        }
+    }
+
+    mod section_7_2_compression {
+        use super::*;
+
+        fn pair(params: DeflateParams) -> (DeflateExtension, DeflateExtension) {
+            let config = Deflate::default().compress_if_bigger_than(0);
+            (
+                DeflateExtension::new(config.clone(), params),
+                DeflateExtension::new(config, params),
+            )
+        }
+
+        fn params(no_context: bool, bits: u8) -> DeflateParams {
+            DeflateParams {
+                server_no_context_takeover: no_context,
+                client_no_context_takeover: no_context,
+                server_max_window_bits: bits,
+                announce_server_window: true,
+                client_max_window_bits: None,
+            }
+        }
+
+        #[test]
+        fn rfc_example_hello_without_tail() {
+            // §7.2.3.1: "Hello" compressed is f2 48 cd c9 c9 07 00.
+            let mut ext = pair(params(false, 15)).0;
+            let (rsv, out) = ext
+                .encode(OpCode::Text, Bytes::from_static(b"Hello"))
+                .unwrap();
+            assert_eq!(rsv, Rsv::RSV1);
+            assert!(!out.ends_with(&TAIL));
+            let mut inflater = DeflateExtension::new(Deflate::default(), params(false, 15));
+            let back = inflater
+                .decode(
+                    OpCode::Text,
+                    Rsv::RSV1,
+                    Bytes::from_static(&[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00]),
+                    100,
+                )
+                .unwrap();
+            assert_eq!(&back[..], b"Hello");
+        }
+
+        #[test]
+        fn round_trip_every_window_and_context_mode() {
+            for bits in 9..=15 {
+                for no_context in [false, true] {
+                    let (mut sender, mut receiver) = pair(params(no_context, bits));
+                    for size in [0usize, 1, 100, 5000, 200_000] {
+                        let payload: Vec<u8> = (0..size).map(|i| (i % 7) as u8 + b'a').collect();
+                        let (rsv, wire) = sender
+                            .encode(OpCode::Binary, Bytes::from(payload.clone()))
+                            .unwrap();
+                        let back = receiver.decode(OpCode::Binary, rsv, wire, 1 << 30).unwrap();
+                        assert_eq!(
+                            back.len(),
+                            payload.len(),
+                            "bits {bits} no_context {no_context} size {size}"
+                        );
+                        assert_eq!(&back[..], &payload[..]);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn context_takeover_makes_repeats_smaller() {
+            let (mut sender, _) = pair(params(false, 15));
+            let msg =
+                Bytes::from_static(b"a fairly repetitive message, a fairly repetitive message");
+            let first = sender.encode(OpCode::Text, msg.clone()).unwrap().1;
+            let second = sender.encode(OpCode::Text, msg).unwrap().1;
+            assert!(second.len() < first.len());
+        }
+
+        #[test]
+        fn standalone_compression_matches_no_context_takeover() {
+            let payload = b"broadcast me to a thousand sessions".repeat(10);
+            let once = compress_standalone(6, 15, &payload).unwrap();
+            let mut receiver = DeflateExtension::new(Deflate::default(), params(true, 15));
+            let back = receiver
+                .decode(OpCode::Text, Rsv::RSV1, once, 1 << 20)
+                .unwrap();
+            assert_eq!(&back[..], &payload[..]);
+        }
+
+        #[test]
+        fn small_messages_and_window_8_stay_uncompressed() {
+            let mut ext = DeflateExtension::new(Deflate::default(), params(false, 15));
+            let (rsv, _) = ext
+                .encode(OpCode::Text, Bytes::from_static(b"tiny"))
+                .unwrap();
+            assert_eq!(rsv, Rsv::NONE);
+            let mut eight = DeflateExtension::new(
+                Deflate::default().compress_if_bigger_than(0),
+                params(false, 8),
+            );
+            let (rsv, _) = eight
+                .encode(OpCode::Text, Bytes::from(vec![b'x'; 1000]))
+                .unwrap();
+            assert_eq!(rsv, Rsv::NONE);
+        }
+
+        #[test]
+        fn predicate_decides_per_message() {
+            let config = Deflate::default()
+                .compress_if_bigger_than(0)
+                .compress_if(|op, _| op == OpCode::Text);
+            let mut ext = DeflateExtension::new(config, params(false, 15));
+            assert_eq!(
+                ext.encode(OpCode::Text, Bytes::from_static(b"some text"))
+                    .unwrap()
+                    .0,
+                Rsv::RSV1
+            );
+            assert_eq!(
+                ext.encode(OpCode::Binary, Bytes::from_static(b"some data"))
+                    .unwrap()
+                    .0,
+                Rsv::NONE
+            );
+        }
+
+        #[test]
+        fn bomb_fails_with_1009_before_inflating_it_all() {
+            let payload = vec![0u8; 50 << 20];
+            let bomb = compress_standalone(9, 15, &payload).unwrap();
+            assert!(bomb.len() < 100 << 10, "{} bytes", bomb.len());
+            let mut receiver = DeflateExtension::new(Deflate::default(), params(false, 15));
+            let err = receiver
+                .decode(OpCode::Binary, Rsv::RSV1, bomb, 1 << 20)
+                .unwrap_err();
+            assert!(matches!(err, ProtocolError::MessageTooBig { max, .. } if max == 1 << 20));
+            assert_eq!(err.close_code().0, 1009);
+        }
+
+        #[test]
+        fn corrupt_data_fails_with_1007() {
+            let mut receiver = DeflateExtension::new(Deflate::default(), params(false, 15));
+            let err = receiver
+                .decode(
+                    OpCode::Binary,
+                    Rsv::RSV1,
+                    Bytes::from_static(&[0xff, 0xff, 0xff, 0x00, 0x12]),
+                    1 << 20,
+                )
+                .unwrap_err();
+            assert_eq!(err.close_code().0, 1007);
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! Extensions (RFC 6455 §9): the `Sec-WebSocket-Extensions` grammar, the
+//! negotiation a server runs, and the per-message processing of a
+//! negotiated extension.
+//!
+//! An extension claims RSV bits. A message whose first frame carries some
+//! of those bits was transformed by it; the others pass it untouched.
+//! Outgoing messages go through the negotiated extensions in the order they
+//! were installed, incoming ones in the reverse order, so that each undoes
+//! what its peer did last.
+
+use std::fmt;
+
+use bytes::Bytes;
+
+use crate::{
+    error::ProtocolError,
+    frame::{OpCode, Rsv},
+};
+
+/// One `name; param; param=value` item of a `Sec-WebSocket-Extensions`
+/// header: an offer from a client or an answer from a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtensionOffer {
+    /// The extension token, such as `permessage-deflate`.
+    pub name: String,
+    /// The parameters in order; a parameter without `=` has no value.
+    /// Quoted values are unquoted.
+    pub params: Vec<(String, Option<String>)>,
+}
+
+impl ExtensionOffer {
+    /// An item with no parameters.
+    pub fn new(name: impl Into<String>) -> Self {
+        ExtensionOffer {
+            name: name.into(),
+            params: Vec::new(),
+        }
+    }
+
+    /// Adds a parameter.
+    #[must_use]
+    pub fn param(mut self, name: impl Into<String>, value: Option<String>) -> Self {
+        self.params.push((name.into(), value));
+        self
+    }
+}
+
+impl fmt::Display for ExtensionOffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)?;
+        for (name, value) in &self.params {
+            match value {
+                Some(value) => write!(f, "; {name}={value}")?,
+                None => write!(f, "; {name}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A `Sec-WebSocket-Extensions` value that does not follow the grammar.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid Sec-WebSocket-Extensions header: {0}")]
+pub struct ExtensionSyntaxError(pub &'static str);
+
+/// Parses one `Sec-WebSocket-Extensions` value (§9.1) into its items, in
+/// order. Call it once per header line and concatenate.
+///
+/// ```
+/// use duplex_proto::parse_extensions;
+/// let offers = parse_extensions("permessage-deflate; client_max_window_bits, x-foo; a=\"1\"").unwrap();
+/// assert_eq!(offers[0].name, "permessage-deflate");
+/// assert_eq!(offers[0].params, [("client_max_window_bits".to_string(), None)]);
+/// assert_eq!(offers[1].params, [("a".to_string(), Some("1".to_string()))]);
+/// ```
+///
+/// # Errors
+/// [`ExtensionSyntaxError`] for anything outside the grammar: an empty
+/// item, a bad token, an unterminated quote.
+pub fn parse_extensions(value: &str) -> Result<Vec<ExtensionOffer>, ExtensionSyntaxError> {
+    let mut parser = Parser {
+        rest: value.as_bytes(),
+    };
+    let mut offers = Vec::new();
+    loop {
+        parser.skip_ws();
+        if parser.rest.is_empty() {
+            break;
+        }
+        if parser.eat(b',') {
+            // Empty list items are allowed by the #rule.
+            continue;
+        }
+        let name = parser
+            .token()
+            .ok_or(ExtensionSyntaxError("expected an extension name"))?;
+        let mut offer = ExtensionOffer::new(name);
+        loop {
+            parser.skip_ws();
+            if parser.eat(b';') {
+                parser.skip_ws();
+                let param = parser
+                    .token()
+                    .ok_or(ExtensionSyntaxError("expected a parameter name"))?;
+                parser.skip_ws();
+                let value = if parser.eat(b'=') {
+                    parser.skip_ws();
+                    Some(parser.value()?)
+                } else {
+                    None
+                };
+                offer.params.push((param, value));
+            } else if parser.eat(b',') || parser.rest.is_empty() {
+                break;
+            } else {
+                return Err(ExtensionSyntaxError("unexpected character"));
+            }
+        }
+        offers.push(offer);
+    }
+    Ok(offers)
+}
+
+struct Parser<'a> {
+    rest: &'a [u8],
+}
+
+impl Parser<'_> {
+    fn skip_ws(&mut self) {
+        while let [b' ' | b'\t', rest @ ..] = self.rest {
+            self.rest = rest;
+        }
+    }
+
+    fn eat(&mut self, byte: u8) -> bool {
+        match self.rest.split_first() {
+            Some((&b, rest)) if b == byte => {
+                self.rest = rest;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn token(&mut self) -> Option<String> {
+        let len = self.rest.iter().take_while(|&&b| is_tchar(b)).count();
+        if len == 0 {
+            return None;
+        }
+        let (token, rest) = self.rest.split_at(len);
+        self.rest = rest;
+        Some(String::from_utf8_lossy(token).into_owned())
+    }
+
+    fn value(&mut self) -> Result<String, ExtensionSyntaxError> {
+        if !self.eat(b'"') {
+            return self
+                .token()
+                .ok_or(ExtensionSyntaxError("expected a parameter value"));
+        }
+        let mut out = Vec::new();
+        loop {
+            match self.rest.split_first() {
+                None => return Err(ExtensionSyntaxError("unterminated quoted string")),
+                Some((b'"', rest)) => {
+                    self.rest = rest;
+                    break;
+                }
+                Some((b'\\', [escaped, rest @ ..])) => {
+                    out.push(*escaped);
+                    self.rest = rest;
+                }
+                Some((&b, rest)) => {
+                    out.push(b);
+                    self.rest = rest;
+                }
+            }
+        }
+        // §9.1: a quoted value must still be a token once unquoted.
+        if out.is_empty() || !out.iter().all(|&b| is_tchar(b)) {
+            return Err(ExtensionSyntaxError("quoted value is not a token"));
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+}
+
+/// RFC 7230 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A negotiated extension, one per connection: it transforms whole
+/// messages (Ktor's `WebSocketExtension`).
+pub trait Extension: Send + fmt::Debug {
+    /// The extension token.
+    fn name(&self) -> &str;
+
+    /// The RSV bits it claims.
+    fn rsv(&self) -> Rsv;
+
+    /// Transforms an outgoing message. Returns the payload to send and the
+    /// RSV bits to set on its first frame (none when it left the message as
+    /// it was).
+    ///
+    /// # Errors
+    /// A [`ProtocolError`] fails the connection with its close code.
+    fn encode(&mut self, opcode: OpCode, payload: Bytes) -> Result<(Rsv, Bytes), ProtocolError>;
+
+    /// Undoes the transformation on an incoming message whose first frame
+    /// carried some of this extension's bits. The result may not exceed
+    /// `max_size` bytes: stop and fail with
+    /// [`ProtocolError::MessageTooBig`] as soon as it would.
+    ///
+    /// # Errors
+    /// A [`ProtocolError`] fails the connection with its close code.
+    fn decode(
+        &mut self,
+        opcode: OpCode,
+        rsv: Rsv,
+        payload: Bytes,
+        max_size: u64,
+    ) -> Result<Bytes, ProtocolError>;
+}
+
+/// What negotiation produced: the parameters to answer with and the
+/// extension for this connection.
+pub struct Negotiated {
+    /// The item for the `Sec-WebSocket-Extensions` response header.
+    pub response: ExtensionOffer,
+    /// The per-connection extension.
+    pub extension: Box<dyn Extension>,
+}
+
+impl fmt::Debug for Negotiated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Negotiated")
+            .field("response", &self.response)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Installed on a server: negotiates an extension for each connection
+/// (Ktor's `WebSocketExtensionFactory`).
+pub trait ExtensionFactory: Send + Sync + fmt::Debug + 'static {
+    /// The extension token offers are matched against (exactly).
+    fn name(&self) -> &str;
+
+    /// The RSV bits the extension claims; two installed extensions may not
+    /// share one.
+    fn rsv(&self) -> Rsv;
+
+    /// Picks one of the client's offers of this extension (given in the
+    /// client's order of preference), or declines them all with `None`.
+    fn negotiate(&self, offers: &[&ExtensionOffer]) -> Option<Negotiated>;
+}
+
+/// Runs server-side negotiation: for each installed factory, in order, the
+/// client's offers with its name. Returns the accepted extensions in
+/// installation order.
+pub fn negotiate(
+    factories: &[std::sync::Arc<dyn ExtensionFactory>],
+    offers: &[ExtensionOffer],
+) -> Vec<Negotiated> {
+    let mut taken = Rsv::NONE;
+    let mut accepted = Vec::new();
+    for factory in factories {
+        let mine: Vec<&ExtensionOffer> =
+            offers.iter().filter(|o| o.name == factory.name()).collect();
+        if mine.is_empty() || taken.0 & factory.rsv().0 != 0 {
+            continue;
+        }
+        if let Some(negotiated) = factory.negotiate(&mine) {
+            taken = taken.union(factory.rsv());
+            accepted.push(negotiated);
+        }
+    }
+    accepted
+}
+
+#[cfg(test)]
+mod rfc6455_9_1_negotiating_extensions {
+    use super::*;
+
+    #[test]
+    fn several_offers_and_parameters() {
+        let offers = parse_extensions(
+            "permessage-deflate; client_max_window_bits; server_max_window_bits=10 , permessage-deflate",
+        )
+        .unwrap();
+        assert_eq!(offers.len(), 2);
+        assert_eq!(
+            offers[0].params,
+            [
+                ("client_max_window_bits".to_string(), None),
+                ("server_max_window_bits".to_string(), Some("10".to_string()))
+            ]
+        );
+        assert!(offers[1].params.is_empty());
+    }
+
+    #[test]
+    fn quoted_values_are_unquoted() {
+        let offers = parse_extensions(r#"x; a="12"; b = "tok\en""#).unwrap();
+        assert_eq!(offers[0].params[0].1.as_deref(), Some("12"));
+        assert_eq!(offers[0].params[1].1.as_deref(), Some("token"));
+    }
+
+    #[test]
+    fn bad_syntax_is_an_error_not_a_panic() {
+        for bad in [
+            "permessage-deflate; ",
+            "; x",
+            "a b",
+            "x; a=\"unterminated",
+            "x; a=\"has space\"",
+            "x; a=",
+            "x;;",
+            "é",
+            "x; a=\"\"",
+        ] {
+            assert!(parse_extensions(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn empty_items_are_skipped() {
+        assert_eq!(parse_extensions(" , a ,, b").unwrap().len(), 2);
+        assert!(parse_extensions("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn display_round_trips() {
+        let offer = ExtensionOffer::new("permessage-deflate")
+            .param("server_no_context_takeover", None)
+            .param("client_max_window_bits", Some("12".into()));
+        let text = offer.to_string();
+        assert_eq!(
+            text,
+            "permessage-deflate; server_no_context_takeover; client_max_window_bits=12"
+        );
+        assert_eq!(parse_extensions(&text).unwrap(), [offer]);
+    }
+}
