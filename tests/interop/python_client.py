@@ -18,6 +18,7 @@ import traceback
 
 import websockets
 from websockets.exceptions import ConnectionClosed
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
 TESTS = []
 
@@ -124,6 +125,49 @@ async def invalid_handshake_version_is_refused_with_426(base):
     writer.close()
     assert head.startswith(b"HTTP/1.1 426"), head
     assert b"sec-websocket-version: 13" in head.lower(), head
+
+
+def deflate_configurations():
+    """(name, list of offers): the client offers of RFC 7692 to try."""
+    pmd = ClientPerMessageDeflateFactory
+    yield "no parameters", [pmd(client_max_window_bits=None)]
+    yield "both no-context-takeover flags", [
+        pmd(server_no_context_takeover=True, client_no_context_takeover=True)
+    ]
+    for bits in range(9, 16):
+        yield f"window bits {bits}", [pmd(server_max_window_bits=bits, client_max_window_bits=bits)]
+    yield "several offers", [
+        pmd(server_max_window_bits=10, client_no_context_takeover=True),
+        pmd(),
+    ]
+
+
+@test
+async def mirror_round_trips_compressed_messages_in_every_configuration(base):
+    sizes = [0, 1, 200, 70_000, 1 << 20, 16 << 20]
+    for name, offers in deflate_configurations():
+        async with websockets.connect(base + "/mirror", extensions=offers, compression=None, max_size=None) as ws:
+            answer = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+            assert answer.startswith("permessage-deflate"), f"{name}: answered {answer!r}"
+            assert ws.protocol.extensions, f"{name}: nothing negotiated"
+            for n in sizes:
+                data = (b"duplex deflate " * (n // 15 + 1))[:n]
+                await ws.send(data)
+                assert await asyncio.wait_for(ws.recv(), 30) == data, f"{name}: binary {n}"
+                text = ("κόσμε " * (n // 11 + 1))[: n // 2]
+                await ws.send(text)
+                assert await asyncio.wait_for(ws.recv(), 30) == text, f"{name}: text {n}"
+
+
+@test
+async def first_acceptable_offer_wins(base):
+    offers = [
+        ClientPerMessageDeflateFactory(server_max_window_bits=12, client_max_window_bits=12),
+        ClientPerMessageDeflateFactory(),
+    ]
+    async with websockets.connect(base + "/mirror", extensions=offers, compression=None) as ws:
+        answer = ws.response.headers["Sec-WebSocket-Extensions"]
+        assert "server_max_window_bits=12" in answer and "client_max_window_bits=12" in answer, answer
 
 
 async def run_all(base):
