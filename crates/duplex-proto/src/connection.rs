@@ -345,6 +345,18 @@ impl Connection {
         }
     }
 
+    /// Restarts the wait for the Pong of an outstanding Ping from `now`.
+    ///
+    /// A caller that stops reading (its user is behind) calls this while it
+    /// does not read: the Pong may be sitting unread in its own socket, and
+    /// a responsive peer must not be timed out for the caller's delay.
+    pub fn defer_pong_timeout(&mut self, now: Instant) {
+        if self.ping_payload.is_some() && self.timers.is_set(Timer::PongTimeout) {
+            self.timers
+                .set(Timer::PongTimeout, now + self.config.pong_timeout);
+        }
+    }
+
     /// Fires the timers whose deadline is at or before `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.timers.expired(Timer::Close, now) {

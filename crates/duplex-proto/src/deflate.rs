@@ -405,55 +405,52 @@ pub(crate) fn inflate_message(
     max_size: u64,
 ) -> Result<Bytes, ProtocolError> {
     let mut out = BytesMut::new();
-    let start_in = decompressor.total_in();
     let start_out = decompressor.total_out();
-    let mut tail_fed = false;
-    loop {
-        let consumed = (decompressor.total_in() - start_in) as usize;
-        let input: &[u8] = match payload.get(consumed..) {
-            Some(rest) if !rest.is_empty() => rest,
-            _ => {
-                tail_fed = true;
-                let tail_consumed = consumed.saturating_sub(payload.len());
-                TAIL.get(tail_consumed..).unwrap_or_default()
+    for part in [payload, &TAIL[..]] {
+        let mut offset = 0;
+        loop {
+            let produced = decompressor.total_out() - start_out;
+            if produced > max_size {
+                return Err(ProtocolError::MessageTooBig {
+                    size: produced,
+                    max: max_size,
+                });
             }
-        };
-        let produced = decompressor.total_out() - start_out;
-        if produced > max_size {
-            return Err(ProtocolError::MessageTooBig {
-                size: produced,
-                max: max_size,
-            });
-        }
-        // Grow by steps, never beyond the limit (plus one byte to see that
-        // it is passed).
-        let room_needed = (max_size - produced + 1).min(64 * 1024).max(1) as usize;
-        if out.capacity() - out.len() < room_needed {
-            out.reserve(room_needed);
-        }
-        let before_in = decompressor.total_in();
-        let before_out = decompressor.total_out();
-        let limit = (out.len() + room_needed).min(out.capacity());
-        let status = inflate_into(decompressor, input, &mut out, limit)?;
-        let progressed =
-            decompressor.total_in() != before_in || decompressor.total_out() != before_out;
-        let all_in = (decompressor.total_in() - start_in) as usize >= payload.len() + TAIL.len();
-        if (decompressor.total_out() - start_out) > max_size {
-            return Err(ProtocolError::MessageTooBig {
-                size: decompressor.total_out() - start_out,
-                max: max_size,
-            });
-        }
-        match status {
-            Status::StreamEnd => break,
-            _ if all_in && tail_fed && out.len() < limit => break,
-            _ if !progressed => {
+            // Grow by steps, never beyond the limit plus one byte (to see
+            // that it is passed).
+            let room = (max_size - produced).saturating_add(1).clamp(1, 64 * 1024) as usize;
+            let limit = out.len() + room;
+            let before_in = decompressor.total_in();
+            let before_out = decompressor.total_out();
+            let input = part.get(offset..).unwrap_or_default();
+            let status = inflate_into(decompressor, input, &mut out, limit)?;
+            offset += (decompressor.total_in() - before_in) as usize;
+            let wrote = (decompressor.total_out() - before_out) as usize;
+            if status == Status::StreamEnd {
+                // A final block ends the stream early; nothing after it counts.
+                return finish(out, decompressor.total_out() - start_out, max_size);
+            }
+            // Done with this part once its input is in and the output had
+            // room to spare, so nothing is left buffered inside zlib.
+            if offset >= part.len() && wrote < room {
+                break;
+            }
+            if wrote == 0 && decompressor.total_in() == before_in {
                 return Err(ProtocolError::ExtensionData(
                     "inflate made no progress".into(),
                 ));
             }
-            _ => {}
         }
+    }
+    finish(out, decompressor.total_out() - start_out, max_size)
+}
+
+fn finish(out: BytesMut, produced: u64, max_size: u64) -> Result<Bytes, ProtocolError> {
+    if produced > max_size {
+        return Err(ProtocolError::MessageTooBig {
+            size: produced,
+            max: max_size,
+        });
     }
     Ok(out.freeze())
 }

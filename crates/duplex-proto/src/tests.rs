@@ -455,6 +455,20 @@ mod rfc6455_5_5_3_pong {
     }
 
     #[test]
+    fn deferring_the_pong_timeout_restarts_the_wait() {
+        let mut h = pinging();
+        h.advance(Duration::from_secs(10));
+        h.sent();
+        h.advance(Duration::from_secs(4));
+        let now = h.now;
+        h.conn.defer_pong_timeout(now);
+        h.advance(Duration::from_secs(4));
+        assert!(!h.conn.is_closed());
+        h.advance(Duration::from_secs(1));
+        assert_eq!(h.conn.termination(), Some(&Termination::PingTimeout));
+    }
+
+    #[test]
     fn early_timeout_calls_do_nothing() {
         let mut h = pinging();
         h.advance(Duration::ZERO);

@@ -35,6 +35,10 @@ impl TimerTable {
         self.deadlines = [None; TIMERS];
     }
 
+    pub(crate) fn is_set(&self, timer: Timer) -> bool {
+        self.deadlines[timer as usize].is_some()
+    }
+
     pub(crate) fn expired(&self, timer: Timer, now: Instant) -> bool {
         self.deadlines[timer as usize].is_some_and(|at| at <= now)
     }

@@ -20,7 +20,7 @@ use std::{
 };
 
 use bytes::BytesMut;
-use duplex_proto::{CloseCode, CloseReason};
+use duplex_proto::{CloseCode, CloseReason, Termination};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
@@ -75,6 +75,10 @@ pub(crate) struct Driver<T> {
     sleep_deadline: Option<Instant>,
     /// Whether the end was announced to waiters.
     end_announced: bool,
+    /// When queued output must be abandoned: set when the protocol closes
+    /// with bytes still queued, so that a peer that stopped reading cannot
+    /// hold the connection open.
+    drain_deadline: Option<Instant>,
     /// For log lines.
     peer: String,
 }
@@ -99,6 +103,7 @@ where
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
             sleep_deadline: None,
             end_announced: false,
+            drain_deadline: None,
             peer,
         }
     }
@@ -147,6 +152,9 @@ where
         }
         if inner.terminate_requested {
             self.transport = Transport::Gone;
+        }
+        if inner.reading_paused {
+            inner.conn.defer_pong_timeout(now);
         }
         if inner.conn.poll_timeout().is_some_and(|at| at <= now) {
             inner.conn.handle_timeout(now);
@@ -262,6 +270,24 @@ where
                 {
                     Transport::ShuttingDown(io)
                 }
+                Transport::Open(io) if inner.conn.is_closed() => {
+                    let deadline = match inner.conn.termination() {
+                        // The peer already failed to answer for close_timeout.
+                        Some(Termination::CloseTimeout) => now,
+                        _ => *self
+                            .drain_deadline
+                            .get_or_insert(now + inner.conn.config().close_timeout),
+                    };
+                    self.drain_deadline = Some(deadline);
+                    if now >= deadline {
+                        tracing::debug!(peer = %self.peer, "peer stopped reading; dropping the connection");
+                        inner.conn.terminate();
+                        Transport::Gone
+                    } else {
+                        self.transport = Transport::Open(io);
+                        return progress;
+                    }
+                }
                 Transport::ShuttingDown(mut io) => match Pin::new(&mut io).poll_shutdown(cx) {
                     Poll::Ready(_) => Transport::Lingering(io, now + LINGER),
                     Poll::Pending => {
@@ -301,6 +327,7 @@ where
     fn arm_timer(&mut self, inner: &Inner, cx: &mut Context<'_>) -> bool {
         let linger = match &self.transport {
             Transport::Lingering(_, at) => Some(*at),
+            Transport::Open(_) => self.drain_deadline,
             _ => None,
         };
         let deadline = match (inner.conn.poll_timeout(), linger) {
