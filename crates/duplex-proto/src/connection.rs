@@ -7,7 +7,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use crate::{
     close::{CloseCode, CloseReason},
     error::ProtocolError,
-    extension::Extension,
+    extension::{Extension, SharedEncoding},
     frame::{Frame, FrameHeader, MAX_CONTROL_PAYLOAD, OpCode, Rsv},
     mask::apply_mask,
     message::{Message, Utf8Bytes},
@@ -121,6 +121,39 @@ impl Termination {
             ),
         }
     }
+}
+
+/// How a connection frames outgoing data messages; see
+/// [`Connection::encoding`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Encoding {
+    /// Unmasked frames of the payload as it is: any such connection can take
+    /// bytes from [`encode_frame`].
+    Plain,
+    /// Frames of a stateless extension's encoding, shared by connections
+    /// with equal keys.
+    Shared(SharedEncoding),
+    /// Encoded by this connection alone (masking, or an extension with
+    /// state).
+    Unique,
+}
+
+/// One whole unmasked data frame in wire form, for
+/// [`Connection::send_encoded`].
+pub fn encode_frame(opcode: OpCode, rsv: Rsv, payload: &[u8]) -> Bytes {
+    let header = FrameHeader {
+        fin: true,
+        rsv,
+        opcode,
+        mask: None,
+        payload_len: payload.len() as u64,
+    };
+    let mut head = [0u8; crate::frame::MAX_HEADER_LEN];
+    let n = header.encode(&mut head);
+    let mut out = BytesMut::with_capacity(n + payload.len());
+    out.extend_from_slice(&head[..n]);
+    out.extend_from_slice(payload);
+    out.freeze()
 }
 
 /// Why a command was refused.
@@ -275,6 +308,21 @@ impl Connection {
     /// The negotiated extensions.
     pub fn extensions(&self) -> impl Iterator<Item = &dyn Extension> {
         self.extensions.iter().map(|e| &**e)
+    }
+
+    /// How this connection frames outgoing messages, so that a message sent
+    /// to many connections is encoded once per distinct encoding.
+    pub fn encoding(&self) -> Encoding {
+        if self.config.mask_outgoing {
+            return Encoding::Unique;
+        }
+        match self.extensions.as_slice() {
+            [] => Encoding::Plain,
+            [only] => only
+                .shared_encoding()
+                .map_or(Encoding::Unique, Encoding::Shared),
+            _ => Encoding::Unique,
+        }
     }
 
     // ---- getters ----

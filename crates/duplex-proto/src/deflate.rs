@@ -8,7 +8,7 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, 
 
 use crate::{
     error::ProtocolError,
-    extension::{Extension, ExtensionFactory, ExtensionOffer, Negotiated},
+    extension::{Extension, ExtensionFactory, ExtensionOffer, Negotiated, SharedEncoding},
     frame::{OpCode, Rsv},
 };
 
@@ -300,6 +300,27 @@ impl DeflateExtension {
 impl Extension for DeflateExtension {
     fn name(&self) -> &str {
         PERMESSAGE_DEFLATE
+    }
+
+    /// Without server context takeover (and without a predicate, which could
+    /// depend on anything), every message compresses alone: connections
+    /// with the same level, window and threshold share the bytes.
+    fn shared_encoding(&self) -> Option<SharedEncoding> {
+        if !self.params.server_no_context_takeover || self.config.predicate.is_some() {
+            return None;
+        }
+        let level = self.config.level;
+        let bits = self.params.server_max_window_bits;
+        let threshold = self.config.threshold;
+        Some(SharedEncoding::new(
+            format!("{PERMESSAGE_DEFLATE}/level={level}/bits={bits}/threshold={threshold}"),
+            move |_opcode, payload| {
+                if bits < 9 || payload.len() <= threshold {
+                    return Ok((Rsv::NONE, Bytes::copy_from_slice(payload)));
+                }
+                Ok((Rsv::RSV1, compress_standalone(level, bits, payload)?))
+            },
+        ))
     }
 
     fn rsv(&self) -> Rsv {

@@ -8,7 +8,7 @@
 //! were installed, incoming ones in the reverse order, so that each undoes
 //! what its peer did last.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use bytes::Bytes;
 
@@ -220,7 +220,66 @@ pub trait Extension: Send + fmt::Debug {
         payload: Bytes,
         max_size: u64,
     ) -> Result<Bytes, ProtocolError>;
+
+    /// Whether this extension encodes every message the same way, whatever
+    /// came before: then connections whose encodings have equal keys can
+    /// share one encoding of a broadcast message. `None` (the default) means
+    /// each connection must encode for itself.
+    fn shared_encoding(&self) -> Option<SharedEncoding> {
+        None
+    }
 }
+
+type EncodeFn = dyn Fn(OpCode, &[u8]) -> Result<(Rsv, Bytes), ProtocolError> + Send + Sync;
+
+/// A stateless encoding that connections can share (see
+/// [`Extension::shared_encoding`]).
+#[derive(Clone)]
+pub struct SharedEncoding {
+    key: Arc<str>,
+    encode: Arc<EncodeFn>,
+}
+
+impl SharedEncoding {
+    /// An encoding identified by `key`: two encodings with equal keys must
+    /// produce the same bytes for the same message.
+    pub fn new(
+        key: impl Into<Arc<str>>,
+        encode: impl Fn(OpCode, &[u8]) -> Result<(Rsv, Bytes), ProtocolError> + Send + Sync + 'static,
+    ) -> Self {
+        SharedEncoding {
+            key: key.into(),
+            encode: Arc::new(encode),
+        }
+    }
+
+    /// The identity of the encoding.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Encodes a message: the RSV bits for its frame and the payload.
+    ///
+    /// # Errors
+    /// As [`Extension::encode`].
+    pub fn encode(&self, opcode: OpCode, payload: &[u8]) -> Result<(Rsv, Bytes), ProtocolError> {
+        (self.encode)(opcode, payload)
+    }
+}
+
+impl fmt::Debug for SharedEncoding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SharedEncoding").field(&self.key).finish()
+    }
+}
+
+impl PartialEq for SharedEncoding {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for SharedEncoding {}
 
 /// What negotiation produced: the parameters to answer with and the
 /// extension for this connection.

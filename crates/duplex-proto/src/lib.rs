@@ -35,15 +35,17 @@ mod utf8;
 mod write_queue;
 
 pub use close::{CloseCode, CloseReason};
-pub use connection::{Config, Connection, Event, Mode, Role, SendError, Termination};
+pub use connection::{
+    Config, Connection, Encoding, Event, Mode, Role, SendError, Termination, encode_frame,
+};
 pub use deflate::{
     CompressPredicate, Deflate, DeflateExtension, DeflateParams, PERMESSAGE_DEFLATE,
     compress_standalone,
 };
 pub use error::ProtocolError;
 pub use extension::{
-    Extension, ExtensionFactory, ExtensionOffer, ExtensionSyntaxError, Negotiated, negotiate,
-    parse_extensions,
+    Extension, ExtensionFactory, ExtensionOffer, ExtensionSyntaxError, Negotiated, SharedEncoding,
+    negotiate, parse_extensions,
 };
 pub use frame::{Frame, FrameHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Rsv};
 pub use handshake::{accept_key, generate_key, header_has_token, header_tokens, is_valid_key};

@@ -51,6 +51,7 @@ mod endpoint;
 mod error;
 mod handler;
 mod handshake;
+mod hub;
 mod lifecycle;
 mod request;
 mod session;
@@ -69,5 +70,9 @@ pub use endpoint::{web_socket, web_socket_raw, web_socket_with_protocols};
 pub use error::{BoxError, Error};
 pub use handler::{Handler, IntoOutcome};
 pub use handshake::Rejection;
+pub use hub::{
+    Backplane, BackplaneSink, Envelope, Hub, HubBuilder, InMemoryBackplane, Membership, SessionId,
+    SlowConsumer, Target,
+};
 pub use request::Request;
 pub use session::{Incoming, RawSession, Sender, Session, TrySendError};

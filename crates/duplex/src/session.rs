@@ -132,6 +132,38 @@ impl Sender {
         Ok(())
     }
 
+    /// Queues a frame already in wire form (encoded once for many
+    /// sessions by the hub).
+    pub(crate) fn try_send_encoded(&self, encoded: &Bytes) -> Result<(), TrySendError> {
+        let mut inner = self.shared.lock();
+        if !inner.conn.can_send() {
+            return Err(TrySendError::Closed);
+        }
+        if !inner.has_room() {
+            return Err(TrySendError::Full);
+        }
+        inner
+            .conn
+            .send_encoded(encoded.clone())
+            .map_err(|_| TrySendError::Closed)?;
+        inner.wake_driver(None);
+        Ok(())
+    }
+
+    /// How this session frames outgoing messages.
+    pub(crate) fn encoding(&self) -> duplex_proto::Encoding {
+        self.shared.lock().conn.encoding()
+    }
+
+    /// Starts the closing handshake without waiting for anything: for
+    /// code that cannot await, such as a hub closing a slow consumer.
+    pub fn close_now(&self, reason: CloseReason) {
+        let mut inner = self.shared.lock();
+        if inner.conn.close(Inner::now(), reason).is_ok() {
+            inner.wake_driver(None);
+        }
+    }
+
     /// Queues one frame as given: a fragment (`fin` false, then
     /// continuations), a Ping or a Pong. A Close frame closes the session as
     /// [`close`](Self::close) does.
@@ -250,6 +282,45 @@ impl Sender {
     /// Whether nothing more can be sent.
     pub fn is_closed(&self) -> bool {
         !self.shared.lock().conn.can_send()
+    }
+}
+
+#[cfg(test)]
+impl Sender {
+    /// A sender with no connection task behind it: what is sent stays in
+    /// the write queue, for [`Sender::take_written`].
+    pub(crate) fn detached(outgoing_limit: usize) -> Sender {
+        use duplex_proto::{Config, Connection, Role};
+        let conn = Connection::new(Config::new(Role::Server), Inner::now());
+        Sender::new(
+            Arc::new(Shared::new(conn, 1 << 20, outgoing_limit)),
+            Arc::new(crate::convert::JsonConverter),
+        )
+    }
+
+    /// Empties the write queue and returns the frames it held.
+    pub(crate) fn take_written(&self) -> Vec<Frame> {
+        let mut inner = self.shared.lock();
+        let queue = inner.conn.write_queue();
+        let mut bytes = Vec::new();
+        while !queue.is_empty() {
+            let chunk = queue.chunk().to_vec();
+            queue.advance(chunk.len());
+            bytes.extend_from_slice(&chunk);
+        }
+        let mut frames = Vec::new();
+        let mut rest = &bytes[..];
+        while let Ok(Some((header, n))) = duplex_proto::FrameHeader::decode(rest) {
+            let len = header.payload_len as usize;
+            frames.push(Frame {
+                fin: header.fin,
+                rsv: header.rsv,
+                opcode: header.opcode,
+                payload: Bytes::copy_from_slice(&rest[n..n + len]),
+            });
+            rest = &rest[n + len..];
+        }
+        frames
     }
 }
 

@@ -1,0 +1,705 @@
+//! Many sessions: a registry with ids, topics (rooms) that sessions join
+//! and leave, and publishing to a topic, to one session or to all.
+//!
+//! A published message is framed once per distinct encoding (plain, or a
+//! stateless permessage-deflate configuration) and the same bytes go to
+//! every subscriber's write queue. Publishing never waits: a subscriber whose
+//! outgoing buffer is full is handled by the [`SlowConsumer`] policy, so one
+//! slow peer neither slows the publisher nor the others.
+//!
+//! ```no_run
+//! use duplex::{App, Hub, Message, Session};
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let hub = Hub::new();
+//! App::new()
+//!     .web_socket("/room", move |mut session: Session| {
+//!         let hub = hub.clone();
+//!         async move {
+//!             let me = hub.register(&session.sender());
+//!             me.join("lobby");
+//!             while let Ok(Some(message)) = session.recv().await {
+//!                 hub.publish("lobby", message);
+//!             }
+//!             // Dropping `me` leaves every topic.
+//!         }
+//!     })
+//!     .serve(tokio::net::TcpListener::bind("127.0.0.1:8080").await?)
+//!     .await
+//! # }
+//! ```
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    sync::{
+        Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use duplex_proto::{CloseCode, CloseReason, Encoding, Message, OpCode, Rsv, encode_frame};
+
+use crate::session::{Sender, TrySendError};
+
+/// A session's id in a [`Hub`], unique for the hub's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// What happens to a subscriber whose outgoing buffer is full when a
+/// message is published to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowConsumer {
+    /// Skip the message for that subscriber and count it
+    /// (`duplex_hub_dropped_total`).
+    Drop,
+    /// Close the subscriber with this code: 1008 (policy violation) or
+    /// 1013 (try again later) are the usual choices.
+    Close(CloseCode),
+}
+
+/// Where a published message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every member of a topic.
+    Topic(String),
+    /// Every registered session.
+    All,
+}
+
+/// A message on its way through a [`Backplane`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// Where it goes.
+    pub target: Target,
+    /// What it is.
+    pub message: Message,
+}
+
+/// The link between the hubs of several processes: whatever is published on
+/// any of them reaches the subscribers of all of them.
+///
+/// A backplane must hand every envelope published on any node, this one
+/// included, to each node's [`BackplaneSink`] exactly once, in publish
+/// order for each publisher. `publish` must not block: queue and return.
+pub trait Backplane: Send + Sync + 'static {
+    /// Starts delivering to `sink`; called once, when the hub is built.
+    fn start(&self, sink: BackplaneSink);
+    /// Sends an envelope to every node.
+    fn publish(&self, envelope: Envelope);
+}
+
+/// The local end of a backplane: it fans an envelope out to this node's
+/// sessions.
+#[derive(Clone)]
+pub struct BackplaneSink {
+    hub: Weak<HubInner>,
+}
+
+impl BackplaneSink {
+    /// Delivers an envelope to this node's subscribers. Does nothing once
+    /// the hub is gone.
+    pub fn deliver(&self, envelope: Envelope) {
+        if let Some(hub) = self.hub.upgrade() {
+            hub.deliver(&envelope);
+        }
+    }
+}
+
+impl fmt::Debug for BackplaneSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackplaneSink").finish_non_exhaustive()
+    }
+}
+
+/// One process: delivery is a direct call. The default backplane.
+#[derive(Debug, Default)]
+pub struct InMemoryBackplane {
+    sink: OnceLock<BackplaneSink>,
+}
+
+impl Backplane for InMemoryBackplane {
+    fn start(&self, sink: BackplaneSink) {
+        let _ = self.sink.set(sink);
+    }
+
+    fn publish(&self, envelope: Envelope) {
+        if let Some(sink) = self.sink.get() {
+            sink.deliver(envelope);
+        }
+    }
+}
+
+/// Builds a [`Hub`].
+pub struct HubBuilder {
+    slow_consumer: SlowConsumer,
+    backplane: Arc<dyn Backplane>,
+}
+
+impl HubBuilder {
+    /// The policy for subscribers whose buffer is full. Default
+    /// [`SlowConsumer::Drop`].
+    #[must_use]
+    pub fn slow_consumer(mut self, policy: SlowConsumer) -> Self {
+        self.slow_consumer = policy;
+        self
+    }
+
+    /// The backplane that joins several processes. Default: in memory.
+    #[must_use]
+    pub fn backplane(mut self, backplane: Arc<dyn Backplane>) -> Self {
+        self.backplane = backplane;
+        self
+    }
+
+    /// The hub.
+    pub fn build(self) -> Hub {
+        let inner = Arc::new(HubInner {
+            registry: RwLock::new(Registry::default()),
+            next_id: AtomicU64::new(1),
+            slow_consumer: self.slow_consumer,
+            backplane: Arc::clone(&self.backplane),
+        });
+        self.backplane.start(BackplaneSink {
+            hub: Arc::downgrade(&inner),
+        });
+        Hub { inner }
+    }
+}
+
+/// A registry of live sessions and their topics; cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub::new()
+    }
+}
+
+impl fmt::Debug for Hub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hub")
+            .field("sessions", &self.session_count())
+            .finish_non_exhaustive()
+    }
+}
+
+struct HubInner {
+    registry: RwLock<Registry>,
+    next_id: AtomicU64,
+    slow_consumer: SlowConsumer,
+    backplane: Arc<dyn Backplane>,
+}
+
+#[derive(Default)]
+struct Registry {
+    sessions: HashMap<SessionId, Member>,
+    topics: HashMap<Arc<str>, HashSet<SessionId>>,
+}
+
+struct Member {
+    sender: Sender,
+    encoding: Encoding,
+    topics: HashSet<Arc<str>>,
+}
+
+impl Hub {
+    /// A hub with the in-memory backplane and [`SlowConsumer::Drop`].
+    pub fn new() -> Hub {
+        Hub::builder().build()
+    }
+
+    /// A builder to choose the policy and the backplane.
+    pub fn builder() -> HubBuilder {
+        HubBuilder {
+            slow_consumer: SlowConsumer::Drop,
+            backplane: Arc::new(InMemoryBackplane::default()),
+        }
+    }
+
+    /// Registers a session. It stays registered, and in the topics it
+    /// joins, until the returned [`Membership`] is dropped.
+    pub fn register(&self, sender: &Sender) -> Membership {
+        let id = SessionId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
+        let member = Member {
+            sender: sender.clone(),
+            encoding: sender.encoding(),
+            topics: HashSet::new(),
+        };
+        let mut registry = self.inner.write();
+        registry.sessions.insert(id, member);
+        metrics::gauge!("duplex_hub_sessions").set(registry.sessions.len() as f64);
+        drop(registry);
+        Membership {
+            hub: self.clone(),
+            id,
+        }
+    }
+
+    /// Publishes to every member of `topic`, on every node. Never waits.
+    pub fn publish(&self, topic: &str, message: impl Into<Message>) {
+        self.inner.backplane.publish(Envelope {
+            target: Target::Topic(topic.to_owned()),
+            message: message.into(),
+        });
+    }
+
+    /// Publishes to every registered session, on every node. Never waits.
+    pub fn broadcast(&self, message: impl Into<Message>) {
+        self.inner.backplane.publish(Envelope {
+            target: Target::All,
+            message: message.into(),
+        });
+    }
+
+    /// Sends to one session of this node. Returns false if it is not
+    /// registered (any more), or could not take the message.
+    pub fn send_to(&self, id: SessionId, message: impl Into<Message>) -> bool {
+        let message = message.into();
+        let registry = self.inner.read();
+        let Some(member) = registry.sessions.get(&id) else {
+            return false;
+        };
+        let mut frames = EncodedOnce::new(&message);
+        self.inner.offer(member, &message, &mut frames)
+    }
+
+    /// The sessions of this node in `topic`, in id order.
+    pub fn members(&self, topic: &str) -> Vec<SessionId> {
+        let registry = self.inner.read();
+        let mut members: Vec<SessionId> = registry
+            .topics
+            .get(topic)
+            .map(|m| m.iter().copied().collect())
+            .unwrap_or_default();
+        members.sort();
+        members
+    }
+
+    /// The topics with at least one member on this node.
+    pub fn topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self
+            .inner
+            .read()
+            .topics
+            .keys()
+            .map(|t| t.to_string())
+            .collect();
+        topics.sort();
+        topics
+    }
+
+    /// How many sessions are registered on this node.
+    pub fn session_count(&self) -> usize {
+        self.inner.read().sessions.len()
+    }
+}
+
+impl HubInner {
+    fn read(&self) -> RwLockReadGuard<'_, Registry> {
+        self.registry
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Registry> {
+        self.registry
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Fans an envelope out to this node's sessions.
+    fn deliver(&self, envelope: &Envelope) {
+        let message = &envelope.message;
+        let mut frames = EncodedOnce::new(message);
+        let registry = self.read();
+        let mut delivered = 0u64;
+        let mut offer = |member: &Member| {
+            if self.offer(member, message, &mut frames) {
+                delivered += 1;
+            }
+        };
+        match &envelope.target {
+            Target::Topic(topic) => {
+                if let Some(ids) = registry.topics.get(topic.as_str()) {
+                    ids.iter()
+                        .filter_map(|id| registry.sessions.get(id))
+                        .for_each(&mut offer);
+                }
+            }
+            Target::All => registry.sessions.values().for_each(&mut offer),
+        }
+        metrics::counter!("duplex_hub_published_total").increment(1);
+        metrics::counter!("duplex_hub_deliveries_total").increment(delivered);
+        metrics::counter!("duplex_hub_bytes_out_total").increment(delivered * message.len() as u64);
+    }
+
+    /// Hands a message to one member without waiting; applies the
+    /// slow-consumer policy when its buffer is full.
+    fn offer(&self, member: &Member, message: &Message, frames: &mut EncodedOnce) -> bool {
+        let result = match &member.encoding {
+            Encoding::Unique => member.sender.try_send(message.clone()),
+            encoding => match frames.get(encoding) {
+                Some(bytes) => member.sender.try_send_encoded(bytes),
+                None => member.sender.try_send(message.clone()),
+            },
+        };
+        match result {
+            Ok(()) => true,
+            Err(TrySendError::Closed) => false,
+            Err(TrySendError::Full) => {
+                match self.slow_consumer {
+                    SlowConsumer::Drop => {
+                        metrics::counter!("duplex_hub_dropped_total").increment(1);
+                    }
+                    SlowConsumer::Close(code) => {
+                        metrics::counter!("duplex_hub_slow_consumer_closes_total").increment(1);
+                        member
+                            .sender
+                            .close_now(CloseReason::new(code, "Too slow to keep up"));
+                    }
+                }
+                false
+            }
+        }
+    }
+}
+
+/// One message framed at most once per encoding.
+struct EncodedOnce {
+    opcode: OpCode,
+    payload: Bytes,
+    plain: Option<Bytes>,
+    shared: Vec<(Arc<str>, Option<Bytes>)>,
+}
+
+impl EncodedOnce {
+    fn new(message: &Message) -> Self {
+        let opcode = match message {
+            Message::Text(_) => OpCode::Text,
+            Message::Binary(_) => OpCode::Binary,
+        };
+        EncodedOnce {
+            opcode,
+            payload: message.payload().clone(),
+            plain: None,
+            shared: Vec::new(),
+        }
+    }
+
+    /// The wire bytes for `encoding`; `None` if the encoding failed (the
+    /// caller then lets the session encode for itself).
+    fn get(&mut self, encoding: &Encoding) -> Option<&Bytes> {
+        match encoding {
+            Encoding::Plain => {
+                let (opcode, payload) = (self.opcode, &self.payload);
+                Some(
+                    self.plain
+                        .get_or_insert_with(|| encode_frame(opcode, Rsv::NONE, payload)),
+                )
+            }
+            Encoding::Shared(shared) => {
+                let index = match self
+                    .shared
+                    .iter()
+                    .position(|(key, _)| &**key == shared.key())
+                {
+                    Some(index) => index,
+                    None => {
+                        let frame = shared
+                            .encode(self.opcode, &self.payload)
+                            .ok()
+                            .map(|(rsv, payload)| encode_frame(self.opcode, rsv, &payload));
+                        self.shared.push((shared.key().into(), frame));
+                        self.shared.len() - 1
+                    }
+                };
+                self.shared[index].1.as_ref()
+            }
+            Encoding::Unique => None,
+        }
+    }
+}
+
+/// A session's place in a [`Hub`]: join and leave topics through it.
+/// Dropping it leaves every topic and unregisters the session.
+pub struct Membership {
+    hub: Hub,
+    id: SessionId,
+}
+
+impl Membership {
+    /// The session's id.
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// The hub.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Joins a topic (again: nothing happens).
+    pub fn join(&self, topic: &str) {
+        let mut registry = self.hub.inner.write();
+        let registry = &mut *registry;
+        let Some(member) = registry.sessions.get_mut(&self.id) else {
+            return;
+        };
+        let topic: Arc<str> = registry
+            .topics
+            .get_key_value(topic)
+            .map_or_else(|| Arc::from(topic), |(key, _)| Arc::clone(key));
+        member.topics.insert(Arc::clone(&topic));
+        registry.topics.entry(topic).or_default().insert(self.id);
+        metrics::gauge!("duplex_hub_topics").set(registry.topics.len() as f64);
+    }
+
+    /// Leaves a topic; a topic with no members left is removed.
+    pub fn leave(&self, topic: &str) {
+        let mut registry = self.hub.inner.write();
+        if let Some(member) = registry.sessions.get_mut(&self.id) {
+            member.topics.remove(topic);
+        }
+        remove_from_topic(&mut registry, topic, self.id);
+        metrics::gauge!("duplex_hub_topics").set(registry.topics.len() as f64);
+    }
+
+    /// The topics this session is in.
+    pub fn topics(&self) -> Vec<String> {
+        let registry = self.hub.inner.read();
+        let mut topics: Vec<String> = registry
+            .sessions
+            .get(&self.id)
+            .map(|m| m.topics.iter().map(|t| t.to_string()).collect())
+            .unwrap_or_default();
+        topics.sort();
+        topics
+    }
+}
+
+fn remove_from_topic(registry: &mut Registry, topic: &str, id: SessionId) {
+    if let Some(members) = registry.topics.get_mut(topic) {
+        members.remove(&id);
+        if members.is_empty() {
+            registry.topics.remove(topic);
+        }
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        let mut registry = self.hub.inner.write();
+        if let Some(member) = registry.sessions.remove(&self.id) {
+            for topic in &member.topics {
+                remove_from_topic(&mut registry, topic, self.id);
+            }
+        }
+        metrics::gauge!("duplex_hub_sessions").set(registry.sessions.len() as f64);
+        metrics::gauge!("duplex_hub_topics").set(registry.topics.len() as f64);
+    }
+}
+
+impl fmt::Debug for Membership {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Membership").field("id", &self.id).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::Sender;
+
+    fn texts(sender: &Sender) -> Vec<String> {
+        sender
+            .take_written()
+            .into_iter()
+            .filter(|f| f.opcode == OpCode::Text)
+            .map(|f| String::from_utf8(f.payload.to_vec()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn fan_out_to_1000_sessions_delivers_every_message_in_order_per_publisher() {
+        let hub = Hub::new();
+        let senders: Vec<Sender> = (0..1000).map(|_| Sender::detached(1 << 20)).collect();
+        let memberships: Vec<Membership> = senders.iter().map(|s| hub.register(s)).collect();
+        for m in &memberships {
+            m.join("room");
+        }
+        let publishers = 4;
+        let per_publisher = 50;
+        std::thread::scope(|scope| {
+            for p in 0..publishers {
+                let hub = hub.clone();
+                scope.spawn(move || {
+                    for i in 0..per_publisher {
+                        hub.publish("room", format!("{p}:{i}"));
+                    }
+                });
+            }
+        });
+        for sender in &senders {
+            let got = texts(sender);
+            assert_eq!(got.len(), publishers * per_publisher);
+            for p in 0..publishers {
+                let mine: Vec<usize> = got
+                    .iter()
+                    .filter_map(|t| t.strip_prefix(&format!("{p}:")))
+                    .map(|i| i.parse().unwrap())
+                    .collect();
+                assert_eq!(
+                    mine,
+                    (0..per_publisher).collect::<Vec<_>>(),
+                    "publisher {p}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn topics_are_separate_and_direct_messages_go_to_one() {
+        let hub = Hub::new();
+        let (a, b, c) = (
+            Sender::detached(1 << 20),
+            Sender::detached(1 << 20),
+            Sender::detached(1 << 20),
+        );
+        let (ma, mb, mc) = (hub.register(&a), hub.register(&b), hub.register(&c));
+        ma.join("red");
+        mb.join("red");
+        mc.join("blue");
+        hub.publish("red", "to red");
+        hub.publish("blue", "to blue");
+        assert!(hub.send_to(mb.id(), "just b"));
+        hub.broadcast("everyone");
+        assert_eq!(texts(&a), ["to red", "everyone"]);
+        assert_eq!(texts(&b), ["to red", "just b", "everyone"]);
+        assert_eq!(texts(&c), ["to blue", "everyone"]);
+        assert_eq!(hub.members("red"), [ma.id(), mb.id()]);
+        assert_eq!(hub.topics(), ["blue", "red"]);
+    }
+
+    #[test]
+    fn a_stalled_subscriber_is_dropped_for_while_others_keep_receiving() {
+        let hub = Hub::new();
+        let stalled = Sender::detached(100);
+        let healthy = Sender::detached(1 << 20);
+        let (ms, mh) = (hub.register(&stalled), hub.register(&healthy));
+        ms.join("t");
+        mh.join("t");
+        for i in 0..50 {
+            hub.publish("t", format!("message number {i:03}"));
+        }
+        assert_eq!(texts(&healthy).len(), 50);
+        // The stalled one took messages until its buffer passed 100 bytes.
+        let got = texts(&stalled);
+        assert!(got.len() < 10, "{} delivered", got.len());
+        assert!(!stalled.is_closed());
+    }
+
+    #[test]
+    fn a_stalled_subscriber_is_closed_under_the_close_policy() {
+        let hub = Hub::builder()
+            .slow_consumer(SlowConsumer::Close(CloseCode::TRY_AGAIN_LATER))
+            .build();
+        let stalled = Sender::detached(100);
+        let healthy = Sender::detached(1 << 20);
+        let (ms, mh) = (hub.register(&stalled), hub.register(&healthy));
+        ms.join("t");
+        mh.join("t");
+        for i in 0..50 {
+            hub.publish("t", format!("message number {i:03}"));
+        }
+        assert_eq!(texts(&healthy).len(), 50);
+        assert!(stalled.is_closed());
+        let frames = stalled.take_written();
+        let close = frames.last().unwrap();
+        assert_eq!(close.opcode, OpCode::Close);
+        assert_eq!(
+            u16::from_be_bytes([close.payload[0], close.payload[1]]),
+            1013
+        );
+    }
+
+    #[test]
+    fn dropping_memberships_leaves_no_entries_behind() {
+        let hub = Hub::new();
+        let senders: Vec<Sender> = (0..100).map(|_| Sender::detached(1 << 20)).collect();
+        let memberships: Vec<Membership> = senders.iter().map(|s| hub.register(s)).collect();
+        for (i, m) in memberships.iter().enumerate() {
+            m.join(&format!("room-{}", i % 7));
+            m.join("all");
+        }
+        assert_eq!(hub.session_count(), 100);
+        assert_eq!(hub.topics().len(), 8);
+        memberships.into_iter().for_each(drop);
+        assert_eq!(hub.session_count(), 0);
+        assert!(hub.topics().is_empty());
+        let registry = hub.inner.read();
+        assert!(registry.sessions.is_empty() && registry.topics.is_empty());
+    }
+
+    #[test]
+    fn leaving_the_last_member_removes_the_topic() {
+        let hub = Hub::new();
+        let s = Sender::detached(1 << 20);
+        let m = hub.register(&s);
+        m.join("x");
+        m.join("x");
+        assert_eq!(m.topics(), ["x"]);
+        m.leave("x");
+        assert!(hub.topics().is_empty());
+        assert!(m.topics().is_empty());
+    }
+
+    #[test]
+    fn a_message_is_framed_once_for_every_plain_subscriber() {
+        let hub = Hub::new();
+        let senders: Vec<Sender> = (0..3).map(|_| Sender::detached(1 << 20)).collect();
+        let memberships: Vec<Membership> = senders.iter().map(|s| hub.register(s)).collect();
+        memberships.iter().for_each(|m| m.join("t"));
+        let message = Message::binary(vec![7u8; 10_000]);
+        let mut frames = EncodedOnce::new(&message);
+        let first = frames.get(&Encoding::Plain).unwrap().clone();
+        let second = frames.get(&Encoding::Plain).unwrap().clone();
+        // The same allocation: encoded once, shared by reference.
+        assert_eq!(first.as_ptr(), second.as_ptr());
+        hub.publish("t", message);
+        for s in &senders {
+            assert_eq!(s.take_written()[0].payload.len(), 10_000);
+        }
+    }
+
+    #[test]
+    fn shared_deflate_encoding_compresses_once_per_key() {
+        let negotiated = duplex_proto::ExtensionFactory::negotiate(
+            &duplex_proto::Deflate::default().server_no_context_takeover(true),
+            &[&duplex_proto::ExtensionOffer::new("permessage-deflate")],
+        )
+        .unwrap();
+        let shared = negotiated
+            .extension
+            .shared_encoding()
+            .expect("stateless deflate is shareable");
+        let message = Message::text("compress me once, send me to many ".repeat(20));
+        let mut frames = EncodedOnce::new(&message);
+        let encoding = Encoding::Shared(shared);
+        let a = frames.get(&encoding).unwrap().clone();
+        let b = frames.get(&encoding).unwrap().clone();
+        assert_eq!(a.as_ptr(), b.as_ptr());
+        assert_eq!(a[0], 0x80 | 0x40 | 0x1, "FIN, RSV1, text");
+        assert!(a.len() < message.len());
+    }
+}
