@@ -197,8 +197,13 @@ where
                     progress = true;
                     break;
                 }
-                Poll::Ready(Ok(_)) => {
+                Poll::Ready(Ok(n)) => {
+                    let queued = inner.conn.pending_events().0;
                     inner.conn.handle_input(now, &mut self.read_buf);
+                    // Counted per read, not per message: the hot path stays lean.
+                    let messages = inner.conn.pending_events().0.saturating_sub(queued);
+                    metrics::counter!("duplex_bytes_received_total").increment(n as u64);
+                    metrics::counter!("duplex_messages_received_total").increment(messages as u64);
                     progress = true;
                 }
                 Poll::Ready(Err(err)) => {
@@ -223,6 +228,7 @@ where
             _ => return false,
         };
         let mut wrote = false;
+        let written_before = inner.written;
         loop {
             let queue = inner.conn.write_queue();
             if queue.is_empty() {
@@ -251,6 +257,7 @@ where
             }
         }
         if wrote {
+            metrics::counter!("duplex_bytes_sent_total").increment(inner.written - written_before);
             if let Transport::Open(io) | Transport::ShuttingDown(io) = &mut self.transport {
                 // A no-op on TCP; TLS streams need it to push their records.
                 let _ = Pin::new(io).poll_flush(cx);

@@ -192,6 +192,7 @@ where
         let session = make_session(sender, request, protocol, extension_names);
         let handler_future = handler.call(session);
         let shutdown = config.lifecycle.token().cancelled_owned();
+        metrics::gauge!("duplex_sessions").increment(1);
         Driver::new(
             TokioIo::new(upgraded),
             shared,
@@ -200,6 +201,7 @@ where
             peer,
         )
         .await;
+        metrics::gauge!("duplex_sessions").decrement(1);
     });
     response
 }
