@@ -617,6 +617,84 @@ mod rfc7692 {
             }
         }
 
+        /// Every combination of the four parameters (§7.1.1.1, §7.1.1.2,
+        /// §7.1.2.1, §7.1.2.2), against the default configuration.
+        #[test]
+        fn every_parameter_combination() {
+            let windows = || std::iter::once(None).chain((8..=15).map(Some));
+            for snct in [false, true] {
+                for cnct in [false, true] {
+                    for smwb in windows() {
+                        // None: absent; Some(None): bare; Some(Some(b)): with a value.
+                        for cmwb in std::iter::once(None)
+                            .chain(std::iter::once(Some(None)))
+                            .chain((8..=15).map(|b| Some(Some(b))))
+                        {
+                            let mut offer = String::from("permessage-deflate");
+                            if snct {
+                                offer.push_str("; server_no_context_takeover");
+                            }
+                            if cnct {
+                                offer.push_str("; client_no_context_takeover");
+                            }
+                            if let Some(b) = smwb {
+                                offer.push_str(&format!("; server_max_window_bits={b}"));
+                            }
+                            match cmwb {
+                                Some(None) => offer.push_str("; client_max_window_bits"),
+                                Some(Some(b)) => {
+                                    offer.push_str(&format!("; client_max_window_bits={b}"))
+                                }
+                                None => {}
+                            }
+                            let response = negotiate(&Deflate::default(), &offer)
+                                .unwrap_or_else(|| panic!("declined {offer}"));
+                            let answer = parse_extensions(&response).unwrap().remove(0);
+                            let get = |name: &str| {
+                                answer
+                                    .params
+                                    .iter()
+                                    .find(|(k, _)| k == name)
+                                    .map(|(_, v)| v.clone())
+                            };
+                            // Flags are echoed exactly when offered.
+                            assert_eq!(
+                                get("server_no_context_takeover").is_some(),
+                                snct,
+                                "{offer}"
+                            );
+                            assert_eq!(
+                                get("client_no_context_takeover").is_some(),
+                                cnct,
+                                "{offer}"
+                            );
+                            // Our window: named with the offered value when offered.
+                            assert_eq!(
+                                get("server_max_window_bits"),
+                                smwb.map(|b| Some(b.to_string())),
+                                "{offer}"
+                            );
+                            // The client's window: never unless offered, always
+                            // with a value in a response (§7.1.2.2).
+                            match cmwb {
+                                None => assert_eq!(get("client_max_window_bits"), None, "{offer}"),
+                                Some(None) => {
+                                    assert_eq!(get("client_max_window_bits"), None, "{offer}")
+                                }
+                                Some(Some(b)) => assert_eq!(
+                                    get("client_max_window_bits"),
+                                    Some(Some(b.to_string())),
+                                    "{offer}"
+                                ),
+                            }
+                            // And the answer is itself a valid offer we would accept.
+                            assert!(Deflate::default().accept(&answer).is_some(), "{response}");
+                        }
+                    }
+                }
+            }
+        }
+
         #[test]
         fn first_acceptable_offer_wins() {
             assert_eq!(

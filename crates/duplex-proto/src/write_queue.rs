@@ -126,8 +126,9 @@ impl WriteQueue {
             }
         }
         if self.len == 0 {
-            // Reuse the whole allocation once nothing refers into it.
-            self.tail.clear();
+            // Nothing waits: give the buffer back, so that an idle
+            // connection holds none (the next write allocates anew).
+            self.tail = BytesMut::new();
         }
     }
 }

@@ -31,20 +31,28 @@ async fn main() -> std::io::Result<()> {
                     all.insert(id, session.sender());
                     all.len()
                 };
-                session
-                    .send(format!("You are connected! There are {count} users here."))
-                    .await?;
-                while let Some(Message::Text(text)) = session.recv().await? {
-                    let line = Message::from(format!("[{name}]: {text}"));
-                    let everyone: Vec<Sender> =
-                        connections.lock().unwrap().values().cloned().collect();
-                    for peer in everyone {
-                        // try_send: a slow peer misses a line instead of stalling the room.
-                        let _ = peer.try_send(line.clone());
+                let result = async {
+                    session
+                        .send(format!("You are connected! There are {count} users here."))
+                        .await?;
+                    while let Some(message) = session.recv().await? {
+                        let Message::Text(text) = message else {
+                            continue;
+                        };
+                        let line = Message::from(format!("[{name}]: {text}"));
+                        let everyone: Vec<Sender> =
+                            connections.lock().unwrap().values().cloned().collect();
+                        for peer in everyone {
+                            // try_send: a slow peer misses a line instead of stalling the room.
+                            let _ = peer.try_send(line.clone());
+                        }
                     }
+                    Ok::<_, duplex::Error>(())
                 }
+                .await;
+                // Whatever ended the session (Ktor's `finally`), it leaves the set.
                 connections.lock().unwrap().remove(&id);
-                Ok::<_, duplex::Error>(())
+                result
             }
         })
         .serve(tokio::net::TcpListener::bind("127.0.0.1:8080").await?)

@@ -22,6 +22,8 @@ use std::{
 use bytes::BytesMut;
 use duplex_proto::{CloseCode, CloseReason, Termination};
 use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::socket::Socket;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::{
@@ -65,10 +67,12 @@ enum Transport<T> {
 /// The future of one connection. Spawn it; it ends when both the transport
 /// and the handler are done.
 #[must_use = "a connection does nothing unless spawned"]
-pub(crate) struct Driver<T> {
+pub(crate) struct Driver {
     shared: Arc<Shared>,
-    transport: Transport<T>,
+    transport: Transport<Socket>,
     read_buf: BytesMut,
+    /// Bytes that arrived with the upgrade request, not yet fed.
+    pending_input: bool,
     handler: Option<HandlerFuture>,
     shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     sleep: Pin<Box<tokio::time::Sleep>>,
@@ -83,12 +87,10 @@ pub(crate) struct Driver<T> {
     peer: String,
 }
 
-impl<T> Driver<T>
-where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
+impl Driver {
     pub(crate) fn new(
-        io: T,
+        io: Socket,
+        leftover: bytes::Bytes,
         shared: Arc<Shared>,
         handler: HandlerFuture,
         shutdown: WaitForCancellationFutureOwned,
@@ -97,7 +99,8 @@ where
         Driver {
             shared,
             transport: Transport::Open(io),
-            read_buf: BytesMut::new(),
+            pending_input: !leftover.is_empty(),
+            read_buf: BytesMut::from(&leftover[..]),
             handler: Some(handler),
             shutdown: Some(Box::pin(shutdown)),
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
@@ -180,6 +183,10 @@ where
             return false;
         };
         let mut progress = false;
+        if std::mem::take(&mut self.pending_input) {
+            inner.conn.handle_input(now, &mut self.read_buf);
+            progress = true;
+        }
         for _ in 0..MAX_READS_PER_ROUND {
             if !inner.conn.wants_input() {
                 break;
@@ -188,10 +195,7 @@ where
                 inner.reading_paused = true;
                 break;
             }
-            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
-                self.read_buf.reserve(READ_CHUNK);
-            }
-            match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut self.read_buf) {
+            match io.poll_read_buf(cx, &mut self.read_buf, READ_CHUNK) {
                 Poll::Ready(Ok(0)) => {
                     inner.conn.handle_eof(now);
                     progress = true;
@@ -215,8 +219,8 @@ where
                 Poll::Pending => break,
             }
         }
-        if self.read_buf.is_empty() && self.read_buf.capacity() > 16 * READ_CHUNK {
-            // A large frame has passed; give its memory back.
+        if self.read_buf.is_empty() {
+            // Everything was consumed: an idle connection keeps no buffer.
             self.read_buf = BytesMut::new();
         }
         progress
@@ -368,10 +372,7 @@ fn drain<T: AsyncRead + Unpin>(io: &mut T, cx: &mut Context<'_>, buf: &mut Bytes
     }
 }
 
-impl<T> Future for Driver<T>
-where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
+impl Future for Driver {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {

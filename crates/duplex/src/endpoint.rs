@@ -31,7 +31,6 @@ use axum::{
     routing::{MethodRouter, any},
 };
 use duplex_proto::{Connection, ExtensionOffer, Mode};
-use hyper_util::rt::TokioIo;
 
 use crate::{
     config::WebSockets,
@@ -41,6 +40,7 @@ use crate::{
     request::Request,
     session::{RawSession, Sender, Session},
     shared::{Inner, Shared},
+    socket::Socket,
 };
 
 /// A `web_socket` route for an axum `Router`: a default [`Session`] per
@@ -162,9 +162,9 @@ where
         .map(|info| info.0);
     let request = Arc::new(Request {
         method: parts.method,
-        uri: parts.uri,
+        uri: detach_uri(&parts.uri),
         version: parts.version,
-        headers: parts.headers,
+        headers: detach_headers(&parts.headers),
         remote_addr,
         path_params,
     });
@@ -193,15 +193,32 @@ where
         let handler_future = handler.call(session);
         let shutdown = config.lifecycle.token().cancelled_owned();
         metrics::gauge!("duplex_sessions").increment(1);
-        Driver::new(
-            TokioIo::new(upgraded),
-            shared,
-            handler_future,
-            shutdown,
-            peer,
-        )
-        .await;
+        let (socket, leftover) = Socket::from_upgraded(upgraded);
+        Driver::new(socket, leftover, shared, handler_future, shutdown, peer).await;
         metrics::gauge!("duplex_sessions").decrement(1);
     });
     response
+}
+
+/// A copy of `headers` in allocations of its own. hyper's header values are
+/// slices of its whole read buffer, which would otherwise stay alive (8 KiB
+/// or more) for the session's life through the [`Request`].
+fn detach_headers(headers: &http::HeaderMap) -> http::HeaderMap {
+    let mut copy = http::HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let Ok(value) = http::HeaderValue::from_bytes(value.as_bytes()) else {
+            continue;
+        };
+        // Standard names are static; others are copied like the values.
+        let Ok(name) = http::HeaderName::from_bytes(name.as_str().as_bytes()) else {
+            continue;
+        };
+        copy.append(name, value);
+    }
+    copy
+}
+
+/// A copy of `uri` that does not point into hyper's read buffer.
+fn detach_uri(uri: &http::Uri) -> http::Uri {
+    uri.to_string().parse().unwrap_or_else(|_| uri.clone())
 }

@@ -56,6 +56,7 @@ mod lifecycle;
 mod request;
 mod session;
 mod shared;
+mod socket;
 
 pub use app::App;
 pub use axum;

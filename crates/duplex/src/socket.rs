@@ -1,0 +1,128 @@
+//! The socket under a connection task.
+//!
+//! hyper hands over an upgraded connection as a boxed `Upgraded`. When it is
+//! a plain TCP stream (the usual case) we take the stream back: reads then
+//! wait for readiness before any buffer exists, so an idle connection holds
+//! no read buffer at all, and every read and write skips a dynamic dispatch.
+
+use std::{
+    io::{self, IoSlice},
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::{Bytes, BytesMut};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+
+/// A connection's transport.
+pub(crate) enum Socket {
+    /// A TCP stream taken back from hyper.
+    Tcp(TcpStream),
+    /// Whatever else hyper upgraded (TLS, a custom transport).
+    Upgraded(TokioIo<Upgraded>),
+}
+
+impl Socket {
+    /// The transport of an upgraded connection, and the bytes hyper read
+    /// past the request (the first frames, if the client did not wait).
+    pub(crate) fn from_upgraded(upgraded: Upgraded) -> (Socket, Bytes) {
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => (Socket::Tcp(parts.io.into_inner()), parts.read_buf),
+            Err(upgraded) => (Socket::Upgraded(TokioIo::new(upgraded)), Bytes::new()),
+        }
+    }
+
+    /// Reads into `buf`, reserving `chunk` bytes only once data is there
+    /// (for TCP; other transports need the room before they are polled).
+    pub(crate) fn poll_read_buf(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        chunk: usize,
+    ) -> Poll<io::Result<usize>> {
+        let reserve = |buf: &mut BytesMut| {
+            if buf.capacity() - buf.len() < chunk / 4 {
+                buf.reserve(chunk);
+            }
+        };
+        match self {
+            Socket::Tcp(tcp) => loop {
+                ready!(tcp.poll_read_ready(cx))?;
+                reserve(buf);
+                match tcp.try_read_buf(buf) {
+                    // Readiness was stale; `try_read_buf` cleared it, so the
+                    // next poll registers for the next edge.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    result => return Poll::Ready(result),
+                }
+            },
+            Socket::Upgraded(io) => {
+                reserve(buf);
+                tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+            }
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Socket::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Socket::Tcp(tcp) => Pin::new(tcp).poll_write(cx, data),
+            Socket::Upgraded(io) => Pin::new(io).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        slices: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Socket::Tcp(tcp) => Pin::new(tcp).poll_write_vectored(cx, slices),
+            Socket::Upgraded(io) => Pin::new(io).poll_write_vectored(cx, slices),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Socket::Tcp(tcp) => tcp.is_write_vectored(),
+            Socket::Upgraded(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
+            Socket::Upgraded(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Socket::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
