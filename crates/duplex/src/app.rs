@@ -1,9 +1,13 @@
 //! The `App` builder: install the configuration, route WebSocket endpoints
 //! next to plain HTTP routes, serve, shut down gracefully.
 
-use std::{future::Future, io, net::SocketAddr, time::Duration};
+use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{Router, routing::MethodRouter, serve::ListenerExt};
+use axum::{
+    Router,
+    routing::MethodRouter,
+    serve::{Listener, ListenerExt, TapIo},
+};
 use tokio::net::TcpListener;
 
 use crate::{
@@ -11,6 +15,7 @@ use crate::{
     endpoint,
     handler::Handler,
     session::{RawSession, Session},
+    tls::{TlsListener, rustls},
 };
 
 type Mount = Box<dyn FnOnce(Router, &WebSockets) -> Router + Send>;
@@ -165,13 +170,69 @@ impl App {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let websockets = self.websockets.clone();
-        let grace = self.shutdown_grace;
-        let router = self.into_router();
         let listener = listener.tap_io(|tcp| {
             // Frames are whole when written; Nagle would only delay them.
             let _ = tcp.set_nodelay(true);
         });
+        self.serve_listener(listener, signal).await
+    }
+
+    /// Serves `wss://` and `https://` over TLS until Ctrl-C or SIGTERM, then
+    /// shuts down gracefully.
+    ///
+    /// ```no_run
+    /// # async fn run(cert: Vec<duplex::tls::rustls::pki_types::CertificateDer<'static>>,
+    /// #              key: duplex::tls::rustls::pki_types::PrivateKeyDer<'static>) -> std::io::Result<()> {
+    /// use duplex::tls::rustls;
+    /// let config = rustls::ServerConfig::builder()
+    ///     .with_no_client_auth()
+    ///     .with_single_cert(cert, key)
+    ///     .map_err(std::io::Error::other)?;
+    /// duplex::App::new()
+    ///     .serve_tls(tokio::net::TcpListener::bind("127.0.0.1:8443").await?, config.into())
+    ///     .await
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// An I/O error of the listener.
+    pub async fn serve_tls(
+        self,
+        listener: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+    ) -> io::Result<()> {
+        self.serve_tls_with_shutdown(listener, config, shutdown_signal())
+            .await
+    }
+
+    /// [`serve_tls`](Self::serve_tls) until `signal` completes.
+    ///
+    /// # Errors
+    /// An I/O error of the listener.
+    pub async fn serve_tls_with_shutdown<F>(
+        self,
+        listener: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        signal: F,
+    ) -> io::Result<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        // TLS sets no-delay itself; the tap gives axum the listener shape
+        // it knows how to report peer addresses for.
+        let listener = TlsListener::new(listener, config)?.tap_io(|_| {});
+        self.serve_listener(listener, signal).await
+    }
+
+    async fn serve_listener<L, T, F>(self, listener: TapIo<L, T>, signal: F) -> io::Result<()>
+    where
+        L: Listener<Addr = SocketAddr>,
+        T: FnMut(&mut L::Io) + Send + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let websockets = self.websockets.clone();
+        let grace = self.shutdown_grace;
+        let router = self.into_router();
         let ws = websockets.clone();
         let stop = async move {
             signal.await;

@@ -44,6 +44,7 @@
 #![deny(unsafe_code)]
 
 mod app;
+mod client;
 mod config;
 mod convert;
 mod driver;
@@ -57,9 +58,11 @@ mod request;
 mod session;
 mod shared;
 mod socket;
+pub mod tls;
 
 pub use app::App;
 pub use axum;
+pub use client::{Client, ClientError, connect};
 pub use config::{ExtensionConflict, WebSockets};
 pub use convert::{ContentConverter, ConvertError, ErasedDeserializer, JsonConverter};
 pub use duplex_proto as proto;

@@ -23,9 +23,15 @@ use tokio::{
 pub(crate) enum Socket {
     /// A TCP stream taken back from hyper.
     Tcp(TcpStream),
-    /// Whatever else hyper upgraded (TLS, a custom transport).
-    Upgraded(TokioIo<Upgraded>),
+    /// Anything else: TLS, a connection hyper upgraded over another
+    /// transport.
+    Other(Pin<Box<dyn Io>>),
 }
+
+/// A byte stream a connection can run over.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Send> Io for T {}
 
 impl Socket {
     /// The transport of an upgraded connection, and the bytes hyper read
@@ -33,7 +39,10 @@ impl Socket {
     pub(crate) fn from_upgraded(upgraded: Upgraded) -> (Socket, Bytes) {
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => (Socket::Tcp(parts.io.into_inner()), parts.read_buf),
-            Err(upgraded) => (Socket::Upgraded(TokioIo::new(upgraded)), Bytes::new()),
+            Err(upgraded) => (
+                Socket::Other(Box::pin(TokioIo::new(upgraded))),
+                Bytes::new(),
+            ),
         }
     }
 
@@ -61,9 +70,9 @@ impl Socket {
                     result => return Poll::Ready(result),
                 }
             },
-            Socket::Upgraded(io) => {
+            Socket::Other(io) => {
                 reserve(buf);
-                tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+                tokio_util::io::poll_read_buf(io.as_mut(), cx, buf)
             }
         }
     }
@@ -77,7 +86,7 @@ impl AsyncRead for Socket {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Socket::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            Socket::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
+            Socket::Other(io) => io.as_mut().poll_read(cx, buf),
         }
     }
 }
@@ -90,7 +99,7 @@ impl AsyncWrite for Socket {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Socket::Tcp(tcp) => Pin::new(tcp).poll_write(cx, data),
-            Socket::Upgraded(io) => Pin::new(io).poll_write(cx, data),
+            Socket::Other(io) => io.as_mut().poll_write(cx, data),
         }
     }
 
@@ -101,28 +110,28 @@ impl AsyncWrite for Socket {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Socket::Tcp(tcp) => Pin::new(tcp).poll_write_vectored(cx, slices),
-            Socket::Upgraded(io) => Pin::new(io).poll_write_vectored(cx, slices),
+            Socket::Other(io) => io.as_mut().poll_write_vectored(cx, slices),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             Socket::Tcp(tcp) => tcp.is_write_vectored(),
-            Socket::Upgraded(io) => io.is_write_vectored(),
+            Socket::Other(io) => io.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Socket::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
-            Socket::Upgraded(io) => Pin::new(io).poll_flush(cx),
+            Socket::Other(io) => io.as_mut().poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Socket::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            Socket::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
+            Socket::Other(io) => io.as_mut().poll_shutdown(cx),
         }
     }
 }

@@ -1,0 +1,391 @@
+//! Connecting as a client, to `ws://` and `wss://` (Ktor's
+//! `client.webSocket(url) { … }`): the same sessions as on the server,
+//! driven by the same connection task, in the client role (frames masked,
+//! §5.1).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), duplex::BoxError> {
+//! let reply = duplex::Client::new()
+//!     .connect("ws://127.0.0.1:8080/mirror", |mut session| async move {
+//!         session.send("hello").await?;
+//!         session.recv().await
+//!     })
+//!     .await??;
+//! println!("{reply:?}");
+//! # Ok(())
+//! # }
+//! ```
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::{Bytes, BytesMut};
+use duplex_proto::{Connection, Mode, Role, accept_key, generate_key, header_has_token};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::oneshot,
+};
+use tokio_rustls::{
+    TlsConnector,
+    rustls::{self, pki_types::ServerName},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::WebSockets,
+    driver::Driver,
+    request::Request,
+    session::{Sender, Session},
+    shared::{Inner, Shared},
+    socket::Socket,
+};
+
+/// The largest response head accepted.
+const MAX_HEAD: usize = 16 << 10;
+
+/// Why a client could not connect.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The URL is not `ws://` or `wss://` with a host.
+    #[error("invalid WebSocket URL: {0}")]
+    InvalidUrl(String),
+    /// Connecting, TLS or the handshake's I/O failed.
+    #[error("connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The server did not accept the upgrade as RFC 6455 §4.1 requires.
+    #[error("handshake refused: {0}")]
+    Handshake(String),
+    /// The session's handler did not finish (it panicked).
+    #[error("the session handler did not finish")]
+    HandlerFailed,
+}
+
+/// Connects to WebSocket servers.
+#[derive(Clone)]
+pub struct Client {
+    websockets: WebSockets,
+    protocols: Vec<String>,
+    headers: Vec<(String, String)>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    handshake_timeout: Duration,
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Client {
+            websockets: WebSockets::default(),
+            protocols: Vec::new(),
+            headers: Vec::new(),
+            tls: None,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Client {
+    /// A client with default options: the options of
+    /// [`WebSockets::default`] (pings, limits), the Mozilla root
+    /// certificates for `wss://`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The session options: ping period, timeout, frame and message limits,
+    /// buffers, content converter. Extensions are not offered by the client.
+    #[must_use]
+    pub fn websockets(mut self, websockets: WebSockets) -> Self {
+        self.websockets = websockets;
+        self
+    }
+
+    /// Offers these subprotocols, in order of preference.
+    #[must_use]
+    pub fn protocols<I, P>(mut self, protocols: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<String>,
+    {
+        self.protocols = protocols.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Adds a header to the upgrade request (authorization, origin, …).
+    #[must_use]
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// The rustls configuration for `wss://` (to trust a private CA, for
+    /// instance). Default: the Mozilla root certificates.
+    #[must_use]
+    pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    /// Connects to `url`, runs `handler` with the session, and returns what
+    /// it returned once the session has ended (the closing handshake
+    /// completes after the handler returns, as on the server).
+    ///
+    /// # Errors
+    /// [`ClientError`] when the connection or the opening handshake fails.
+    pub async fn connect<F, Fut, T>(&self, url: &str, handler: F) -> Result<T, ClientError>
+    where
+        F: FnOnce(Session) -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let target = Target::parse(url)?;
+        let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
+        tcp.set_nodelay(true)?;
+        let remote_addr = tcp.peer_addr().ok();
+        let socket = if target.secure {
+            let config = self.tls.clone().unwrap_or_else(default_tls);
+            let name = ServerName::try_from(target.host.clone())
+                .map_err(|_| ClientError::InvalidUrl(url.to_owned()))?;
+            let tls = TlsConnector::from(config).connect(name, tcp).await?;
+            Socket::Other(Box::pin(tls))
+        } else {
+            Socket::Tcp(tcp)
+        };
+        let (socket, leftover, request, protocol) = tokio::time::timeout(
+            self.handshake_timeout,
+            self.handshake(socket, &target, remote_addr),
+        )
+        .await
+        .map_err(|_| ClientError::Handshake("timed out".into()))??;
+
+        let mut config = self.websockets.proto_config(Mode::Messages);
+        config.role = Role::Client;
+        config.mask_outgoing = true;
+        let conn = Connection::new(config, Inner::now());
+        let shared = Arc::new(Shared::new(
+            conn,
+            self.websockets.incoming_buffer,
+            self.websockets.outgoing_buffer,
+        ));
+        let sender = Sender::new(Arc::clone(&shared), Arc::clone(&self.websockets.converter));
+        let session = Session::new(sender, Arc::new(request), protocol, Vec::new());
+        let (done, result) = oneshot::channel();
+        let user = handler(session);
+        let handler_future = Box::pin(async move {
+            let _ = done.send(user.await);
+            Ok(())
+        });
+        let never = CancellationToken::new().cancelled_owned();
+        Driver::new(
+            socket,
+            leftover,
+            shared,
+            handler_future,
+            never,
+            target.authority.clone(),
+        )
+        .await;
+        result.await.map_err(|_| ClientError::HandlerFailed)
+    }
+
+    /// Writes the upgrade request and checks the 101 (§4.1).
+    async fn handshake(
+        &self,
+        mut socket: Socket,
+        target: &Target,
+        remote_addr: Option<SocketAddr>,
+    ) -> Result<(Socket, Bytes, Request, Option<String>), ClientError> {
+        let key = generate_key();
+        let mut head = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n",
+            target.path_and_query, target.authority
+        );
+        if !self.protocols.is_empty() {
+            head.push_str(&format!(
+                "Sec-WebSocket-Protocol: {}\r\n",
+                self.protocols.join(", ")
+            ));
+        }
+        for (name, value) in &self.headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        socket.write_all(head.as_bytes()).await?;
+
+        let mut buf = BytesMut::with_capacity(1024);
+        let head_len = loop {
+            if socket.read_buf(&mut buf).await? == 0 {
+                return Err(ClientError::Handshake(
+                    "connection closed during the handshake".into(),
+                ));
+            }
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            if buf.len() > MAX_HEAD {
+                return Err(ClientError::Handshake("response head too large".into()));
+            }
+        };
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        response
+            .parse(&buf[..head_len])
+            .map_err(|e| ClientError::Handshake(format!("malformed response: {e}")))?;
+        if response.code != Some(101) {
+            return Err(ClientError::Handshake(format!(
+                "expected status 101, got {}",
+                response.code.unwrap_or(0)
+            )));
+        }
+        let headers: &[httparse::Header<'_>] = response.headers;
+        let find = |name: &'static str| {
+            headers
+                .iter()
+                .filter(move |h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| h.value)
+        };
+        if !find("upgrade").any(|v| header_has_token(v, "websocket"))
+            || !find("connection").any(|v| header_has_token(v, "upgrade"))
+        {
+            return Err(ClientError::Handshake(
+                "missing Upgrade or Connection".into(),
+            ));
+        }
+        let expected = accept_key(key.as_bytes());
+        if !find("sec-websocket-accept").any(|v| v == expected.as_bytes()) {
+            return Err(ClientError::Handshake("wrong Sec-WebSocket-Accept".into()));
+        }
+        if find("sec-websocket-extensions").next().is_some() {
+            // §4.1: an extension the client did not offer fails the connection.
+            return Err(ClientError::Handshake(
+                "server answered with an extension we did not offer".into(),
+            ));
+        }
+        let protocol = match find("sec-websocket-protocol").next() {
+            None => None,
+            Some(value) => {
+                let chosen = std::str::from_utf8(value)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned();
+                if !self.protocols.contains(&chosen) {
+                    return Err(ClientError::Handshake(format!(
+                        "unoffered subprotocol {chosen:?}"
+                    )));
+                }
+                Some(chosen)
+            }
+        };
+        let leftover = buf.split_off(head_len).freeze();
+
+        let mut request_headers = HeaderMap::new();
+        for (name, value) in &self.headers {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::try_from(name.as_str()),
+                HeaderValue::try_from(value.as_str()),
+            ) {
+                request_headers.append(name, value);
+            }
+        }
+        let request = Request {
+            method: Method::GET,
+            uri: target.uri.clone(),
+            version: Version::HTTP_11,
+            headers: request_headers,
+            remote_addr,
+            path_params: Vec::new(),
+        };
+        Ok((socket, leftover, request, protocol))
+    }
+}
+
+/// Connects with a default [`Client`]; see [`Client::connect`].
+///
+/// # Errors
+/// As [`Client::connect`].
+pub async fn connect<F, Fut, T>(url: &str, handler: F) -> Result<T, ClientError>
+where
+    F: FnOnce(Session) -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    Client::new().connect(url, handler).await
+}
+
+fn default_tls() -> Arc<rustls::ClientConfig> {
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    // The provider is named rather than taken from the process default,
+    // which is ambiguous when another crate enables a second one.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports TLS 1.2 and 1.3");
+    Arc::new(builder.with_root_certificates(roots).with_no_client_auth())
+}
+
+/// A parsed `ws://` or `wss://` URL.
+struct Target {
+    secure: bool,
+    host: String,
+    port: u16,
+    authority: String,
+    path_and_query: String,
+    uri: Uri,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Target, ClientError> {
+        let invalid = || ClientError::InvalidUrl(url.to_owned());
+        let uri: Uri = url.parse().map_err(|_| invalid())?;
+        let secure = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            _ => return Err(invalid()),
+        };
+        let authority = uri.authority().ok_or_else(invalid)?.clone();
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        if host.is_empty() {
+            return Err(invalid());
+        }
+        let port = authority
+            .port_u16()
+            .unwrap_or(if secure { 443 } else { 80 });
+        let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        Ok(Target {
+            secure,
+            host,
+            port,
+            authority: authority.as_str().to_owned(),
+            path_and_query,
+            uri,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_parsed_with_default_ports() {
+        let t = Target::parse("ws://example.com/chat?room=1").unwrap();
+        assert_eq!(
+            (t.secure, t.host.as_str(), t.port),
+            (false, "example.com", 80)
+        );
+        assert_eq!(t.path_and_query, "/chat?room=1");
+        let t = Target::parse("wss://[::1]:9443").unwrap();
+        assert_eq!((t.secure, t.host.as_str(), t.port), (true, "::1", 9443));
+        assert_eq!(t.path_and_query, "/");
+        for bad in ["http://x/", "ws://", "not a url", "ws:///path"] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

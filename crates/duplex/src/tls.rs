@@ -1,0 +1,95 @@
+//! Serving over TLS (`wss://`) with rustls.
+
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+
+pub use tokio_rustls::rustls;
+
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes that may wait for the server to take them.
+const BACKLOG: usize = 128;
+
+/// A listener that hands over connections once their TLS handshake is done.
+///
+/// Each handshake runs in a task of its own, so a slow or silent client
+/// cannot hold up the others.
+pub struct TlsListener {
+    accepted: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local_addr: SocketAddr,
+}
+
+impl TlsListener {
+    /// Accepts on `listener` with the rustls `config` (certificate chain,
+    /// key, ALPN). ALPN `http/1.1` is set when the config names none.
+    ///
+    /// # Errors
+    /// The listener's local address cannot be read.
+    pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
+        let local_addr = listener.local_addr()?;
+        let config = if config.alpn_protocols.is_empty() {
+            let mut with_alpn = (*config).clone();
+            with_alpn.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(with_alpn)
+        } else {
+            config
+        };
+        let acceptor = TlsAcceptor::from(config);
+        let (tx, accepted) = mpsc::channel(BACKLOG);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, addr) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of file descriptors, mostly: wait rather than spin.
+                        tracing::warn!("accept failed: {err}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let ready = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = ready.send((tls, addr)).await;
+                        }
+                        Ok(Err(err)) => tracing::debug!(%addr, "TLS handshake failed: {err}"),
+                        Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+                    }
+                });
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(TlsListener {
+            accepted,
+            local_addr,
+        })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.accepted.recv().await {
+            Some(accepted) => accepted,
+            // The accept task ends only with the listener; never resolve.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.local_addr)
+    }
+}
