@@ -2,7 +2,7 @@
 """Interop tests: Python `websockets` as an independent client of duplex-chat.
 
 Starts the duplex-chat binary on a free loopback port, runs each test
-against /echo, /chat and /mirror, stops the server, and prints the plain
+against /echo, /chat/plain and /mirror, stops the server, and prints the plain
 closing line "interop: N passed, M failed". Exits non-zero on any failure.
 
 Usage: python_client.py --server PATH/TO/duplex-chat
@@ -60,7 +60,7 @@ async def chat_counts_users_and_broadcasts_to_everyone(base):
     clients = []
     try:
         for n in range(1, 4):
-            ws = await websockets.connect(base + "/chat", compression=None)
+            ws = await websockets.connect(base + "/chat/plain", compression=None)
             clients.append(ws)
             greeting = await asyncio.wait_for(ws.recv(), 5)
             assert greeting == f"You are connected! There are {n} users here.", greeting

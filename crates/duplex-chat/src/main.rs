@@ -1,4 +1,6 @@
-//! The duplex chat server: `/echo`, `/chat` and `/mirror` on 127.0.0.1:8080.
+//! The duplex chat server on 127.0.0.1:8080: the chat page on `/`, its JSON
+//! protocol on `/chat`, the plain-text chat on `/chat/plain`, `/echo`,
+//! `/mirror` and Prometheus metrics on `/metrics`.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -7,11 +9,34 @@ use duplex::{Deflate, WebSockets};
 
 /// The duplex chat server.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(
+    version,
+    about,
+    long_about = "The duplex chat server.\n\n\
+        Open http://ADDR/ in a browser for the chat page. WebSocket endpoints: \
+        /chat (the page's JSON protocol, see PROTOCOL.md), /chat/plain (plain-text \
+        chat), /echo and /mirror. Prometheus metrics on /metrics.",
+    after_help = "Example: duplex-chat --addr 0.0.0.0:8080 --history 100 --rate 2 --burst 5"
+)]
 struct Args {
-    /// Address to listen on.
+    /// Address to listen on (use 0.0.0.0:PORT to accept other machines).
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
+    /// Messages of a room kept in memory and sent to whoever joins it.
+    #[arg(long, default_value_t = 50)]
+    history: usize,
+    /// Longest chat message, in characters.
+    #[arg(long, default_value_t = 2000)]
+    max_text: usize,
+    /// Chat requests a connection may send per second on average; 0: no limit.
+    #[arg(long, default_value_t = 5.0)]
+    rate: f64,
+    /// Chat requests a connection may send in a burst.
+    #[arg(long, default_value_t = 10)]
+    burst: u32,
+    /// Rooms one chat connection may be in at once.
+    #[arg(long, default_value_t = 20)]
+    max_rooms: usize,
     /// Seconds between server pings; 0 turns pings off.
     #[arg(long, default_value_t = 30)]
     ping_period: u64,
@@ -21,7 +46,7 @@ struct Args {
     /// Largest frame accepted, in bytes (larger: close 1009).
     #[arg(long, default_value_t = 16 << 20)]
     max_frame_size: u64,
-    /// Largest message accepted, in bytes (larger: close 1009).
+    /// Largest message accepted, in bytes (larger: close 1009); /chat reads 64 KiB at most.
     #[arg(long, default_value_t = 64 << 20)]
     max_message_size: u64,
     /// Mask server frames (RFC 6455 forbids it; browsers reject it).
@@ -43,6 +68,8 @@ async fn main() -> std::io::Result<()> {
         )
         .init();
     let args = Args::parse();
+    // Before anything records a metric.
+    let _ = duplex_chat::prometheus();
     let websockets = WebSockets::default()
         .ping_period(Some(Duration::from_secs(args.ping_period)))
         .timeout(Duration::from_secs(args.timeout))
@@ -57,8 +84,19 @@ async fn main() -> std::io::Result<()> {
             .map_err(std::io::Error::other)?
     };
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
-    tracing::info!("duplex-chat listening on http://{}", listener.local_addr()?);
-    duplex_chat::app(websockets)
+    tracing::info!(
+        "duplex-chat listening: open http://{} in a browser",
+        listener.local_addr()?
+    );
+    let options = duplex_chat::ChatOptions {
+        history: args.history,
+        max_text_chars: args.max_text.max(1),
+        rate: args.rate.max(0.0),
+        burst: args.burst.max(1),
+        max_rooms_per_user: args.max_rooms.max(1),
+        ..duplex_chat::ChatOptions::default()
+    };
+    duplex_chat::app_with(websockets, options)
         .shutdown_grace(Duration::from_secs(args.shutdown_grace))
         .serve(listener)
         .await

@@ -1,5 +1,6 @@
-//! The duplex-chat endpoints (`/mirror`, `/chat`, `/echo`) over real
-//! loopback sockets, with tokio-tungstenite as the independent client.
+//! The duplex-chat endpoints (`/mirror`, `/chat/plain`, `/echo`, the page
+//! and `/metrics`) over real loopback sockets, with tokio-tungstenite as the
+//! independent client. The JSON chat of `/chat` is in `chat_protocol.rs`.
 //!
 //! Every wait is bounded by [`WAIT`] (the 16 MiB round trips by [`BIG_WAIT`]);
 //! all traffic goes to 127.0.0.1.
@@ -230,7 +231,7 @@ mod chat_broadcast {
         let (addr, _stop, _serve) = start(WebSockets::default()).await;
         let mut clients = Vec::new();
         for n in 1..=3 {
-            let mut ws = connect(addr, "/chat").await;
+            let mut ws = connect(addr, "/chat/plain").await;
             assert_eq!(
                 next(&mut ws).await,
                 Message::text(format!("You are connected! There are {n} users here."))
@@ -276,26 +277,80 @@ mod http_routes {
 
     use super::*;
 
-    #[tokio::test]
-    async fn plain_http_route_is_served_next_to_the_websocket_routes() {
-        let (addr, _stop, _serve) = start(WebSockets::default()).await;
+    /// One plain HTTP/1.1 GET; the whole response as text.
+    async fn get(addr: SocketAddr, path: &str) -> String {
         let mut tcp = within("TCP connect", TcpStream::connect(addr))
             .await
             .expect("connect");
-        within(
-            "a write",
-            tcp.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
-        )
-        .await
-        .expect("write");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        within("a write", tcp.write_all(request.as_bytes()))
+            .await
+            .expect("write");
         let mut response = String::new();
         within("the response", tcp.read_to_string(&mut response))
             .await
             .expect("read");
+        response
+    }
+
+    fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+        let head = response.split("\r\n\r\n").next()?;
+        head.lines().find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    #[tokio::test]
+    async fn the_chat_page_and_its_assets_are_served_next_to_the_websocket_routes() {
+        let (addr, _stop, _serve) = start(WebSockets::default()).await;
+        let page = get(addr, "/").await;
+        assert!(page.starts_with("HTTP/1.1 200 "), "{page}");
+        assert_eq!(
+            header(&page, "content-type"),
+            Some("text/html; charset=utf-8")
+        );
+        assert!(page.contains("<title>duplex chat</title>"), "{page}");
+        assert!(page.contains(r#"<script src="/app.js" defer></script>"#));
+        assert!(
+            header(&page, "content-security-policy")
+                .is_some_and(|p| p.contains("connect-src 'self'"))
+        );
+        for (path, kind, needle) in [
+            (
+                "/app.js",
+                "text/javascript; charset=utf-8",
+                "new WebSocket(",
+            ),
+            ("/app.css", "text/css; charset=utf-8", ".composer"),
+            ("/favicon.svg", "image/svg+xml", "<svg"),
+        ] {
+            let response = get(addr, path).await;
+            assert!(response.starts_with("HTTP/1.1 200 "), "{path}: {response}");
+            assert_eq!(header(&response, "content-type"), Some(kind), "{path}");
+            assert!(response.contains(needle), "{path}");
+        }
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404 "));
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_in_the_prometheus_text_format() {
+        let (addr, _stop, _serve) = start(WebSockets::default()).await;
+        // Some traffic, so that counters exist.
+        let mut ws = connect(addr, "/mirror").await;
+        send(&mut ws, Message::text("count me")).await;
+        assert_eq!(next(&mut ws).await, Message::text("count me"));
+        let response = get(addr, "/metrics").await;
         assert!(response.starts_with("HTTP/1.1 200 "), "{response}");
         assert!(
-            response.ends_with("duplex-chat: WebSocket endpoints /echo, /chat and /mirror\n"),
+            header(&response, "content-type").is_some_and(|t| t.starts_with("text/plain")),
             "{response}"
+        );
+        assert!(
+            response.contains("duplex_messages_received_total")
+                || response.contains("duplex_sessions"),
+            "no duplex metric in {response}"
         );
     }
 }

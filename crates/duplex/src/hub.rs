@@ -271,7 +271,11 @@ impl Hub {
             return false;
         };
         let mut frames = EncodedOnce::new(&message);
-        self.inner.offer(member, &message, &mut frames)
+        let queued = self.inner.offer(member, &message, &mut frames);
+        if let Some(bytes) = queued {
+            count_deliveries(1, bytes);
+        }
+        queued.is_some()
     }
 
     /// The sessions of this node in `topic`, in id order.
@@ -324,9 +328,11 @@ impl HubInner {
         let mut frames = EncodedOnce::new(message);
         let registry = self.read();
         let mut delivered = 0u64;
+        let mut bytes = 0u64;
         let mut offer = |member: &Member| {
-            if self.offer(member, message, &mut frames) {
+            if let Some(queued) = self.offer(member, message, &mut frames) {
                 delivered += 1;
+                bytes += queued;
             }
         };
         match &envelope.target {
@@ -340,23 +346,34 @@ impl HubInner {
             Target::All => registry.sessions.values().for_each(&mut offer),
         }
         metrics::counter!("duplex_hub_published_total").increment(1);
-        metrics::counter!("duplex_hub_deliveries_total").increment(delivered);
-        metrics::counter!("duplex_hub_bytes_out_total").increment(delivered * message.len() as u64);
+        count_deliveries(delivered, bytes);
     }
 
     /// Hands a message to one member without waiting; applies the
     /// slow-consumer policy when its buffer is full.
-    fn offer(&self, member: &Member, message: &Message, frames: &mut EncodedOnce) -> bool {
+    /// Returns the bytes queued (the frame, or the payload where the session
+    /// encodes for itself), or `None` when it did not take the message.
+    fn offer(&self, member: &Member, message: &Message, frames: &mut EncodedOnce) -> Option<u64> {
         let result = match &member.encoding {
-            Encoding::Unique => member.sender.try_send(message.clone()),
+            Encoding::Unique => member
+                .sender
+                .try_send(message.clone())
+                .map(|()| message.len()),
             encoding => match frames.get(encoding) {
-                Some(bytes) => member.sender.try_send_encoded(bytes),
-                None => member.sender.try_send(message.clone()),
+                Some(bytes) => member.sender.try_send_encoded(bytes).map(|()| bytes.len()),
+                None => member
+                    .sender
+                    .try_send(message.clone())
+                    .map(|()| message.len()),
             },
         };
         match result {
-            Ok(()) => true,
-            Err(TrySendError::Closed) => false,
+            Ok(bytes) => Some(bytes as u64),
+            Err(TrySendError::Closed) => None,
+            Err(TrySendError::Busy) => {
+                metrics::counter!("duplex_hub_dropped_total").increment(1);
+                None
+            }
             Err(TrySendError::Full) => {
                 match self.slow_consumer {
                     SlowConsumer::Drop => {
@@ -369,10 +386,17 @@ impl HubInner {
                             .close_now(CloseReason::new(code, "Too slow to keep up"));
                     }
                 }
-                false
+                None
             }
         }
     }
+}
+
+/// Deliveries and the bytes they queued (frames as written, compressed
+/// where the session compresses).
+fn count_deliveries(deliveries: u64, bytes: u64) {
+    metrics::counter!("duplex_hub_deliveries_total").increment(deliveries);
+    metrics::counter!("duplex_hub_bytes_out_total").increment(bytes);
 }
 
 /// One message framed at most once per encoding.

@@ -49,6 +49,19 @@ pub enum TrySendError {
     /// The session is closing or closed.
     #[error("the session is closed")]
     Closed,
+    /// A fragmented message is being sent with `send_frame`; whole
+    /// messages wait until its last frame.
+    #[error("a fragmented message is being sent")]
+    Busy,
+}
+
+impl From<SendError> for TrySendError {
+    fn from(err: SendError) -> Self {
+        match err {
+            SendError::InvalidFragment => TrySendError::Busy,
+            _ => TrySendError::Closed,
+        }
+    }
 }
 
 impl fmt::Debug for Sender {
@@ -127,7 +140,7 @@ impl Sender {
         inner
             .conn
             .send_message(message.into())
-            .map_err(|_| TrySendError::Closed)?;
+            .map_err(TrySendError::from)?;
         inner.wake_driver(None);
         Ok(())
     }
@@ -145,7 +158,7 @@ impl Sender {
         inner
             .conn
             .send_encoded(encoded.clone())
-            .map_err(|_| TrySendError::Closed)?;
+            .map_err(TrySendError::from)?;
         inner.wake_driver(None);
         Ok(())
     }

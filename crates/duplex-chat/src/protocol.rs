@@ -1,0 +1,590 @@
+//! The JSON protocol of `/chat` (see `PROTOCOL.md`): what a client may send,
+//! what the server sends, and the checks on names, rooms and text.
+
+use std::collections::VecDeque;
+
+use duplex::Message;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Longest user name and room name, in characters.
+pub const MAX_NAME_CHARS: usize = 32;
+
+/// Why a request was refused: the `code` of an `error` message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not JSON, or not a JSON object.
+    BadJson,
+    /// No `type`, or a `type` the server does not know.
+    UnknownType,
+    /// A field is missing or has the wrong JSON type.
+    BadRequest,
+    /// A binary WebSocket message: the protocol is text only.
+    BinaryNotSupported,
+    /// The request is larger than the server reads.
+    TooLarge,
+    /// More requests than the connection's token bucket allows.
+    RateLimited,
+    /// A request other than `hello` before `hello`.
+    NotIdentified,
+    /// A second `hello` on the same connection.
+    AlreadyIdentified,
+    /// A name that breaks the rules (length, characters).
+    InvalidName,
+    /// The name is used by another connection.
+    NameTaken,
+    /// A room name that breaks the rules.
+    InvalidRoom,
+    /// Joining more rooms than a connection may be in.
+    TooManyRooms,
+    /// Sending to, or leaving, a room the connection has not joined.
+    NotInRoom,
+    /// Empty text, or text with control characters.
+    InvalidText,
+    /// Text longer than the limit.
+    TextTooLong,
+    /// A direct message to a name nobody uses.
+    UnknownUser,
+    /// A direct message to oneself.
+    InvalidRecipient,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::BinaryNotSupported => "binary_not_supported",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::NotIdentified => "not_identified",
+            ErrorCode::AlreadyIdentified => "already_identified",
+            ErrorCode::InvalidName => "invalid_name",
+            ErrorCode::NameTaken => "name_taken",
+            ErrorCode::InvalidRoom => "invalid_room",
+            ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::NotInRoom => "not_in_room",
+            ErrorCode::InvalidText => "invalid_text",
+            ErrorCode::TextTooLong => "text_too_long",
+            ErrorCode::UnknownUser => "unknown_user",
+            ErrorCode::InvalidRecipient => "invalid_recipient",
+        }
+    }
+}
+
+/// An `error` message: a stable code, a sentence for people, and what it
+/// answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// The stable code.
+    pub code: ErrorCode,
+    /// A sentence to show to a person.
+    pub message: String,
+    /// The `type` of the request it answers, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// The room the request named, when it named one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+    /// For `rate_limited`: when the next request will be accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+impl Problem {
+    /// A problem with a code and a message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Problem {
+            code,
+            message: message.into(),
+            request: None,
+            room: None,
+            retry_after_ms: None,
+        }
+    }
+
+    /// Names the request it answers.
+    #[must_use]
+    pub fn request(mut self, request: &str) -> Self {
+        self.request = Some(request.to_owned());
+        self
+    }
+
+    /// Names the room of the request.
+    #[must_use]
+    pub fn room(mut self, room: &str) -> Self {
+        self.room = Some(room.to_owned());
+        self
+    }
+}
+
+/// A request from a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Pick a name (first request). `token` reclaims the name from an older
+    /// connection of the same client.
+    Hello {
+        /// The name wanted.
+        name: String,
+        /// The token of an earlier `welcome`.
+        token: Option<String>,
+    },
+    /// Join a room.
+    Join {
+        /// The room.
+        room: String,
+    },
+    /// Leave a room.
+    Leave {
+        /// The room.
+        room: String,
+    },
+    /// Say something in a room.
+    Message {
+        /// The room.
+        room: String,
+        /// The text.
+        text: String,
+    },
+    /// Say something to one person.
+    Dm {
+        /// The recipient's name.
+        to: String,
+        /// The text.
+        text: String,
+    },
+    /// Ask for a `pong`.
+    Ping {
+        /// Returned in the pong.
+        id: Option<u64>,
+    },
+}
+
+impl Request {
+    /// The `type` of the request.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::Join { .. } => "join",
+            Request::Leave { .. } => "leave",
+            Request::Message { .. } => "message",
+            Request::Dm { .. } => "dm",
+            Request::Ping { .. } => "ping",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct HelloFields {
+    name: String,
+    #[serde(default)]
+    token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RoomFields {
+    room: String,
+}
+
+#[derive(Deserialize)]
+struct MessageFields {
+    room: String,
+    text: String,
+}
+
+#[derive(Deserialize)]
+struct DmFields {
+    to: String,
+    text: String,
+}
+
+#[derive(Deserialize)]
+struct PingFields {
+    #[serde(default)]
+    id: Option<u64>,
+}
+
+/// Parses one request.
+///
+/// # Errors
+/// `bad_json`, `unknown_type` or `bad_request`.
+pub fn parse(text: &str) -> Result<Request, Problem> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| Problem::new(ErrorCode::BadJson, format!("Not valid JSON: {e}")))?;
+    let Some(kind) = value.as_object().map(|o| o.get("type")) else {
+        return Err(Problem::new(
+            ErrorCode::BadJson,
+            "A request is a JSON object with a \"type\" field",
+        ));
+    };
+    let Some(kind) = kind.and_then(Value::as_str).map(str::to_owned) else {
+        return Err(Problem::new(
+            ErrorCode::UnknownType,
+            "A request needs a \"type\" string",
+        ));
+    };
+    fn fields<T: serde::de::DeserializeOwned>(value: Value, kind: &str) -> Result<T, Problem> {
+        T::deserialize(value).map_err(|e| {
+            Problem::new(
+                ErrorCode::BadRequest,
+                format!("Bad \"{kind}\" request: {e}"),
+            )
+            .request(kind)
+        })
+    }
+    Ok(match kind.as_str() {
+        "hello" => {
+            let f: HelloFields = fields(value, &kind)?;
+            Request::Hello {
+                name: f.name,
+                token: f.token,
+            }
+        }
+        "join" => Request::Join {
+            room: fields::<RoomFields>(value, &kind)?.room,
+        },
+        "leave" => Request::Leave {
+            room: fields::<RoomFields>(value, &kind)?.room,
+        },
+        "message" => {
+            let f: MessageFields = fields(value, &kind)?;
+            Request::Message {
+                room: f.room,
+                text: f.text,
+            }
+        }
+        "dm" => {
+            let f: DmFields = fields(value, &kind)?;
+            Request::Dm {
+                to: f.to,
+                text: f.text,
+            }
+        }
+        "ping" => Request::Ping {
+            id: fields::<PingFields>(value, &kind)?.id,
+        },
+        _ => {
+            let mut shown: String = kind.chars().take(40).collect();
+            if shown.len() < kind.len() {
+                shown.push('…');
+            }
+            return Err(Problem::new(
+                ErrorCode::UnknownType,
+                format!("Unknown request type \"{shown}\""),
+            ));
+        }
+    })
+}
+
+fn name_char_ok(c: char) -> bool {
+    c.is_alphanumeric() || matches!(c, ' ' | '-' | '_' | '.')
+}
+
+fn check_label(raw: &str, what: &str) -> Result<String, String> {
+    let label = raw.trim();
+    let chars = label.chars().count();
+    if chars == 0 {
+        return Err(format!("A {what} cannot be empty"));
+    }
+    if chars > MAX_NAME_CHARS {
+        return Err(format!(
+            "A {what} has at most {MAX_NAME_CHARS} characters ({chars} given)"
+        ));
+    }
+    if let Some(bad) = label.chars().find(|&c| !name_char_ok(c)) {
+        return Err(format!(
+            "A {what} may hold letters, digits, spaces and - _ . only, not {bad:?}"
+        ));
+    }
+    if label.contains("  ") {
+        return Err(format!("A {what} cannot hold two spaces in a row"));
+    }
+    Ok(label.to_owned())
+}
+
+/// A user name, trimmed: 1-32 letters, digits, single spaces, `-`, `_`, `.`.
+///
+/// # Errors
+/// `invalid_name`.
+pub fn check_name(raw: &str) -> Result<String, Problem> {
+    check_label(raw, "name").map_err(|m| Problem::new(ErrorCode::InvalidName, m))
+}
+
+/// A room name, trimmed and lowercased: the rules of [`check_name`].
+///
+/// # Errors
+/// `invalid_room`.
+pub fn check_room(raw: &str) -> Result<String, Problem> {
+    check_label(raw, "room name")
+        .map(|r| r.to_lowercase())
+        .map_err(|m| Problem::new(ErrorCode::InvalidRoom, m))
+}
+
+/// The text of a message: not blank, at most `max_chars` characters, no
+/// control characters but newline and tab (a carriage return is dropped).
+///
+/// # Errors
+/// `invalid_text` or `text_too_long`.
+pub fn check_text(raw: &str, max_chars: usize) -> Result<String, Problem> {
+    let text: String = raw.chars().filter(|&c| c != '\r').collect();
+    let text = text.trim_end();
+    if text.trim().is_empty() {
+        return Err(Problem::new(
+            ErrorCode::InvalidText,
+            "A message cannot be empty",
+        ));
+    }
+    let chars = text.chars().count();
+    if chars > max_chars {
+        return Err(Problem::new(
+            ErrorCode::TextTooLong,
+            format!("A message has at most {max_chars} characters ({chars} given)"),
+        ));
+    }
+    if text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return Err(Problem::new(
+            ErrorCode::InvalidText,
+            "A message cannot hold control characters",
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// One message of a room, as sent and as kept in its history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChatLine {
+    /// Increases by one for every message of the server.
+    pub id: u64,
+    /// The room.
+    pub room: String,
+    /// The sender's name.
+    pub from: String,
+    /// The text.
+    pub text: String,
+    /// Milliseconds since the Unix epoch, on the server's clock.
+    pub ts: u64,
+}
+
+/// A direct message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DirectLine {
+    /// From the same sequence as [`ChatLine::id`].
+    pub id: u64,
+    /// The sender's name.
+    pub from: String,
+    /// The recipient's name.
+    pub to: String,
+    /// The text.
+    pub text: String,
+    /// Milliseconds since the Unix epoch.
+    pub ts: u64,
+}
+
+/// The limits in force, sent in `welcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Limits {
+    /// Longest name and room name, in characters.
+    pub name_chars: usize,
+    /// Longest message text, in characters.
+    pub text_chars: usize,
+    /// Requests per second, on average (0: no limit).
+    pub rate: f64,
+    /// Requests allowed at once.
+    pub burst: u32,
+    /// Rooms a connection may be in at once.
+    pub rooms: usize,
+    /// Messages of a room sent on joining it.
+    pub history: usize,
+}
+
+/// A room in the `directory`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RoomInfo {
+    /// The room.
+    pub name: String,
+    /// How many are in it.
+    pub members: usize,
+}
+
+/// A message from the server.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event<'a> {
+    /// The answer to `hello`.
+    Welcome {
+        /// The name, as the server keeps it.
+        name: &'a str,
+        /// The connection's id.
+        id: u64,
+        /// Send it in a later `hello` to take the name over from this
+        /// connection.
+        token: &'a str,
+        /// Changes when the server restarts (history is not kept across).
+        instance: &'a str,
+        /// The rooms the connection is in already (taken over from an
+        /// older connection).
+        rooms: Vec<&'a str>,
+        /// The limits in force.
+        limits: Limits,
+    },
+    /// Rooms and people online; sent on connecting and shortly after
+    /// changes.
+    Directory {
+        /// The rooms the server knows (the 500 fullest), by name.
+        rooms: Vec<RoomInfo>,
+        /// The names in use, sorted (the first 500).
+        users: Vec<&'a str>,
+        /// How many names are in use.
+        online: usize,
+    },
+    /// The answer to `join`.
+    Joined {
+        /// The room.
+        room: &'a str,
+        /// Who is in it, sorted.
+        members: Vec<&'a str>,
+        /// Its last messages, oldest first.
+        history: &'a VecDeque<ChatLine>,
+    },
+    /// The answer to `leave`.
+    Left {
+        /// The room.
+        room: &'a str,
+    },
+    /// Someone joined or left a room (sent to its members).
+    Presence {
+        /// The room.
+        room: &'a str,
+        /// `join` or `leave`.
+        event: &'a str,
+        /// Who.
+        name: &'a str,
+        /// How many are in the room now.
+        count: usize,
+    },
+    /// A message in a room.
+    Message(&'a ChatLine),
+    /// A direct message (to its recipient, and back to its sender).
+    Dm(&'a DirectLine),
+    /// The answer to `ping`.
+    Pong {
+        /// The ping's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
+    /// A refused request.
+    Error(&'a Problem),
+}
+
+impl Event<'_> {
+    /// The event as a WebSocket text message.
+    pub fn to_message(&self) -> Message {
+        Message::from(serde_json::to_string(self).expect("events serialize"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_bad_ones_get_codes() {
+        assert_eq!(
+            parse(r#"{"type":"hello","name":"Ada"}"#),
+            Ok(Request::Hello {
+                name: "Ada".into(),
+                token: None
+            })
+        );
+        assert_eq!(
+            parse(r#"{"type":"message","room":"general","text":"hi","extra":1}"#),
+            Ok(Request::Message {
+                room: "general".into(),
+                text: "hi".into()
+            })
+        );
+        assert_eq!(parse(r#"{"type":"ping"}"#), Ok(Request::Ping { id: None }));
+        assert_eq!(parse("nope").unwrap_err().code, ErrorCode::BadJson);
+        assert_eq!(parse("[1]").unwrap_err().code, ErrorCode::BadJson);
+        assert_eq!(parse("{}").unwrap_err().code, ErrorCode::UnknownType);
+        assert_eq!(
+            parse(r#"{"type":"shout"}"#).unwrap_err().code,
+            ErrorCode::UnknownType
+        );
+        let missing = parse(r#"{"type":"join"}"#).unwrap_err();
+        assert_eq!(missing.code, ErrorCode::BadRequest);
+        assert_eq!(missing.request.as_deref(), Some("join"));
+        assert_eq!(
+            parse(r#"{"type":"dm","to":"x","text":5}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::BadRequest
+        );
+    }
+
+    #[test]
+    fn names_and_rooms_follow_the_rules() {
+        assert_eq!(check_name("  Zoë_2.0 "), Ok("Zoë_2.0".into()));
+        assert_eq!(check_name("Ada Lovelace"), Ok("Ada Lovelace".into()));
+        assert_eq!(check_name(&"x".repeat(32)).unwrap().len(), 32);
+        for bad in ["", "   ", "a<b", "x\ny", "a  b", &"x".repeat(33), "💥"] {
+            assert_eq!(
+                check_name(bad).unwrap_err().code,
+                ErrorCode::InvalidName,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(check_room(" Random Stuff "), Ok("random stuff".into()));
+        assert_eq!(check_room("#x").unwrap_err().code, ErrorCode::InvalidRoom);
+    }
+
+    #[test]
+    fn text_is_bounded_and_clean() {
+        assert_eq!(check_text("hi\r\nthere  \n", 10), Ok("hi\nthere".into()));
+        assert_eq!(
+            check_text("  \n", 10).unwrap_err().code,
+            ErrorCode::InvalidText
+        );
+        assert_eq!(
+            check_text(&"é".repeat(11), 10).unwrap_err().code,
+            ErrorCode::TextTooLong
+        );
+        assert_eq!(check_text(&"é".repeat(10), 10).unwrap().chars().count(), 10);
+        assert_eq!(
+            check_text("bell\u{7}", 10).unwrap_err().code,
+            ErrorCode::InvalidText
+        );
+    }
+
+    #[test]
+    fn events_serialize_with_their_type() {
+        let line = ChatLine {
+            id: 1,
+            room: "general".into(),
+            from: "Ada".into(),
+            text: "hi".into(),
+            ts: 5,
+        };
+        let Message::Text(text) = Event::Message(&line).to_message() else {
+            panic!("text expected");
+        };
+        assert_eq!(
+            text.as_str(),
+            r#"{"type":"message","id":1,"room":"general","from":"Ada","text":"hi","ts":5}"#
+        );
+        let problem = Problem::new(ErrorCode::NameTaken, "taken").request("hello");
+        let Message::Text(text) = Event::Error(&problem).to_message() else {
+            panic!("text expected");
+        };
+        assert_eq!(
+            text.as_str(),
+            r#"{"type":"error","code":"name_taken","message":"taken","request":"hello"}"#
+        );
+    }
+}

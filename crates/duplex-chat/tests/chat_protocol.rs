@@ -1,0 +1,574 @@
+//! The JSON chat protocol of `/chat` (PROTOCOL.md) over real loopback
+//! sockets, with tokio-tungstenite as the client: names, rooms, presence,
+//! history, direct messages, and that bad input gets an `error` message on
+//! an open connection.
+//!
+//! Every wait is bounded by [`WAIT`]; all traffic goes to 127.0.0.1.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use duplex::WebSockets;
+use duplex_chat::ChatOptions;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+};
+use tokio_tungstenite::{WebSocketStream, tungstenite::Message};
+
+const WAIT: Duration = Duration::from_secs(3);
+/// How long a client must stay quiet to count as having received nothing.
+const QUIET: Duration = Duration::from_millis(300);
+
+type Ws = WebSocketStream<TcpStream>;
+
+async fn within<F: Future>(what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn start(options: ChatOptions) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local_addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let app = duplex_chat::app_with(WebSockets::default(), options)
+        .shutdown_grace(Duration::from_secs(1));
+    tokio::spawn(app.serve_with_shutdown(listener, async move {
+        let _ = stopped.await;
+    }));
+    Server { addr, _stop: stop }
+}
+
+async fn connect(server: &Server) -> Ws {
+    let tcp = within("TCP connect", TcpStream::connect(server.addr))
+        .await
+        .expect("connect");
+    let url = format!("ws://{}/chat", server.addr);
+    let (mut ws, _) = within("the handshake", tokio_tungstenite::client_async(url, tcp))
+        .await
+        .expect("handshake");
+    // Every connection is greeted with the directory.
+    let first = next_raw(&mut ws).await;
+    assert_eq!(first["type"], "directory", "{first}");
+    ws
+}
+
+/// The next JSON message, directory updates included.
+async fn next_raw(ws: &mut Ws) -> Value {
+    loop {
+        let message = within("a message from the server", ws.next())
+            .await
+            .expect("the connection ended")
+            .expect("a WebSocket error");
+        match message {
+            Message::Text(text) => return serde_json::from_str(text.as_str()).expect("JSON"),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("expected a JSON text message, got {other:?}"),
+        }
+    }
+}
+
+/// The next JSON message that is not a directory update.
+async fn next(ws: &mut Ws) -> Value {
+    loop {
+        let event = next_raw(ws).await;
+        if event["type"] != "directory" {
+            return event;
+        }
+    }
+}
+
+/// The next message of this type, skipping others.
+async fn next_of(ws: &mut Ws, kind: &str) -> Value {
+    loop {
+        let event = next_raw(ws).await;
+        if event["type"] == kind {
+            return event;
+        }
+    }
+}
+
+/// Asserts that nothing but directory updates arrives for a while.
+async fn quiet(ws: &mut Ws, who: &str) {
+    let deadline = tokio::time::Instant::now() + QUIET;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return,
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let event: Value = serde_json::from_str(text.as_str()).expect("JSON");
+                assert_eq!(event["type"], "directory", "{who} got {event}");
+            }
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(other) => panic!("{who}: unexpected {other:?}"),
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, value: Value) {
+    within("a send", ws.send(Message::text(value.to_string())))
+        .await
+        .expect("send");
+}
+
+async fn send_raw(ws: &mut Ws, message: Message) {
+    within("a send", ws.send(message)).await.expect("send");
+}
+
+async fn hello(ws: &mut Ws, name: &str) -> Value {
+    send(ws, json!({"type": "hello", "name": name})).await;
+    let welcome = next(ws).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    welcome
+}
+
+async fn join(ws: &mut Ws, room: &str) -> Value {
+    send(ws, json!({"type": "join", "room": room})).await;
+    let joined = next(ws).await;
+    assert_eq!(joined["type"], "joined", "{joined}");
+    joined
+}
+
+async fn expect_error(ws: &mut Ws, code: &str) -> Value {
+    let event = next(ws).await;
+    assert_eq!(event["type"], "error", "expected error {code}, got {event}");
+    assert_eq!(event["code"], code, "{event}");
+    assert!(event["message"].as_str().is_some_and(|m| !m.is_empty()));
+    event
+}
+
+/// The connection is still usable: a ping gets its pong.
+async fn still_open(ws: &mut Ws) {
+    send(ws, json!({"type": "ping", "id": 7})).await;
+    assert_eq!(next(ws).await, json!({"type": "pong", "id": 7}));
+}
+
+#[tokio::test]
+async fn hello_gets_a_welcome_and_everyone_sees_the_name_in_the_directory() {
+    let server = start(ChatOptions::default()).await;
+    let mut watcher = connect(&server).await;
+    let mut ada = connect(&server).await;
+    let welcome = hello(&mut ada, "  Ada ").await;
+    assert_eq!(welcome["name"], "Ada");
+    assert!(welcome["token"].as_str().is_some_and(|t| t.len() == 32));
+    assert!(welcome["instance"].as_str().is_some_and(|t| !t.is_empty()));
+    assert_eq!(welcome["rooms"], json!([]));
+    assert_eq!(
+        welcome["limits"],
+        json!({"name_chars": 32, "text_chars": 2000, "rate": 5.0, "burst": 10, "rooms": 20, "history": 50})
+    );
+    let directory = next_of(&mut watcher, "directory").await;
+    assert_eq!(directory["users"], json!(["Ada"]));
+    assert_eq!(directory["online"], 1);
+}
+
+#[tokio::test]
+async fn a_room_message_reaches_its_members_and_no_one_else() {
+    let server = start(ChatOptions::default()).await;
+    let (mut ada, mut bob, mut cyd) = (
+        connect(&server).await,
+        connect(&server).await,
+        connect(&server).await,
+    );
+    hello(&mut ada, "Ada").await;
+    hello(&mut bob, "Bob").await;
+    hello(&mut cyd, "Cyd").await;
+
+    let joined = join(&mut ada, "General").await;
+    assert_eq!(joined["room"], "general", "room names are lowercased");
+    assert_eq!(joined["members"], json!(["Ada"]));
+    assert_eq!(joined["history"], json!([]));
+    assert_eq!(
+        next(&mut ada).await,
+        json!({"type": "presence", "room": "general", "event": "join", "name": "Ada", "count": 1})
+    );
+    let joined = join(&mut bob, "general").await;
+    assert_eq!(joined["members"], json!(["Ada", "Bob"]));
+    let presence =
+        json!({"type": "presence", "room": "general", "event": "join", "name": "Bob", "count": 2});
+    assert_eq!(next(&mut ada).await, presence);
+    assert_eq!(next(&mut bob).await, presence);
+    join(&mut cyd, "random").await;
+    next(&mut cyd).await; // her own presence
+
+    send(
+        &mut bob,
+        json!({"type": "message", "room": "general", "text": "hi Ada\r\n"}),
+    )
+    .await;
+    let at_ada = next(&mut ada).await;
+    let at_bob = next(&mut bob).await;
+    assert_eq!(at_ada, at_bob);
+    assert_eq!(at_ada["type"], "message");
+    assert_eq!(at_ada["room"], "general");
+    assert_eq!(at_ada["from"], "Bob");
+    assert_eq!(at_ada["text"], "hi Ada");
+    assert!(at_ada["id"].as_u64().is_some() && at_ada["ts"].as_u64().is_some());
+    quiet(&mut cyd, "Cyd in another room").await;
+
+    // Leaving: the leaver gets `left`, the others a presence update.
+    send(&mut bob, json!({"type": "leave", "room": "general"})).await;
+    assert_eq!(
+        next(&mut bob).await,
+        json!({"type": "left", "room": "general"})
+    );
+    assert_eq!(
+        next(&mut ada).await,
+        json!({"type": "presence", "room": "general", "event": "leave", "name": "Bob", "count": 1})
+    );
+    // And can no longer talk there.
+    send(
+        &mut bob,
+        json!({"type": "message", "room": "general", "text": "still here?"}),
+    )
+    .await;
+    let error = expect_error(&mut bob, "not_in_room").await;
+    assert_eq!(error["request"], "message");
+    assert_eq!(error["room"], "general");
+    quiet(&mut ada, "Ada after Bob left").await;
+}
+
+#[tokio::test]
+async fn joining_sends_the_last_messages_of_the_room() {
+    let server = start(ChatOptions {
+        history: 3,
+        ..ChatOptions::default()
+    })
+    .await;
+    let mut ada = connect(&server).await;
+    hello(&mut ada, "Ada").await;
+    join(&mut ada, "general").await;
+    next(&mut ada).await;
+    for i in 1..=5 {
+        send(
+            &mut ada,
+            json!({"type": "message", "room": "general", "text": format!("line {i}")}),
+        )
+        .await;
+        assert_eq!(next(&mut ada).await["text"], format!("line {i}"));
+    }
+    let mut bob = connect(&server).await;
+    hello(&mut bob, "Bob").await;
+    let joined = join(&mut bob, "general").await;
+    let texts: Vec<&str> = joined["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|m| m["text"].as_str().expect("text"))
+        .collect();
+    assert_eq!(texts, ["line 3", "line 4", "line 5"]);
+    assert!(
+        joined["history"]
+            .as_array()
+            .expect("history")
+            .iter()
+            .all(|m| m["type"].is_null() && m["room"] == "general" && m["from"] == "Ada")
+    );
+
+    // Everybody leaves; the history stays for the next visitor.
+    drop(ada);
+    drop(bob);
+    let mut cyd = connect(&server).await;
+    hello(&mut cyd, "Cyd").await;
+    let joined = join(&mut cyd, "general").await;
+    assert_eq!(joined["history"].as_array().expect("history").len(), 3);
+}
+
+#[tokio::test]
+async fn a_direct_message_goes_to_its_recipient_and_back_to_its_sender_only() {
+    let server = start(ChatOptions::default()).await;
+    let (mut ada, mut bob, mut cyd) = (
+        connect(&server).await,
+        connect(&server).await,
+        connect(&server).await,
+    );
+    hello(&mut ada, "Ada").await;
+    hello(&mut bob, "Bob").await;
+    hello(&mut cyd, "Cyd").await;
+    for ws in [&mut ada, &mut bob, &mut cyd] {
+        join(ws, "general").await;
+    }
+    send(&mut ada, json!({"type": "dm", "to": "bob", "text": "psst"})).await;
+    let at_bob = next_of(&mut bob, "dm").await;
+    assert_eq!(at_bob["from"], "Ada");
+    assert_eq!(at_bob["to"], "Bob");
+    assert_eq!(at_bob["text"], "psst");
+    assert_eq!(next_of(&mut ada, "dm").await, at_bob);
+    // Cyd sees presence updates only.
+    let deadline = tokio::time::Instant::now() + QUIET;
+    while let Ok(Some(Ok(Message::Text(text)))) =
+        tokio::time::timeout_at(deadline, cyd.next()).await
+    {
+        let event: Value = serde_json::from_str(text.as_str()).expect("JSON");
+        assert!(
+            event["type"] == "presence" || event["type"] == "directory",
+            "Cyd got {event}"
+        );
+    }
+
+    send(
+        &mut ada,
+        json!({"type": "dm", "to": "Zed", "text": "hello?"}),
+    )
+    .await;
+    expect_error(&mut ada, "unknown_user").await;
+    send(&mut ada, json!({"type": "dm", "to": "ADA", "text": "me"})).await;
+    expect_error(&mut ada, "invalid_recipient").await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_an_error_and_the_connection_stays_open() {
+    // Many requests in a row: no rate limit here.
+    let server = start(ChatOptions {
+        rate: 0.0,
+        ..ChatOptions::default()
+    })
+    .await;
+    let mut ws = connect(&server).await;
+
+    send_raw(&mut ws, Message::text("not json")).await;
+    expect_error(&mut ws, "bad_json").await;
+    send_raw(&mut ws, Message::text("[1, 2]")).await;
+    expect_error(&mut ws, "bad_json").await;
+    send(&mut ws, json!({"kind": "hello"})).await;
+    expect_error(&mut ws, "unknown_type").await;
+    send(&mut ws, json!({"type": "shout"})).await;
+    expect_error(&mut ws, "unknown_type").await;
+    send(&mut ws, json!({"type": "hello"})).await;
+    let error = expect_error(&mut ws, "bad_request").await;
+    assert_eq!(error["request"], "hello");
+    send_raw(&mut ws, Message::binary(vec![1, 2, 3])).await;
+    expect_error(&mut ws, "binary_not_supported").await;
+    send(&mut ws, json!({"type": "join", "room": "general"})).await;
+    expect_error(&mut ws, "not_identified").await;
+    still_open(&mut ws).await;
+
+    for bad in [
+        "",
+        "   ",
+        "<script>",
+        "a\nb",
+        &"x".repeat(33),
+        "two  spaces",
+    ] {
+        send(&mut ws, json!({"type": "hello", "name": bad})).await;
+        expect_error(&mut ws, "invalid_name").await;
+    }
+    still_open(&mut ws).await;
+    hello(&mut ws, "Ada").await;
+    send(&mut ws, json!({"type": "hello", "name": "Eve"})).await;
+    expect_error(&mut ws, "already_identified").await;
+
+    for bad in ["", "#general", "../etc", &"r".repeat(33)] {
+        send(&mut ws, json!({"type": "join", "room": bad})).await;
+        expect_error(&mut ws, "invalid_room").await;
+    }
+    join(&mut ws, "general").await;
+    next(&mut ws).await;
+    let say = |text: &str| json!({"type": "message", "room": "general", "text": text});
+    send(&mut ws, say(" \n\t ")).await;
+    expect_error(&mut ws, "invalid_text").await;
+    send(&mut ws, say("bell \u{7}")).await;
+    expect_error(&mut ws, "invalid_text").await;
+    send(&mut ws, say(&"é".repeat(2001))).await;
+    expect_error(&mut ws, "text_too_long").await;
+    send(&mut ws, say(&"x".repeat(20_000))).await;
+    expect_error(&mut ws, "too_large").await;
+    send(&mut ws, say(&"é".repeat(2000))).await;
+    assert_eq!(
+        next(&mut ws).await["text"]
+            .as_str()
+            .map(|t| t.chars().count()),
+        Some(2000)
+    );
+    still_open(&mut ws).await;
+}
+
+#[tokio::test]
+async fn a_name_in_use_is_refused_whatever_its_case_and_freed_on_disconnect() {
+    let server = start(ChatOptions::default()).await;
+    let mut ada = connect(&server).await;
+    hello(&mut ada, "Ada").await;
+    let mut other = connect(&server).await;
+    send(&mut other, json!({"type": "hello", "name": "aDA"})).await;
+    let error = expect_error(&mut other, "name_taken").await;
+    assert_eq!(error["request"], "hello");
+    send(
+        &mut other,
+        json!({"type": "hello", "name": "Ada", "token": "wrong"}),
+    )
+    .await;
+    expect_error(&mut other, "name_taken").await;
+
+    within("Ada's close", ada.close(None)).await.expect("close");
+    drop(ada);
+    // The name is free once the server has seen Ada go.
+    let mut attempts = 0;
+    loop {
+        send(&mut other, json!({"type": "hello", "name": "Ada"})).await;
+        let event = next(&mut other).await;
+        if event["type"] == "welcome" {
+            break;
+        }
+        assert_eq!(event["code"], "name_taken");
+        attempts += 1;
+        assert!(attempts < 8, "the name was never freed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_welcome_token_takes_the_name_and_rooms_over_from_an_older_connection() {
+    let server = start(ChatOptions::default()).await;
+    let mut old = connect(&server).await;
+    let token = hello(&mut old, "Ada").await["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    join(&mut old, "general").await;
+    next(&mut old).await;
+    let mut bob = connect(&server).await;
+    hello(&mut bob, "Bob").await;
+    join(&mut bob, "general").await;
+    next(&mut bob).await;
+
+    let mut new = connect(&server).await;
+    send(
+        &mut new,
+        json!({"type": "hello", "name": "ada", "token": token}),
+    )
+    .await;
+    let welcome = next(&mut new).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    assert_eq!(welcome["rooms"], json!(["general"]));
+    assert_ne!(welcome["token"], token);
+
+    // The old connection is closed with 4001.
+    let close = loop {
+        match within("the old connection's close", old.next()).await {
+            Some(Ok(Message::Close(frame))) => break frame.expect("a close code"),
+            Some(Ok(_)) => {}
+            other => panic!("expected a Close, got {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), duplex_chat::REPLACED);
+
+    // Bob saw no leave and join; messages flow to the new connection.
+    send(
+        &mut bob,
+        json!({"type": "message", "room": "general", "text": "still there?"}),
+    )
+    .await;
+    let message = next(&mut bob).await;
+    assert_eq!(message["text"], "still there?", "{message}");
+    assert_eq!(next(&mut new).await, message);
+}
+
+#[tokio::test]
+async fn flooding_is_limited_per_connection_with_one_notice() {
+    let server = start(ChatOptions {
+        rate: 1.0,
+        burst: 10,
+        ..ChatOptions::default()
+    })
+    .await;
+    let mut flood = connect(&server).await;
+    let mut calm = connect(&server).await;
+    for i in 0..30 {
+        send(&mut flood, json!({"type": "ping", "id": i})).await;
+    }
+    let mut pongs = Vec::new();
+    let mut errors = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, flood.next()).await {
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let event: Value = serde_json::from_str(text.as_str()).expect("JSON");
+        match event["type"].as_str() {
+            Some("pong") => pongs.push(event["id"].as_u64().expect("id")),
+            Some("error") => errors.push(event),
+            _ => {}
+        }
+    }
+    assert_eq!(pongs, (0..10).collect::<Vec<_>>(), "the burst passes");
+    assert_eq!(errors.len(), 1, "one notice for the flood: {errors:?}");
+    assert_eq!(errors[0]["code"], "rate_limited");
+    assert!(
+        errors[0]["retry_after_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms <= 1001)
+    );
+    // Another connection is not affected.
+    still_open(&mut calm).await;
+    // After a while the flooder may talk again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    still_open(&mut flood).await;
+}
+
+#[tokio::test]
+async fn a_connection_may_be_in_a_bounded_number_of_rooms() {
+    let server = start(ChatOptions {
+        max_rooms_per_user: 2,
+        ..ChatOptions::default()
+    })
+    .await;
+    let mut ws = connect(&server).await;
+    hello(&mut ws, "Ada").await;
+    join(&mut ws, "one").await;
+    next(&mut ws).await;
+    join(&mut ws, "two").await;
+    next(&mut ws).await;
+    // Joining a room again answers `joined` and announces nothing.
+    join(&mut ws, "two").await;
+    send(&mut ws, json!({"type": "join", "room": "three"})).await;
+    let error = expect_error(&mut ws, "too_many_rooms").await;
+    assert_eq!(error["room"], "three");
+    still_open(&mut ws).await;
+}
+
+#[tokio::test]
+async fn a_disconnect_is_a_leave_for_every_room() {
+    let server = start(ChatOptions::default()).await;
+    let (mut ada, mut bob) = (connect(&server).await, connect(&server).await);
+    hello(&mut ada, "Ada").await;
+    hello(&mut bob, "Bob").await;
+    for room in ["one", "two"] {
+        join(&mut bob, room).await;
+        next(&mut bob).await;
+        join(&mut ada, room).await;
+        next(&mut ada).await;
+        next(&mut bob).await;
+    }
+    drop(ada);
+    let mut rooms = Vec::new();
+    for _ in 0..2 {
+        let event = next(&mut bob).await;
+        assert_eq!(event["event"], "leave", "{event}");
+        assert_eq!(event["name"], "Ada");
+        assert_eq!(event["count"], 1);
+        rooms.push(event["room"].as_str().expect("room").to_owned());
+    }
+    rooms.sort();
+    assert_eq!(rooms, ["one", "two"]);
+    // Directory changes are gathered for a moment: wait for the one
+    // without Ada.
+    loop {
+        let directory = next_of(&mut bob, "directory").await;
+        if directory["users"] == json!(["Bob"]) {
+            assert_eq!(directory["online"], 1);
+            assert_eq!(
+                directory["rooms"],
+                json!([{"name": "one", "members": 1}, {"name": "two", "members": 1}])
+            );
+            break;
+        }
+    }
+}
