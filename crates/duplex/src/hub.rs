@@ -615,9 +615,9 @@ mod tests {
         assert_eq!(hub.topics(), ["blue", "red"]);
     }
 
-    #[test]
-    fn a_stalled_subscriber_is_dropped_for_while_others_keep_receiving() {
-        let hub = Hub::new();
+    /// Publishes 50 messages to a subscriber whose buffer holds 100 bytes
+    /// and to one with room for all; returns (stalled, healthy).
+    fn publish_to_stalled_and_healthy(hub: &Hub) -> (Sender, Sender) {
         let stalled = Sender::detached(100);
         let healthy = Sender::detached(1 << 20);
         let (ms, mh) = (hub.register(&stalled), hub.register(&healthy));
@@ -626,6 +626,12 @@ mod tests {
         for i in 0..50 {
             hub.publish("t", format!("message number {i:03}"));
         }
+        (stalled, healthy)
+    }
+
+    #[test]
+    fn a_stalled_subscriber_is_dropped_for_while_others_keep_receiving() {
+        let (stalled, healthy) = publish_to_stalled_and_healthy(&Hub::new());
         assert_eq!(texts(&healthy).len(), 50);
         // The stalled one took messages until its buffer passed 100 bytes.
         let got = texts(&stalled);
@@ -638,14 +644,7 @@ mod tests {
         let hub = Hub::builder()
             .slow_consumer(SlowConsumer::Close(CloseCode::TRY_AGAIN_LATER))
             .build();
-        let stalled = Sender::detached(100);
-        let healthy = Sender::detached(1 << 20);
-        let (ms, mh) = (hub.register(&stalled), hub.register(&healthy));
-        ms.join("t");
-        mh.join("t");
-        for i in 0..50 {
-            hub.publish("t", format!("message number {i:03}"));
-        }
+        let (stalled, healthy) = publish_to_stalled_and_healthy(&hub);
         assert_eq!(texts(&healthy).len(), 50);
         assert!(stalled.is_closed());
         let frames = stalled.take_written();

@@ -337,6 +337,37 @@ impl Sender {
     }
 }
 
+/// What both kinds of session offer besides receiving: a sender for other
+/// tasks, the request, the subprotocol, and sending through `Deref`.
+macro_rules! session_handle {
+    ($session:ty) => {
+        impl $session {
+            /// A sender for other tasks.
+            pub fn sender(&self) -> Sender {
+                self.sender.clone()
+            }
+
+            /// The upgrade request: address, path, query, headers, path
+            /// parameters.
+            pub fn request(&self) -> &Request {
+                &self.request
+            }
+
+            /// The subprotocol agreed in the handshake, if the route names any.
+            pub fn protocol(&self) -> Option<&str> {
+                self.protocol.as_deref()
+            }
+        }
+
+        impl Deref for $session {
+            type Target = Sender;
+            fn deref(&self) -> &Sender {
+                &self.sender
+            }
+        }
+    };
+}
+
 /// What the handler of a [`web_socket`](crate::App::web_socket) route gets:
 /// whole messages in, messages out, the closing handshake and pings handled.
 ///
@@ -433,29 +464,9 @@ impl Session {
             None => Ok(None),
         }
     }
-
-    /// A sender for other tasks.
-    pub fn sender(&self) -> Sender {
-        self.sender.clone()
-    }
-
-    /// The upgrade request: address, path, query, headers, path parameters.
-    pub fn request(&self) -> &Request {
-        &self.request
-    }
-
-    /// The subprotocol agreed in the handshake, if the route names any.
-    pub fn protocol(&self) -> Option<&str> {
-        self.protocol.as_deref()
-    }
 }
 
-impl Deref for Session {
-    type Target = Sender;
-    fn deref(&self) -> &Sender {
-        &self.sender
-    }
-}
+session_handle!(Session);
 
 impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -535,29 +546,9 @@ impl RawSession {
         })
         .await
     }
-
-    /// A sender for other tasks.
-    pub fn sender(&self) -> Sender {
-        self.sender.clone()
-    }
-
-    /// The upgrade request.
-    pub fn request(&self) -> &Request {
-        &self.request
-    }
-
-    /// The subprotocol agreed in the handshake, if the route names any.
-    pub fn protocol(&self) -> Option<&str> {
-        self.protocol.as_deref()
-    }
 }
 
-impl Deref for RawSession {
-    type Target = Sender;
-    fn deref(&self) -> &Sender {
-        &self.sender
-    }
-}
+session_handle!(RawSession);
 
 impl fmt::Debug for RawSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
