@@ -1,0 +1,807 @@
+//! The load generator: `echo`, `connections` and `broadcast` against one
+//! server, one JSON result line on stdout (see `duplex_bench::report`).
+//!
+//! It runs on one thread (a current-thread tokio runtime) and does as little
+//! as it can per message: frames are masked once at start and sent as they
+//! are, replies are counted from their headers and their payloads skipped.
+//! Every run is bounded: a warm-up, then `--duration` seconds, then exit.
+
+use std::{
+    cell::{Cell, RefCell},
+    collections::VecDeque,
+    future::poll_fn,
+    io,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    process::ExitCode,
+    rc::Rc,
+    task::Poll,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use tokio::{io::AsyncWriteExt, net::TcpStream, sync::Notify, task::JoinHandle};
+
+use duplex_bench::{
+    CpuSnapshot,
+    client::{self, FrameReader, OP_BINARY, OP_CLOSE, OP_TEXT},
+    report::Outcome,
+    vm_rss_kib,
+};
+
+/// The duplex-bench load generator.
+#[derive(Debug, Parser)]
+#[command(about)]
+struct Args {
+    /// The server.
+    #[arg(long, default_value = "127.0.0.1:9001", global = true)]
+    addr: SocketAddr,
+    /// Spread connections over this many source addresses, 127.0.0.2 and
+    /// up, so that ephemeral ports last; 0: let the kernel choose. Default:
+    /// 0 up to 20,000 connections (binding each socket costs the client a
+    /// port search that made it the bottleneck of handshakes/s), then one
+    /// address per 20,000.
+    #[arg(long, global = true)]
+    sources: Option<u8>,
+    /// Seconds a handshake may take.
+    #[arg(long, default_value_t = 10.0, global = true)]
+    handshake_timeout: f64,
+    /// The server's pid: for its memory (connections mode, required) and
+    /// its CPU use while measuring.
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// C connections each keep P messages of S bytes in flight.
+    Echo {
+        /// The echo endpoint.
+        #[arg(long, default_value = "/mirror")]
+        path: String,
+        /// Connections.
+        #[arg(long, short = 'c', default_value_t = 100)]
+        connections: usize,
+        /// Payload bytes per message.
+        #[arg(long, short = 's', default_value_t = 20)]
+        size: usize,
+        /// Send binary messages (default: text).
+        #[arg(long)]
+        binary: bool,
+        /// Messages in flight per connection.
+        #[arg(long, short = 'p', default_value_t = 1)]
+        in_flight: usize,
+        /// Seconds of warm-up, not measured.
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Seconds measured.
+        #[arg(long, short = 'd', default_value_t = 5.0)]
+        duration: f64,
+    },
+    /// Opens N idle connections: handshakes/s and the server's memory per
+    /// connection.
+    Connections {
+        /// The endpoint.
+        #[arg(long, default_value = "/mirror")]
+        path: String,
+        /// Connections to open.
+        #[arg(long, short = 'n', default_value_t = 10_000)]
+        count: usize,
+        /// Handshakes in progress at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Milliseconds to wait after the last handshake before reading
+        /// VmRSS.
+        #[arg(long, default_value_t = 1000)]
+        settle_ms: u64,
+        /// Afterwards, check that every connection still echoes a message.
+        #[arg(long)]
+        check: bool,
+    },
+    /// One publisher, N subscribers: deliveries/s and publish-to-delivery
+    /// latency.
+    Broadcast {
+        /// The broadcast endpoint.
+        #[arg(long, default_value = "/broadcast")]
+        path: String,
+        /// Subscribers.
+        #[arg(long, short = 'n', default_value_t = 1000)]
+        subscribers: usize,
+        /// Payload bytes per message (at least 16: sequence and time).
+        #[arg(long, short = 's', default_value_t = 64)]
+        size: usize,
+        /// Messages published and not yet delivered to every subscriber.
+        #[arg(long, short = 'w', default_value_t = 64)]
+        window: u64,
+        /// Seconds of warm-up, not measured.
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Seconds measured.
+        #[arg(long, short = 'd', default_value_t = 5.0)]
+        duration: f64,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("load: no runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    let result = local.block_on(&runtime, run(args));
+    match result {
+        Ok(outcome) => {
+            println!(
+                "{}",
+                serde_json::to_string(&outcome).expect("numbers serialize")
+            );
+            // Skip tearing down thousands of sockets one by one.
+            std::process::exit(0);
+        }
+        Err(err) => {
+            eprintln!("load: {err}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run(args: Args) -> io::Result<Outcome> {
+    let common = Common {
+        addr: args.addr,
+        sources: args.sources.unwrap_or_else(|| {
+            let n = match &args.mode {
+                Mode::Echo { connections, .. } => *connections,
+                Mode::Connections { count, .. } => *count,
+                Mode::Broadcast { subscribers, .. } => *subscribers + 1,
+            };
+            if n <= 20_000 {
+                0
+            } else {
+                n.div_ceil(20_000).min(250) as u8
+            }
+        }),
+        timeout: Duration::from_secs_f64(args.handshake_timeout),
+        server_pid: args.server_pid,
+    };
+    match args.mode {
+        Mode::Echo {
+            path,
+            connections,
+            size,
+            binary,
+            in_flight,
+            warmup,
+            duration,
+        } => {
+            let opcode = if binary { OP_BINARY } else { OP_TEXT };
+            let spec = EchoSpec {
+                connections,
+                size,
+                opcode,
+                in_flight: in_flight.max(1),
+                warmup: secs(warmup),
+                duration: secs(duration),
+            };
+            echo(&common, &path, spec).await
+        }
+        Mode::Connections {
+            path,
+            count,
+            concurrency,
+            settle_ms,
+            check,
+        } => {
+            let server_pid = common.server_pid.ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "connections needs --server-pid",
+                )
+            })?;
+            connections(
+                &common,
+                &path,
+                count,
+                concurrency,
+                server_pid,
+                settle_ms,
+                check,
+            )
+            .await
+        }
+        Mode::Broadcast {
+            path,
+            subscribers,
+            size,
+            window,
+            warmup,
+            duration,
+        } => {
+            let spec = BroadcastSpec {
+                subscribers: subscribers.max(1),
+                size: size.max(16),
+                window: window.max(1),
+                warmup: secs(warmup),
+                duration: secs(duration),
+            };
+            broadcast(&common, &path, spec).await
+        }
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+struct Common {
+    addr: SocketAddr,
+    sources: u8,
+    timeout: Duration,
+    server_pid: Option<u32>,
+}
+
+/// Adds the CPU use between two snapshots to `outcome`.
+fn cpu(outcome: &mut Outcome, before: &CpuSnapshot, after: &CpuSnapshot) {
+    let (server, load, other) = before.usage(after);
+    outcome
+        .set("server_cpu", server)
+        .set("load_cpu", load)
+        .set("other_cpu", other);
+}
+
+impl Common {
+    /// The source address of connection `i`.
+    fn source(&self, i: usize) -> Option<IpAddr> {
+        if self.sources == 0 || !self.addr.ip().is_loopback() || !self.addr.is_ipv4() {
+            return None;
+        }
+        let host = 2 + (i % usize::from(self.sources)) as u8;
+        Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)))
+    }
+
+    async fn connect(&self, i: usize, path: &str) -> io::Result<(TcpStream, Vec<u8>)> {
+        client::connect(self.addr, self.source(i), path, self.timeout).await
+    }
+
+    /// Opens `n` connections, `concurrency` handshakes at a time.
+    async fn connect_many(
+        &self,
+        n: usize,
+        concurrency: usize,
+        path: &str,
+    ) -> io::Result<Vec<(TcpStream, Vec<u8>)>> {
+        let next = Cell::new(0usize);
+        let opened = RefCell::new(Vec::with_capacity(n));
+        let worker = || async {
+            loop {
+                let i = next.get();
+                if i >= n {
+                    return Ok::<_, io::Error>(());
+                }
+                next.set(i + 1);
+                let conn = self
+                    .connect(i, path)
+                    .await
+                    .map_err(|e| io::Error::new(e.kind(), format!("connection {i} of {n}: {e}")))?;
+                opened.borrow_mut().push(conn);
+            }
+        };
+        let workers: Vec<_> = (0..concurrency.clamp(1, n.max(1)))
+            .map(|_| worker())
+            .collect();
+        for result in futures_util::future::join_all(workers).await {
+            result?;
+        }
+        Ok(opened.into_inner())
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // Microseconds up to an hour, 3 significant digits.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
+}
+
+fn percentiles(outcome: &mut Outcome, hist: &Histogram<u64>) {
+    outcome
+        .set("p50_us", hist.value_at_quantile(0.50) as f64)
+        .set("p99_us", hist.value_at_quantile(0.99) as f64)
+        .set("p999_us", hist.value_at_quantile(0.999) as f64);
+}
+
+/// Joins local tasks that must still be running: an ended one has failed.
+fn check_running(tasks: &[JoinHandle<()>], failures: &RefCell<Vec<String>>) -> io::Result<()> {
+    if let Some(first) = failures.borrow().first() {
+        let n = failures.borrow().len();
+        return Err(io::Error::other(format!(
+            "{n} connection(s) failed, the first: {first}"
+        )));
+    }
+    if tasks.iter().any(JoinHandle::is_finished) {
+        return Err(io::Error::other("a connection ended early"));
+    }
+    Ok(())
+}
+
+// ---- echo ----
+
+struct EchoSpec {
+    connections: usize,
+    size: usize,
+    opcode: u8,
+    in_flight: usize,
+    warmup: Duration,
+    duration: Duration,
+}
+
+struct EchoStats {
+    measuring: Cell<bool>,
+    messages: Cell<u64>,
+    hist: RefCell<Histogram<u64>>,
+    failures: RefCell<Vec<String>>,
+}
+
+async fn echo(common: &Common, path: &str, spec: EchoSpec) -> io::Result<Outcome> {
+    let payload: Vec<u8> = (0..spec.size).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut one = Vec::new();
+    client::push_frame(&mut one, spec.opcode, &payload);
+    let frame_len = one.len();
+    // In-flight frames plus one, so that a write may start mid-frame.
+    let out: Rc<[u8]> = one.repeat(spec.in_flight + 1).into();
+    let conns = common.connect_many(spec.connections, 128, path).await?;
+    let stats = Rc::new(EchoStats {
+        measuring: Cell::new(false),
+        messages: Cell::new(0),
+        hist: RefCell::new(histogram()),
+        failures: RefCell::new(Vec::new()),
+    });
+    let tasks: Vec<JoinHandle<()>> = conns
+        .into_iter()
+        .map(|(stream, leftover)| {
+            let conn = EchoConn {
+                stream,
+                reader: FrameReader::new(256 << 10, &leftover),
+                out: Rc::clone(&out),
+                frame_len,
+                spec_len: spec.size as u64,
+                opcode: spec.opcode,
+                in_flight: spec.in_flight,
+                stats: Rc::clone(&stats),
+            };
+            let stats = Rc::clone(&stats);
+            tokio::task::spawn_local(async move {
+                if let Err(err) = conn.run().await {
+                    stats.failures.borrow_mut().push(err.to_string());
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(spec.warmup).await;
+    check_running(&tasks, &stats.failures)?;
+    stats.measuring.set(true);
+    let start = Instant::now();
+    let cpu_start = CpuSnapshot::take(common.server_pid);
+    tokio::time::sleep(spec.duration).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    stats.measuring.set(false);
+    let cpu_end = CpuSnapshot::take(common.server_pid);
+    check_running(&tasks, &stats.failures)?;
+    tasks.iter().for_each(JoinHandle::abort);
+    let messages = stats.messages.get() as f64;
+    if messages == 0.0 {
+        return Err(io::Error::other("no message came back"));
+    }
+    let mut outcome = Outcome::new("echo");
+    outcome
+        .set("msgs_per_s", messages / elapsed)
+        .set("mb_per_s", messages * spec.size as f64 / elapsed / 1e6)
+        .set("messages", messages)
+        .set("seconds", elapsed);
+    percentiles(&mut outcome, &stats.hist.borrow());
+    cpu(&mut outcome, &cpu_start, &cpu_end);
+    Ok(outcome)
+}
+
+/// One echo connection: keeps `in_flight` frames out, sends one more for
+/// every frame that comes back, in one write per read.
+struct EchoConn {
+    stream: TcpStream,
+    reader: FrameReader,
+    out: Rc<[u8]>,
+    frame_len: usize,
+    spec_len: u64,
+    opcode: u8,
+    in_flight: usize,
+    stats: Rc<EchoStats>,
+}
+
+impl EchoConn {
+    async fn run(mut self) -> io::Result<()> {
+        let mut to_write = self.in_flight * self.frame_len;
+        let mut write_pos = 0usize;
+        let start = Instant::now();
+        let mut sent: VecDeque<Instant> = std::iter::repeat_n(start, self.in_flight).collect();
+        poll_fn(|cx| {
+            loop {
+                let mut progress = false;
+                while to_write > 0 {
+                    match self.stream.poll_write_ready(cx) {
+                        Poll::Pending => break,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Ready(Ok(())) => {}
+                    }
+                    match self
+                        .stream
+                        .try_write(&self.out[write_pos..write_pos + to_write])
+                    {
+                        Ok(n) => {
+                            to_write -= n;
+                            write_pos = (write_pos + n) % self.frame_len;
+                            progress = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+                match self.stream.poll_read_ready(cx) {
+                    Poll::Pending => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => match self.reader.try_read(&self.stream) {
+                        Ok(0) => {
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the server closed the connection",
+                            )));
+                        }
+                        Ok(_) => {
+                            let done = match self.take_frames() {
+                                Ok(done) => done,
+                                Err(e) => return Poll::Ready(Err(e)),
+                            };
+                            if done > 0 {
+                                let now = Instant::now();
+                                let measuring = self.stats.measuring.get();
+                                let mut hist = self.stats.hist.borrow_mut();
+                                for _ in 0..done {
+                                    let at = sent.pop_front().unwrap_or(now);
+                                    if measuring {
+                                        let us = now.duration_since(at).as_micros() as u64;
+                                        hist.saturating_record(us.max(1));
+                                    }
+                                    sent.push_back(now);
+                                }
+                                if measuring {
+                                    let m = &self.stats.messages;
+                                    m.set(m.get() + done as u64);
+                                }
+                                to_write += done * self.frame_len;
+                            }
+                            progress = true;
+                        }
+                        // Readiness was stale: polling again registers the waker.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => progress = true,
+                        Err(e) => return Poll::Ready(Err(e)),
+                    },
+                }
+                if !progress {
+                    return Poll::Pending;
+                }
+            }
+        })
+        .await
+    }
+
+    /// Counts the whole echoes read so far; an unexpected frame is an error.
+    fn take_frames(&mut self) -> io::Result<usize> {
+        let mut done = 0usize;
+        let mut bad = None;
+        let (opcode, len) = (self.opcode, self.spec_len);
+        self.reader.parse(|f| {
+            if f.opcode == OP_CLOSE {
+                bad = Some("the server sent a Close".to_owned());
+            } else if f.opcode == opcode && f.fin && f.len == len {
+                done += 1;
+            } else if f.opcode & 0x8 == 0 {
+                bad = Some(format!(
+                    "unexpected frame: opcode {} fin {} len {} (sent opcode {opcode} len {len})",
+                    f.opcode, f.fin, f.len
+                ));
+            }
+        })?;
+        match bad {
+            Some(msg) => Err(io::Error::other(msg)),
+            None => Ok(done),
+        }
+    }
+}
+
+// ---- connections ----
+
+async fn connections(
+    common: &Common,
+    path: &str,
+    count: usize,
+    concurrency: usize,
+    server_pid: u32,
+    settle_ms: u64,
+    check: bool,
+) -> io::Result<Outcome> {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = vm_rss_kib(server_pid)?;
+    let start = Instant::now();
+    let cpu_start = CpuSnapshot::take(Some(server_pid));
+    let mut conns = common.connect_many(count, concurrency, path).await?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu_end = CpuSnapshot::take(Some(server_pid));
+    tokio::time::sleep(Duration::from_millis(settle_ms)).await;
+    let after = vm_rss_kib(server_pid)?;
+    if check {
+        check_echo(&mut conns).await?;
+    }
+    let mut outcome = Outcome::new("connections");
+    outcome
+        .set("handshakes_per_s", count as f64 / elapsed)
+        .set("rss_before_kib", before as f64)
+        .set("rss_after_kib", after as f64)
+        .set(
+            "kib_per_conn",
+            (after as f64 - before as f64) / count.max(1) as f64,
+        )
+        .set("connections", count as f64);
+    cpu(&mut outcome, &cpu_start, &cpu_end);
+    Ok(outcome)
+}
+
+/// Sends one text message on every connection and waits for its echo.
+async fn check_echo(conns: &mut [(TcpStream, Vec<u8>)]) -> io::Result<()> {
+    let mut frame = Vec::new();
+    client::push_frame(&mut frame, OP_TEXT, b"still there?");
+    let checks = conns.iter_mut().map(|(stream, leftover)| {
+        let frame = &frame;
+        async move {
+            stream.write_all(frame).await?;
+            let mut reader = FrameReader::new(0, leftover);
+            loop {
+                let mut echoed = false;
+                reader.parse(|f| echoed |= f.opcode == OP_TEXT && f.len == 12)?;
+                if echoed {
+                    return Ok::<_, io::Error>(());
+                }
+                if reader.read(stream).await? == 0 {
+                    return Err(io::Error::other("closed instead of echoing"));
+                }
+            }
+        }
+    });
+    let all = futures_util::future::join_all(checks);
+    let results = tokio::time::timeout(Duration::from_secs(30), all)
+        .await
+        .map_err(|_| io::Error::other("echo check timed out"))?;
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if let Some(Err(first)) = results.into_iter().find(Result::is_err) {
+        return Err(io::Error::other(format!(
+            "{failed} connection(s) did not echo, the first: {first}"
+        )));
+    }
+    Ok(())
+}
+
+// ---- broadcast ----
+
+struct BroadcastSpec {
+    subscribers: usize,
+    size: usize,
+    window: u64,
+    warmup: Duration,
+    duration: Duration,
+}
+
+/// Slots of the per-sequence delivery counts; far more than the window.
+const RING: usize = 1 << 16;
+
+struct BroadcastState {
+    subscribers: u32,
+    base: Instant,
+    /// How many subscribers got (or skipped past) each sequence number.
+    seen: RefCell<Vec<u32>>,
+    /// The highest sequence number every subscriber got or skipped past.
+    completed: Cell<u64>,
+    progress: Notify,
+    measuring: Cell<bool>,
+    deliveries: Cell<u64>,
+    publishes: Cell<u64>,
+    dropped: Cell<u64>,
+    stalls: Cell<u64>,
+    hist: RefCell<Histogram<u64>>,
+    failures: RefCell<Vec<String>>,
+}
+
+impl BroadcastState {
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+
+    fn add(cell: &Cell<u64>, n: u64) {
+        cell.set(cell.get() + n);
+    }
+}
+
+async fn broadcast(common: &Common, path: &str, spec: BroadcastSpec) -> io::Result<Outcome> {
+    let subscribers = common.connect_many(spec.subscribers, 128, path).await?;
+    let state = Rc::new(BroadcastState {
+        subscribers: spec.subscribers as u32,
+        base: Instant::now(),
+        seen: RefCell::new(vec![0; RING]),
+        completed: Cell::new(0),
+        progress: Notify::new(),
+        measuring: Cell::new(false),
+        deliveries: Cell::new(0),
+        publishes: Cell::new(0),
+        dropped: Cell::new(0),
+        stalls: Cell::new(0),
+        hist: RefCell::new(histogram()),
+        failures: RefCell::new(Vec::new()),
+    });
+    let mut tasks: Vec<JoinHandle<()>> = subscribers
+        .into_iter()
+        .map(|(stream, leftover)| {
+            let state = Rc::clone(&state);
+            tokio::task::spawn_local(async move {
+                if let Err(err) = subscriber(stream, leftover, &state).await {
+                    state.failures.borrow_mut().push(err.to_string());
+                }
+            })
+        })
+        .collect();
+    // Let the server register every subscriber before anything is published.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (publisher, _) = common.connect(spec.subscribers, path).await?;
+    let (mut drain, writer) = publisher.into_split();
+    // The publisher gets its own messages too: read and forget them.
+    tasks.push(tokio::task::spawn_local(async move {
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n) = tokio::io::AsyncReadExt::read(&mut drain, &mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    }));
+    {
+        let state = Rc::clone(&state);
+        let (size, window) = (spec.size, spec.window);
+        tasks.push(tokio::task::spawn_local(async move {
+            if let Err(err) = publish(writer, size, window, &state).await {
+                state
+                    .failures
+                    .borrow_mut()
+                    .push(format!("publisher: {err}"));
+            }
+        }));
+    }
+    tokio::time::sleep(spec.warmup).await;
+    check_running(&tasks, &state.failures)?;
+    state.measuring.set(true);
+    let start = Instant::now();
+    let cpu_start = CpuSnapshot::take(common.server_pid);
+    tokio::time::sleep(spec.duration).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    state.measuring.set(false);
+    let cpu_end = CpuSnapshot::take(common.server_pid);
+    check_running(&tasks, &state.failures)?;
+    tasks.iter().for_each(JoinHandle::abort);
+    let deliveries = state.deliveries.get() as f64;
+    if deliveries == 0.0 {
+        return Err(io::Error::other("no message was delivered"));
+    }
+    let mut outcome = Outcome::new("broadcast");
+    outcome
+        .set("deliveries_per_s", deliveries / elapsed)
+        .set("publishes_per_s", state.publishes.get() as f64 / elapsed)
+        .set("dropped", state.dropped.get() as f64)
+        .set("stalls", state.stalls.get() as f64)
+        .set("seconds", elapsed);
+    percentiles(&mut outcome, &state.hist.borrow());
+    cpu(&mut outcome, &cpu_start, &cpu_end);
+    Ok(outcome)
+}
+
+/// Publishes while fewer than `window` messages are short of a subscriber,
+/// every allowed message in one write.
+async fn publish(
+    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    size: usize,
+    window: u64,
+    state: &BroadcastState,
+) -> io::Result<()> {
+    let mut next = 1u64;
+    let mut batch = Vec::new();
+    let mut payload = vec![0u8; size];
+    loop {
+        let allowed = state.completed.get() + window;
+        if next <= allowed {
+            batch.clear();
+            let now = state.now_ns();
+            let mut count = 0;
+            while next <= allowed && count < 64 {
+                state.seen.borrow_mut()[next as usize % RING] = 0;
+                payload[..8].copy_from_slice(&next.to_le_bytes());
+                payload[8..16].copy_from_slice(&now.to_le_bytes());
+                client::push_frame(&mut batch, OP_BINARY, &payload);
+                next += 1;
+                count += 1;
+            }
+            writer.write_all(&batch).await?;
+            if state.measuring.get() {
+                BroadcastState::add(&state.publishes, count);
+            }
+            continue;
+        }
+        let wait = tokio::time::timeout(Duration::from_millis(200), state.progress.notified());
+        if wait.await.is_err() {
+            // Nothing completed for a while (a message lost for everyone):
+            // let one more out.
+            BroadcastState::add(&state.stalls, 1);
+            state.completed.set(state.completed.get() + 1);
+        }
+    }
+}
+
+async fn subscriber(
+    mut stream: TcpStream,
+    leftover: Vec<u8>,
+    state: &BroadcastState,
+) -> io::Result<()> {
+    let mut reader = FrameReader::new(64 << 10, &leftover);
+    let mut last = 0u64;
+    let n = state.subscribers;
+    loop {
+        let mut result = Ok(());
+        let now = state.now_ns();
+        let measuring = state.measuring.get();
+        reader.parse(|f| {
+            if f.opcode == OP_CLOSE {
+                result = Err(io::Error::other("the server sent a Close"));
+                return;
+            }
+            let Some(p) = f.payload.filter(|p| f.opcode == OP_BINARY && p.len() >= 16) else {
+                return;
+            };
+            let seq = u64::from_le_bytes(p[..8].try_into().expect("8 bytes"));
+            let sent = u64::from_le_bytes(p[8..16].try_into().expect("8 bytes"));
+            if measuring {
+                BroadcastState::add(&state.deliveries, 1);
+                let us = now.saturating_sub(sent) / 1000;
+                state.hist.borrow_mut().saturating_record(us.max(1));
+            }
+            if seq > last {
+                let mut seen = state.seen.borrow_mut();
+                for s in last + 1..=seq {
+                    if s < seq && measuring {
+                        BroadcastState::add(&state.dropped, 1);
+                    }
+                    let slot = &mut seen[s as usize % RING];
+                    *slot += 1;
+                    if *slot == n && s > state.completed.get() {
+                        state.completed.set(s);
+                        state.progress.notify_one();
+                    }
+                }
+                last = seq;
+            }
+        })?;
+        result?;
+        if reader.read(&mut stream).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection",
+            ));
+        }
+    }
+}

@@ -1,0 +1,887 @@
+//! The benchmark runner: starts each server pinned to one core, runs the load
+//! generator pinned to the other, alternates the servers over rounds, and
+//! prints one markdown table of medians and ratios, then the goals.
+//!
+//! ```text
+//! cargo run --release -p duplex-bench -- --rounds 3 --duration 5
+//! cargo run --release -p duplex-bench -- --smoke
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+
+use duplex_bench::{
+    CpuSnapshot,
+    report::{Outcome, median},
+};
+
+/// Runs the scenarios over every server and prints the table.
+#[derive(Debug, Parser)]
+#[command(about)]
+struct Args {
+    /// Rounds; each runs every scenario over every server, in an order that
+    /// rotates from round to round.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Seconds measured per echo and broadcast run.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Seconds of warm-up before each measured run.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Idle connections of scenario 5.
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    /// Subscribers of scenario 6.
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Scenarios to run (1-6), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6")]
+    scenarios: Vec<usize>,
+    /// Servers to run, comma-separated: duplex, tokio-tungstenite,
+    /// fastwebsockets, axum, raw-tcp, duplex-hub (broadcast only).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "duplex,tokio-tungstenite,fastwebsockets,axum,raw-tcp,duplex-hub"
+    )]
+    servers: Vec<String>,
+    /// Every server in every mode for about a second, tiny counts, no
+    /// pinning; exits non-zero on any failure.
+    #[arg(long)]
+    smoke: bool,
+    /// Do not run `cargo build` for the server and load binaries first.
+    #[arg(long)]
+    no_build: bool,
+    /// Do not pin with taskset (server on CPU 0, load on CPU 1).
+    #[arg(long)]
+    no_pin: bool,
+    /// The first port; every run listens on a port of its own from there.
+    #[arg(long, default_value_t = 19_100)]
+    base_port: u16,
+    /// A run during which other processes used more than this much CPU
+    /// (percent of one CPU) is noisy and run again, up to `--retries` times;
+    /// the least noisy try counts.
+    #[arg(long, default_value_t = 30.0)]
+    max_other_cpu: f64,
+    /// Tries beyond the first for a noisy run.
+    #[arg(long, default_value_t = 2)]
+    retries: usize,
+    /// Seconds to wait, before each run, for other processes to use less
+    /// than `--max-other-cpu` (the machine is shared).
+    #[arg(long, default_value_t = 60.0)]
+    quiet_wait: f64,
+}
+
+/// A server under test.
+struct Server {
+    name: &'static str,
+    bin: &'static str,
+    args: &'static [&'static str],
+    echo: bool,
+    broadcast: bool,
+}
+
+const SERVERS: &[Server] = &[
+    Server {
+        name: "duplex",
+        bin: "server-duplex",
+        args: &[],
+        echo: true,
+        broadcast: true,
+    },
+    Server {
+        name: "tokio-tungstenite",
+        bin: "server-tungstenite",
+        args: &[],
+        echo: true,
+        broadcast: true,
+    },
+    Server {
+        name: "fastwebsockets",
+        bin: "server-fastwebsockets",
+        args: &[],
+        echo: true,
+        broadcast: true,
+    },
+    Server {
+        name: "axum",
+        bin: "server-axum",
+        args: &[],
+        echo: true,
+        broadcast: true,
+    },
+    Server {
+        name: "raw-tcp",
+        bin: "server-rawtcp",
+        args: &[],
+        echo: true,
+        broadcast: false,
+    },
+    Server {
+        name: "duplex-hub",
+        bin: "server-duplex",
+        args: &["--hub"],
+        echo: false,
+        broadcast: true,
+    },
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Echo,
+    Connections,
+    Broadcast,
+}
+
+/// A scenario: a title and the load generator's arguments.
+struct Scenario {
+    id: usize,
+    title: String,
+    kind: Kind,
+    load_args: Vec<String>,
+}
+
+impl Scenario {
+    /// The number that ratios compare.
+    fn primary(&self) -> (&'static str, &'static str) {
+        match self.kind {
+            Kind::Echo => ("msgs_per_s", "msg/s"),
+            Kind::Connections => ("handshakes_per_s", "handshakes/s"),
+            Kind::Broadcast => ("deliveries_per_s", "deliveries/s"),
+        }
+    }
+
+    fn runs_on(&self, server: &Server) -> bool {
+        match self.kind {
+            Kind::Echo | Kind::Connections => server.echo,
+            Kind::Broadcast => server.broadcast,
+        }
+    }
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn scenarios(args: &Args) -> Vec<Scenario> {
+    let (warmup, duration) = (args.warmup.to_string(), args.duration.to_string());
+    let timed = |mut v: Vec<String>| {
+        v.extend(strings(&["--warmup", &warmup, "--duration", &duration]));
+        v
+    };
+    let echo = |c: &str, s: &str, binary: bool, p: &str| {
+        let mut v = strings(&["echo", "--connections", c, "--size", s, "--in-flight", p]);
+        if binary {
+            v.push("--binary".to_owned());
+        }
+        timed(v)
+    };
+    let broadcast = |n: &str, window: &str| {
+        timed(strings(&[
+            "broadcast",
+            "--subscribers",
+            n,
+            "--size",
+            "64",
+            "--window",
+            window,
+        ]))
+    };
+    let all: Vec<(usize, String, Kind, Vec<String>)> = if args.smoke {
+        vec![
+            (
+                1,
+                "echo 2 conns, 20 B text, 2 in flight".into(),
+                Kind::Echo,
+                echo("2", "20", false, "2"),
+            ),
+            (
+                3,
+                "echo 2 conns, 64 KiB binary, 2 in flight".into(),
+                Kind::Echo,
+                echo("2", "65536", true, "2"),
+            ),
+            (
+                5,
+                "50 idle connections".into(),
+                Kind::Connections,
+                strings(&[
+                    "connections",
+                    "--count",
+                    "50",
+                    "--settle-ms",
+                    "100",
+                    "--check",
+                ]),
+            ),
+            (
+                6,
+                "broadcast 1 to 10 subscribers, 64 B".into(),
+                Kind::Broadcast,
+                broadcast("10", "8"),
+            ),
+        ]
+    } else {
+        let n = args.connections.to_string();
+        let subs = args.subscribers.to_string();
+        vec![
+            (
+                1,
+                "echo 100 conns, 20 B text, 1 in flight".into(),
+                Kind::Echo,
+                echo("100", "20", false, "1"),
+            ),
+            (
+                2,
+                "echo 100 conns, 20 B text, 16 in flight".into(),
+                Kind::Echo,
+                echo("100", "20", false, "16"),
+            ),
+            (
+                3,
+                "echo 10 conns, 16 KiB binary, 4 in flight".into(),
+                Kind::Echo,
+                echo("10", "16384", true, "4"),
+            ),
+            (
+                4,
+                "echo 4 conns, 1 MiB binary, 1 in flight".into(),
+                Kind::Echo,
+                echo("4", "1048576", true, "1"),
+            ),
+            (
+                5,
+                format!("{n} idle connections"),
+                Kind::Connections,
+                strings(&["connections", "--count", &n]),
+            ),
+            (
+                6,
+                format!("broadcast 1 to {subs} subscribers, 64 B"),
+                Kind::Broadcast,
+                broadcast(&subs, "64"),
+            ),
+        ]
+    };
+    all.into_iter()
+        .filter(|(id, ..)| args.smoke || args.scenarios.contains(id))
+        .map(|(id, title, kind, load_args)| Scenario {
+            id,
+            title,
+            kind,
+            load_args,
+        })
+        .collect()
+}
+
+/// One run's result.
+type Runs = BTreeMap<(usize, &'static str), Vec<Option<Outcome>>>;
+
+fn main() -> ExitCode {
+    let mut args = Args::parse();
+    if args.smoke {
+        args.rounds = 1;
+        args.warmup = args.warmup.min(0.1);
+        args.duration = args.duration.min(0.2);
+        args.no_pin = true;
+    }
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("duplex-bench: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<bool, String> {
+    let started = Instant::now();
+    let dir = bin_dir()?;
+    if !args.no_build {
+        build(&dir)?;
+    }
+    let servers: Vec<&Server> = SERVERS
+        .iter()
+        .filter(|s| args.servers.iter().any(|n| n == s.name))
+        .collect();
+    if servers.is_empty() {
+        return Err("no known server selected".into());
+    }
+    let scenarios = scenarios(args);
+    let pin = !args.no_pin && can_pin();
+    if !args.no_pin && !pin {
+        eprintln!("note: taskset or a second CPU is missing; running unpinned");
+    }
+    let mut runs: Runs = BTreeMap::new();
+    let mut port = args.base_port;
+    let mut all_ok = true;
+    for round in 0..args.rounds {
+        for scenario in &scenarios {
+            let mut order: Vec<&Server> = servers
+                .iter()
+                .copied()
+                .filter(|s| scenario.runs_on(s))
+                .collect();
+            if order.is_empty() {
+                continue;
+            }
+            // Alternate: rotate by the round, and reverse every other round.
+            let len = order.len();
+            order.rotate_left(round % len);
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for server in order {
+                let result = run_quietly(&dir, server, scenario, &mut port, pin, args);
+                match &result {
+                    Ok(outcome) => {
+                        let (key, unit) = scenario.primary();
+                        let c = |k: &str| outcome.get(k).unwrap_or(f64::NAN);
+                        eprintln!(
+                            "round {} scenario {} {:<18} {:>12.0} {unit}  (CPU % server {:.0}, load {:.0}, others {:.0})",
+                            round + 1,
+                            scenario.id,
+                            server.name,
+                            c(key),
+                            c("server_cpu"),
+                            c("load_cpu"),
+                            c("other_cpu"),
+                        );
+                    }
+                    Err(err) => {
+                        all_ok = false;
+                        eprintln!(
+                            "round {} scenario {} {:<18} FAILED: {err}",
+                            round + 1,
+                            scenario.id,
+                            server.name
+                        );
+                    }
+                }
+                runs.entry((scenario.id, server.name))
+                    .or_default()
+                    .push(result.ok());
+            }
+        }
+    }
+    print!("{}", machine());
+    println!(
+        "Command: `{}` ({} round(s), {:.0} s, rounds alternate the servers; medians)\n",
+        command_line(),
+        args.rounds,
+        started.elapsed().as_secs_f64()
+    );
+    print!("{}", table(&scenarios, &servers, &runs));
+    if !args.smoke {
+        print!("{}", goals(&runs));
+    }
+    if args.smoke {
+        println!(
+            "smoke: {} in {:.1} s",
+            if all_ok { "ok" } else { "FAILED" },
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(all_ok)
+}
+
+/// The command that reproduces this run (the script passes `--no-build`).
+fn command_line() -> String {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--no-build")
+        .collect();
+    format!("cargo run --release -p duplex-bench -- {}", args.join(" "))
+        .trim_end()
+        .to_owned()
+}
+
+/// The directory of this binary, where the server and load binaries are.
+fn bin_dir() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("no current exe: {e}"))?;
+    exe.parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| "the current exe has no directory".into())
+}
+
+/// Builds the other binaries of this package with the profile of this one.
+fn build(dir: &Path) -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut command = Command::new(cargo);
+    command.args(["build", "--quiet", "-p", "duplex-bench", "--bins"]);
+    if dir.file_name().is_some_and(|n| n == "release") {
+        command.arg("--release");
+    }
+    if std::env::var_os("CARGO_TARGET_DIR").is_none()
+        && let Some(target) = dir.parent()
+    {
+        command.env("CARGO_TARGET_DIR", target);
+    }
+    let status = command
+        .status()
+        .map_err(|e| format!("cargo build did not start: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("cargo build failed: {status}"))
+    }
+}
+
+fn can_pin() -> bool {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    cpus >= 2
+        && Command::new("taskset")
+            .args(["-c", "0", "true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+/// A command that raises the open-file limit to the hard limit, then runs
+/// `program` (pinned to `cpu` if given).
+fn command(program: &Path, args: &[String], cpu: Option<usize>) -> Command {
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg("ulimit -n \"$(ulimit -Hn)\" 2>/dev/null; exec \"$@\"")
+        .arg("sh");
+    if let Some(cpu) = cpu {
+        command.args(["taskset", "-c", &cpu.to_string()]);
+    }
+    command.arg(program).args(args);
+    command
+}
+
+/// Kills the child on drop.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits for a quiet machine, runs, and runs again (up to `--retries`
+/// times) while other processes took more CPU than `--max-other-cpu`.
+fn run_quietly(
+    dir: &Path,
+    server: &Server,
+    scenario: &Scenario,
+    port: &mut u16,
+    pin: bool,
+    args: &Args,
+) -> Result<Outcome, String> {
+    let mut best: Option<Outcome> = None;
+    for attempt in 0..=args.retries {
+        if !args.smoke {
+            wait_quiet(args);
+        }
+        *port = if *port >= 60_000 {
+            args.base_port
+        } else {
+            *port + 1
+        };
+        let outcome = run_one(dir, server, scenario, *port, pin, args)?;
+        let other = outcome.get("other_cpu").unwrap_or(0.0);
+        let best_other = best
+            .as_ref()
+            .and_then(|b| b.get("other_cpu"))
+            .unwrap_or(f64::INFINITY);
+        if other < best_other {
+            best = Some(outcome);
+        }
+        if args.smoke || other <= args.max_other_cpu {
+            break;
+        }
+        if attempt < args.retries {
+            eprintln!(
+                "  noisy: other processes used {other:.0}% CPU during {} on scenario {}; again",
+                server.name, scenario.id
+            );
+        }
+    }
+    best.ok_or_else(|| "no run".into())
+}
+
+/// Waits up to `--quiet-wait` seconds until the machine is idle.
+fn wait_quiet(args: &Args) {
+    let deadline = Instant::now() + Duration::from_secs_f64(args.quiet_wait);
+    let mut told = false;
+    loop {
+        let before = CpuSnapshot::take(None);
+        std::thread::sleep(Duration::from_millis(300));
+        let (_, _, busy) = before.usage(&CpuSnapshot::take(None));
+        if busy <= args.max_other_cpu || Instant::now() >= deadline {
+            if told {
+                eprintln!("  quiet again ({busy:.0}% CPU busy)");
+            }
+            return;
+        }
+        if !told {
+            eprintln!("  waiting for a quiet machine ({busy:.0}% CPU busy)");
+            told = true;
+        }
+    }
+}
+
+fn run_one(
+    dir: &Path,
+    server: &Server,
+    scenario: &Scenario,
+    port: u16,
+    pin: bool,
+    args: &Args,
+) -> Result<Outcome, String> {
+    let addr = format!("127.0.0.1:{port}");
+    let mut server_args = strings(server.args);
+    server_args.extend(["--addr".to_owned(), addr.clone()]);
+    let mut child = command(&dir.join(server.bin), &server_args, pin.then_some(0))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("{} did not start: {e}", server.bin))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut guard = Guard(child);
+    // `sh` execs the server (and taskset execs it too): same pid.
+    let server_pid = guard.0.id();
+    wait_listening(stdout, Duration::from_secs(10))?;
+    if let Ok(Some(status)) = guard.0.try_wait() {
+        return Err(format!("{} exited: {status}", server.bin));
+    }
+
+    let mut load_args = vec!["--addr".to_owned(), addr];
+    load_args.extend(scenario.load_args.iter().cloned());
+    load_args.extend(["--server-pid".to_owned(), server_pid.to_string()]);
+    let path = if scenario.kind == Kind::Broadcast {
+        "/broadcast"
+    } else {
+        "/mirror"
+    };
+    load_args.extend(["--path".to_owned(), path.to_owned()]);
+    let load = command(&dir.join("load"), &load_args, pin.then_some(1))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("load did not start: {e}"))?;
+    let limit = Duration::from_secs_f64(args.warmup + args.duration + 120.0);
+    let output = wait_output(load, limit)?;
+    if let Ok(Some(status)) = guard.0.try_wait() {
+        return Err(format!("{} died during the run: {status}", server.bin));
+    }
+    drop(guard);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(format!(
+            "load failed ({}): {}",
+            output.status,
+            stderr.trim()
+        ));
+    }
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).map_err(|e| format!("unreadable load output {line:?}: {e}"))
+}
+
+fn wait_listening(stdout: std::process::ChildStdout, limit: Duration) -> Result<(), String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.starts_with("listening on"));
+        let _ = tx.send(ready);
+        // Keep draining so the server never blocks on a full pipe.
+        for _ in lines {}
+    });
+    match rx.recv_timeout(limit) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("the server exited before listening".into()),
+        Err(_) => Err("the server did not listen in time".into()),
+    }
+}
+
+fn wait_output(mut child: Child, limit: Duration) -> Result<std::process::Output, String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => {
+                return child
+                    .wait_with_output()
+                    .map_err(|e| format!("load output: {e}"));
+            }
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "load ran past {:.0} s; killed",
+                    limit.as_secs_f64()
+                ));
+            }
+            Err(e) => return Err(format!("waiting for load: {e}")),
+        }
+    }
+}
+
+// ---- the report ----
+
+/// The median over rounds of a metric.
+fn median_of(runs: &Runs, scenario: usize, server: &str, key: &str) -> Option<f64> {
+    let values: Vec<f64> = runs
+        .get(&(scenario, leak_name(server)?))?
+        .iter()
+        .flatten()
+        .filter_map(|o| o.get(key))
+        .collect();
+    median(&values)
+}
+
+/// The `&'static` name of a known server.
+fn leak_name(name: &str) -> Option<&'static str> {
+    SERVERS.iter().map(|s| s.name).find(|n| *n == name)
+}
+
+/// Per round: `a`'s metric over the largest of `bs`' in that same round;
+/// the median of those ratios.
+fn ratio(runs: &Runs, scenario: usize, a: &str, bs: &[&str], key: &str) -> Option<f64> {
+    let of =
+        |name: &str| -> Option<&Vec<Option<Outcome>>> { runs.get(&(scenario, leak_name(name)?)) };
+    let a_runs = of(a)?;
+    let b_runs: Vec<&Vec<Option<Outcome>>> = bs.iter().filter_map(|b| of(b)).collect();
+    if b_runs.is_empty() {
+        return None;
+    }
+    let ratios: Vec<f64> = (0..a_runs.len())
+        .filter_map(|round| {
+            let a = a_runs.get(round)?.as_ref()?.get(key)?;
+            let b = b_runs
+                .iter()
+                .filter_map(|r| r.get(round)?.as_ref()?.get(key))
+                .fold(f64::NAN, f64::max);
+            (b > 0.0).then(|| a / b)
+        })
+        .collect();
+    median(&ratios)
+}
+
+fn num(v: Option<f64>) -> String {
+    let Some(v) = v else {
+        return "—".into();
+    };
+    if v.abs() >= 1000.0 {
+        let digits = format!("{:.0}", v.abs());
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        if v < 0.0 { format!("-{out}") } else { out }
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn times(v: Option<f64>) -> String {
+    v.map_or_else(|| "—".into(), |v| format!("{v:.2}x"))
+}
+
+fn table(scenarios: &[Scenario], servers: &[&Server], runs: &Runs) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "| # | Scenario | Server | Result | MB/s | p50 µs | p99 µs | p99.9 µs | KiB/conn \
+         | vs tokio-tungstenite | vs fastwebsockets | vs raw TCP | spread | CPU % srv/load/other | srv µs/op |\n",
+    );
+    out.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for scenario in scenarios {
+        let (key, unit) = scenario.primary();
+        for server in servers.iter().filter(|s| scenario.runs_on(s)) {
+            let Some(outcomes) = runs.get(&(scenario.id, server.name)) else {
+                continue;
+            };
+            let m = |k: &str| median_of(runs, scenario.id, server.name, k);
+            let primary: Vec<f64> = outcomes
+                .iter()
+                .flatten()
+                .filter_map(|o| o.get(key))
+                .collect();
+            let failed = outcomes.iter().filter(|o| o.is_none()).count();
+            let result = match m(key) {
+                Some(v) if failed == 0 => format!("{} {unit}", num(Some(v))),
+                Some(v) => format!("{} {unit} ({failed} failed)", num(Some(v))),
+                None => "FAILED".into(),
+            };
+            let spread = match (median(&primary), primary.len()) {
+                (Some(mid), 2..) if mid > 0.0 => {
+                    let max = primary.iter().copied().fold(f64::MIN, f64::max);
+                    let min = primary.iter().copied().fold(f64::MAX, f64::min);
+                    format!("±{:.0}%", (max - min) / mid * 50.0)
+                }
+                _ => "—".into(),
+            };
+            let pct = |k: &str| m(k).map_or_else(|| "—".to_owned(), |v| format!("{v:.0}"));
+            let cpu = format!(
+                "{}/{}/{}",
+                pct("server_cpu"),
+                pct("load_cpu"),
+                pct("other_cpu")
+            );
+            // Server CPU per message, handshake or delivery: steadier than
+            // throughput on a shared machine.
+            let per_op = match (m("server_cpu"), m(key)) {
+                (Some(cpu), Some(v)) if v > 0.0 => format!("{:.2}", cpu * 1e4 / v),
+                _ => "—".into(),
+            };
+            let vs = |peer: &str| times(ratio(runs, scenario.id, server.name, &[peer], key));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                scenario.id,
+                scenario.title,
+                server.name,
+                result,
+                num(m("mb_per_s")),
+                num(m("p50_us")),
+                num(m("p99_us")),
+                num(m("p999_us")),
+                num(m("kib_per_conn")),
+                vs("tokio-tungstenite"),
+                vs("fastwebsockets"),
+                vs("raw-tcp"),
+                spread,
+                cpu,
+                per_op,
+            );
+        }
+    }
+    out.push('\n');
+    out
+}
+
+fn goals(runs: &Runs) -> String {
+    let mut rows: Vec<(String, String, Option<bool>)> = Vec::new();
+    let check = |v: Option<f64>, ok: &dyn Fn(f64) -> bool| v.map(ok);
+    for s in 1..=4 {
+        let key = "msgs_per_s";
+        let fws = ratio(runs, s, "duplex", &["fastwebsockets"], key);
+        let tt = ratio(runs, s, "duplex", &["tokio-tungstenite"], key);
+        rows.push((
+            format!("S{s}: duplex ≥ 1.0x fastwebsockets"),
+            times(fws),
+            check(fws, &|v| v >= 1.0),
+        ));
+        rows.push((
+            format!("S{s}: duplex ≥ 1.3x tokio-tungstenite"),
+            times(tt),
+            check(tt, &|v| v >= 1.3),
+        ));
+        let (bound, applies) = match s {
+            2 => (0.5, true),
+            3 | 4 => (0.8, true),
+            _ => (0.0, false),
+        };
+        if applies {
+            let raw = ratio(runs, s, "duplex", &["raw-tcp"], key);
+            rows.push((
+                format!("S{s}: duplex ≥ {bound}x raw TCP echo"),
+                times(raw),
+                check(raw, &|v| v >= bound),
+            ));
+        }
+    }
+    let mem = median_of(runs, 5, "duplex", "kib_per_conn");
+    rows.push((
+        "S5: duplex ≤ 5 KiB per idle connection".into(),
+        mem.map_or_else(|| "—".into(), |v| format!("{v:.2} KiB")),
+        check(mem, &|v| v <= 5.0),
+    ));
+    let hs = ratio(runs, 5, "duplex", &["fastwebsockets"], "handshakes_per_s");
+    rows.push((
+        "S5: duplex handshakes/s ≥ fastwebsockets'".into(),
+        times(hs),
+        check(hs, &|v| v >= 1.0),
+    ));
+    let peers = ["tokio-tungstenite", "fastwebsockets", "axum"];
+    let bc = ratio(runs, 6, "duplex", &peers, "deliveries_per_s");
+    rows.push((
+        "S6: duplex ≥ 2x the best peer's deliveries/s".into(),
+        times(bc),
+        check(bc, &|v| v >= 2.0),
+    ));
+    let hub = ratio(runs, 6, "duplex-hub", &peers, "deliveries_per_s");
+    if hub.is_some() {
+        rows.push((
+            "S6 (hub): duplex::Hub ≥ 2x the best peer's deliveries/s".into(),
+            times(hub),
+            check(hub, &|v| v >= 2.0),
+        ));
+    }
+    let mut out = String::from("| Goal | Measured | Met |\n|---|---:|---|\n");
+    for (goal, measured, met) in rows {
+        let met = match met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "not measured",
+        };
+        let _ = writeln!(out, "| {goal} | {measured} | {met} |");
+    }
+    out.push('\n');
+    out
+}
+
+/// A line about the machine the numbers come from.
+fn machine() -> String {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown CPU", |(_, v)| v.trim())
+        .to_owned();
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let mem_gib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / (1 << 20) as f64);
+    let kernel = read("/proc/sys/kernel/osrelease");
+    let rustc = Command::new("rustc")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!(
+        "Machine: {model}, {cpus} CPUs, {mem_gib:.0} GiB, Linux {}, {rustc}; {date}\n\n",
+        kernel.trim()
+    )
+}
