@@ -5,10 +5,17 @@ use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     Router,
+    body::Body,
+    extract::ConnectInfo,
     routing::MethodRouter,
     serve::{Listener, ListenerExt, TapIo},
 };
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower_service::Service;
 
 use crate::{
     config::WebSockets,
@@ -19,6 +26,9 @@ use crate::{
 };
 
 type Mount = Box<dyn FnOnce(Router, &WebSockets) -> Router + Send>;
+
+/// How long a client may take to send its request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A server: a WebSockets configuration, WebSocket routes and plain HTTP
 /// routes (an axum `Router` underneath).
@@ -224,28 +234,69 @@ impl App {
         self.serve_listener(listener, signal).await
     }
 
-    async fn serve_listener<L, T, F>(self, listener: TapIo<L, T>, signal: F) -> io::Result<()>
+    /// The accept loop: each connection is served by hyper's HTTP/1 with
+    /// upgrades, directly on the accepted stream. (axum's `serve` would first
+    /// peek at the bytes to tell HTTP/2 from HTTP/1 and wrap the stream, so
+    /// an upgraded connection could never be taken back as a `TcpStream`.)
+    async fn serve_listener<L, T, F>(self, mut listener: TapIo<L, T>, signal: F) -> io::Result<()>
     where
         L: Listener<Addr = SocketAddr>,
+        L::Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         T: FnMut(&mut L::Io) + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
         let websockets = self.websockets.clone();
         let grace = self.shutdown_grace;
         let router = self.into_router();
+        // Stops HTTP connections between requests on shutdown; upgraded ones
+        // are the sessions' business (1001 through `WebSockets::shutdown`).
+        let stopping = CancellationToken::new();
+        let connections = TaskTracker::new();
+        let mut http = hyper::server::conn::http1::Builder::new();
+        // A client that never finishes its request head is dropped.
+        http.timer(TokioTimer::new())
+            .header_read_timeout(Some(HEADER_READ_TIMEOUT));
+        let mut signal = std::pin::pin!(signal);
+        loop {
+            let (io, peer) = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = &mut signal => break,
+            };
+            let router = router.clone();
+            let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                let mut request = request.map(Body::new);
+                request.extensions_mut().insert(ConnectInfo(peer));
+                Service::call(&mut router.clone(), request)
+            });
+            let connection = http
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            let stopping = stopping.clone();
+            connections.spawn(async move {
+                let mut connection = std::pin::pin!(connection);
+                let result = tokio::select! {
+                    result = connection.as_mut() => result,
+                    () = stopping.cancelled() => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                };
+                if let Err(err) = result {
+                    tracing::debug!(%peer, "HTTP connection ended: {err}");
+                }
+            });
+        }
+        tracing::info!("shutting down");
         let ws = websockets.clone();
-        let stop = async move {
-            signal.await;
-            tracing::info!("shutting down");
-            let ws = ws.clone();
-            tokio::spawn(async move { ws.shutdown(grace).await });
-        };
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop)
-        .await?;
+        tokio::spawn(async move { ws.shutdown(grace).await });
+        stopping.cancel();
+        connections.close();
+        if tokio::time::timeout(grace, connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("HTTP connections still open after the shutdown grace period");
+        }
         websockets.shutdown(grace).await;
         Ok(())
     }

@@ -38,9 +38,14 @@ const MAX_ROUNDS: usize = 16;
 /// Reads per round: a fast sender cannot keep one round reading forever.
 const MAX_READS_PER_ROUND: usize = 4;
 
-/// The read buffer's first size and its growth step. Small, so that an idle
-/// connection costs little; frames larger than this reserve their own size.
+/// The first read size: small, for connections that exchange small
+/// messages. A read that fills its room doubles the next one, up to
+/// [`MAX_READ_CHUNK`]; a read under a quarter of it halves it again (the
+/// adaptive strategy of hyper's read buffer).
 const READ_CHUNK: usize = 4096;
+
+/// The largest read: enough for several mid-sized frames per syscall.
+const MAX_READ_CHUNK: usize = 64 * 1024;
 
 /// Slices per vectored write.
 const MAX_IOVECS: usize = 64;
@@ -73,6 +78,8 @@ pub(crate) struct Driver {
     read_buf: BytesMut,
     /// Bytes that arrived with the upgrade request, not yet fed.
     pending_input: bool,
+    /// How much the next read asks for.
+    read_chunk: usize,
     handler: Option<HandlerFuture>,
     shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     sleep: Pin<Box<tokio::time::Sleep>>,
@@ -100,6 +107,7 @@ impl Driver {
             shared,
             transport: Transport::Open(io),
             pending_input: !leftover.is_empty(),
+            read_chunk: READ_CHUNK,
             read_buf: BytesMut::from(&leftover[..]),
             handler: Some(handler),
             shutdown: Some(Box::pin(shutdown)),
@@ -195,13 +203,21 @@ impl Driver {
                 inner.reading_paused = true;
                 break;
             }
-            match io.poll_read_buf(cx, &mut self.read_buf, READ_CHUNK) {
+            let room = (self.read_buf.capacity() - self.read_buf.len()).max(self.read_chunk);
+            match io.poll_read_buf(cx, &mut self.read_buf, self.read_chunk) {
                 Poll::Ready(Ok(0)) => {
                     inner.conn.handle_eof(now);
                     progress = true;
                     break;
                 }
                 Poll::Ready(Ok(n)) => {
+                    self.read_chunk = if n >= room {
+                        (self.read_chunk * 2).min(MAX_READ_CHUNK)
+                    } else if n < self.read_chunk / 4 {
+                        (self.read_chunk / 2).max(READ_CHUNK)
+                    } else {
+                        self.read_chunk
+                    };
                     let queued = inner.conn.pending_events().0;
                     inner.conn.handle_input(now, &mut self.read_buf);
                     // Counted per read, not per message: the hot path stays lean.

@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite, Interest, ReadBuf},
     net::TcpStream,
 };
 
@@ -46,32 +46,48 @@ impl Socket {
         }
     }
 
-    /// Reads into `buf`, reserving `chunk` bytes only once data is there
-    /// (for TCP; other transports need the room before they are polled).
+    /// Reads into `buf` with room for at least `chunk` bytes, reserved only
+    /// once data is there (for TCP; other transports need the room before
+    /// they are polled).
     pub(crate) fn poll_read_buf(
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
         chunk: usize,
     ) -> Poll<io::Result<usize>> {
-        let reserve = |buf: &mut BytesMut| {
-            if buf.capacity() - buf.len() < chunk / 4 {
-                buf.reserve(chunk);
-            }
-        };
         match self {
             Socket::Tcp(tcp) => loop {
                 ready!(tcp.poll_read_ready(cx))?;
-                reserve(buf);
-                match tcp.try_read_buf(buf) {
-                    // Readiness was stale; `try_read_buf` cleared it, so the
-                    // next poll registers for the next edge.
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    result => return Poll::Ready(result),
+                buf.reserve(chunk);
+                let room = buf.capacity() - buf.len();
+                let mut read = None;
+                // A read that does not fill the room has drained the socket:
+                // reporting it as WouldBlock inside `try_io` clears the
+                // readiness seen before the read (as tokio's own `poll_read`
+                // does), which saves the next read's EAGAIN. Clearing it
+                // after the read instead could lose an edge that came in
+                // between.
+                let result = tcp.try_io(Interest::READABLE, || {
+                    let n = tcp.try_read_buf(buf)?;
+                    read = Some(n);
+                    if n > 0 && n < room {
+                        Err(io::ErrorKind::WouldBlock.into())
+                    } else {
+                        Ok(n)
+                    }
+                });
+                match (result, read) {
+                    (Ok(n), _) => return Poll::Ready(Ok(n)),
+                    (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Poll::Ready(Ok(n));
+                    }
+                    // Stale readiness, now cleared: wait for the next edge.
+                    (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    (Err(e), _) => return Poll::Ready(Err(e)),
                 }
             },
             Socket::Other(io) => {
-                reserve(buf);
+                buf.reserve(chunk);
                 tokio_util::io::poll_read_buf(io.as_mut(), cx, buf)
             }
         }
