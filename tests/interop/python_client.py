@@ -10,6 +10,7 @@ Usage: python_client.py --server PATH/TO/duplex-chat
 
 import argparse
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -71,6 +72,38 @@ async def chat_counts_users_and_broadcasts_to_everyone(base):
     finally:
         for ws in clients:
             await ws.close()
+
+
+async def next_of_type(ws, kind):
+    """The next JSON event of `kind`, skipping others (directory updates)."""
+    while True:
+        event = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        if event["type"] == kind:
+            return event
+
+
+@test
+async def json_chat_rooms_and_direct_messages(base):
+    ada = await websockets.connect(base + "/chat")
+    grace = await websockets.connect(base + "/chat")
+    try:
+        for ws, name in [(ada, "Ada"), (grace, "Grace")]:
+            await ws.send(json.dumps({"type": "hello", "name": name}))
+            assert (await next_of_type(ws, "welcome"))["name"] == name
+            await ws.send(json.dumps({"type": "join", "room": "general"}))
+            await next_of_type(ws, "joined")
+        await ada.send(json.dumps({"type": "message", "room": "general", "text": "hi all"}))
+        for ws in (ada, grace):
+            event = await next_of_type(ws, "message")
+            assert (event["from"], event["text"]) == ("Ada", "hi all"), event
+        await grace.send(json.dumps({"type": "dm", "to": "Ada", "text": "psst"}))
+        event = await next_of_type(ada, "dm")
+        assert (event["from"], event["text"]) == ("Grace", "psst"), event
+        await ada.send(json.dumps({"type": "hello", "name": "x" * 100}))
+        assert (await next_of_type(ada, "error"))["code"], "bad input gets an error event"
+    finally:
+        await ada.close()
+        await grace.close()
 
 
 @test
