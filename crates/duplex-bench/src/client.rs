@@ -45,8 +45,9 @@ pub async fn connect(
     source: Option<IpAddr>,
     path: &str,
     timeout: Duration,
+    extra_headers: &str,
 ) -> io::Result<(TcpStream, Vec<u8>)> {
-    tokio::time::timeout(timeout, connect_inner(addr, source, path))
+    tokio::time::timeout(timeout, connect_inner(addr, source, path, extra_headers))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))?
 }
@@ -55,6 +56,7 @@ async fn connect_inner(
     addr: SocketAddr,
     source: Option<IpAddr>,
     path: &str,
+    extra_headers: &str,
 ) -> io::Result<(TcpStream, Vec<u8>)> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -68,7 +70,7 @@ async fn connect_inner(
     stream.set_nodelay(true)?;
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
     let mut buf = Vec::with_capacity(512);

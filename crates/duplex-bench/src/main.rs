@@ -43,15 +43,16 @@ struct Args {
     /// Subscribers of scenario 6.
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
-    /// Scenarios to run (1-6), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6")]
+    /// Scenarios to run (1-7), comma-separated. 7 compares duplex with
+    /// permessage-deflate against duplex without it.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7")]
     scenarios: Vec<usize>,
     /// Servers to run, comma-separated: duplex, tokio-tungstenite,
     /// fastwebsockets, axum, raw-tcp, duplex-hub (broadcast only).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "duplex,tokio-tungstenite,fastwebsockets,axum,raw-tcp,duplex-hub"
+        default_value = "duplex,tokio-tungstenite,fastwebsockets,axum,raw-tcp,duplex-hub,duplex-deflate"
     )]
     servers: Vec<String>,
     /// Every server in every mode for about a second, tiny counts, no
@@ -88,6 +89,8 @@ struct Server {
     args: &'static [&'static str],
     echo: bool,
     broadcast: bool,
+    /// Takes part in the deflate scenario (duplex with and without it).
+    deflate: bool,
 }
 
 const SERVERS: &[Server] = &[
@@ -97,6 +100,7 @@ const SERVERS: &[Server] = &[
         args: &[],
         echo: true,
         broadcast: true,
+        deflate: true,
     },
     Server {
         name: "tokio-tungstenite",
@@ -104,6 +108,7 @@ const SERVERS: &[Server] = &[
         args: &[],
         echo: true,
         broadcast: true,
+        deflate: false,
     },
     Server {
         name: "fastwebsockets",
@@ -111,6 +116,7 @@ const SERVERS: &[Server] = &[
         args: &[],
         echo: true,
         broadcast: true,
+        deflate: false,
     },
     Server {
         name: "axum",
@@ -118,6 +124,7 @@ const SERVERS: &[Server] = &[
         args: &[],
         echo: true,
         broadcast: true,
+        deflate: false,
     },
     Server {
         name: "raw-tcp",
@@ -125,6 +132,15 @@ const SERVERS: &[Server] = &[
         args: &[],
         echo: true,
         broadcast: false,
+        deflate: false,
+    },
+    Server {
+        name: "duplex-deflate",
+        bin: "server-duplex",
+        args: &["--deflate"],
+        echo: false,
+        broadcast: false,
+        deflate: true,
     },
     Server {
         name: "duplex-hub",
@@ -132,6 +148,7 @@ const SERVERS: &[Server] = &[
         args: &["--hub"],
         echo: false,
         broadcast: true,
+        deflate: false,
     },
 ];
 
@@ -140,6 +157,8 @@ enum Kind {
     Echo,
     Connections,
     Broadcast,
+    /// An echo offering permessage-deflate: duplex with it against without.
+    DeflateEcho,
 }
 
 /// A scenario: a title and the load generator's arguments.
@@ -154,7 +173,7 @@ impl Scenario {
     /// The number that ratios compare.
     fn primary(&self) -> (&'static str, &'static str) {
         match self.kind {
-            Kind::Echo => ("msgs_per_s", "msg/s"),
+            Kind::Echo | Kind::DeflateEcho => ("msgs_per_s", "msg/s"),
             Kind::Connections => ("handshakes_per_s", "handshakes/s"),
             Kind::Broadcast => ("deliveries_per_s", "deliveries/s"),
         }
@@ -164,6 +183,7 @@ impl Scenario {
         match self.kind {
             Kind::Echo | Kind::Connections => server.echo,
             Kind::Broadcast => server.broadcast,
+            Kind::DeflateEcho => server.deflate,
         }
     }
 }
@@ -184,6 +204,11 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
             v.push("--binary".to_owned());
         }
         timed(v)
+    };
+    let deflate_echo = |c: &str, s: &str, p: &str| {
+        let mut v = echo(c, s, false, p);
+        v.push("--deflate".to_owned());
+        v
     };
     let broadcast = |n: &str, window: &str| {
         timed(strings(&[
@@ -229,6 +254,12 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
                 Kind::Broadcast,
                 broadcast("10", "8"),
             ),
+            (
+                7,
+                "echo 2 conns, 4 KiB text, permessage-deflate offered".into(),
+                Kind::DeflateEcho,
+                deflate_echo("2", "4096", "2"),
+            ),
         ]
     } else {
         let n = args.connections.to_string();
@@ -269,6 +300,13 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
                 format!("broadcast 1 to {subs} subscribers, 64 B"),
                 Kind::Broadcast,
                 broadcast(&subs, "64"),
+            ),
+            (
+                7,
+                "echo 10 conns, 4 KiB compressible text, 4 in flight, permessage-deflate offered"
+                    .into(),
+                Kind::DeflateEcho,
+                deflate_echo("10", "4096", "4"),
             ),
         ]
     };
@@ -488,11 +526,7 @@ fn run_quietly(
         if !args.smoke {
             wait_quiet(args);
         }
-        *port = if *port >= 60_000 {
-            args.base_port
-        } else {
-            *port + 1
-        };
+        *port = next_free_port(*port, args.base_port);
         let outcome = run_one(dir, server, scenario, *port, pin, args)?;
         let other = outcome.get("other_cpu").unwrap_or(0.0);
         let best_other = best
@@ -638,6 +672,18 @@ fn wait_output(mut child: Child, limit: Duration) -> Result<std::process::Output
             Err(e) => return Err(format!("waiting for load: {e}")),
         }
     }
+}
+
+/// The next port after `port` that nothing on 127.0.0.1 listens on (a
+/// port still held by another process would make the server fail to start).
+fn next_free_port(mut port: u16, base: u16) -> u16 {
+    for _ in 0..1000 {
+        port = if port >= 60_000 { base } else { port + 1 };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    port
 }
 
 // ---- the report ----
@@ -838,6 +884,15 @@ fn goals(runs: &Runs) -> String {
             check(hub, &|v| v >= 2.0),
         ));
     }
+    // Issue 4's scenario sets no goal: it shows what compression costs.
+    let deflate = ratio(runs, 7, "duplex-deflate", &["duplex"], "msgs_per_s");
+    let deflate_met = deflate.map(|_| true);
+    rows.push((
+        "S7: duplex with permessage-deflate, as a ratio of duplex without (no goal; measured)"
+            .into(),
+        times(deflate),
+        deflate_met,
+    ));
     let mut out = String::from("| Goal | Measured | Met |\n|---|---:|---|\n");
     for (goal, measured, met) in rows {
         let met = match met {

@@ -73,6 +73,11 @@ enum Mode {
         /// Messages in flight per connection.
         #[arg(long, short = 'p', default_value_t = 1)]
         in_flight: usize,
+        /// Offer permessage-deflate: the client still sends uncompressed
+        /// frames (RFC 7692 §6 allows it) and counts the replies whatever
+        /// their compressed length, so the server's compression is measured.
+        #[arg(long)]
+        deflate: bool,
         /// Seconds of warm-up, not measured.
         #[arg(long, default_value_t = 1.0)]
         warmup: f64,
@@ -156,6 +161,10 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> io::Result<Outcome> {
     let common = Common {
+        extra_headers: match &args.mode {
+            Mode::Echo { deflate: true, .. } => "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+            _ => "",
+        },
         addr: args.addr,
         sources: args.sources.unwrap_or_else(|| {
             let n = match &args.mode {
@@ -179,6 +188,7 @@ async fn run(args: Args) -> io::Result<Outcome> {
             size,
             binary,
             in_flight,
+            deflate,
             warmup,
             duration,
         } => {
@@ -186,6 +196,7 @@ async fn run(args: Args) -> io::Result<Outcome> {
             let spec = EchoSpec {
                 connections,
                 size,
+                any_len: deflate,
                 opcode,
                 in_flight: in_flight.max(1),
                 warmup: secs(warmup),
@@ -242,6 +253,8 @@ fn secs(s: f64) -> Duration {
 }
 
 struct Common {
+    /// Headers added to every upgrade request.
+    extra_headers: &'static str,
     addr: SocketAddr,
     sources: u8,
     timeout: Duration,
@@ -268,7 +281,14 @@ impl Common {
     }
 
     async fn connect(&self, i: usize, path: &str) -> io::Result<(TcpStream, Vec<u8>)> {
-        client::connect(self.addr, self.source(i), path, self.timeout).await
+        client::connect(
+            self.addr,
+            self.source(i),
+            path,
+            self.timeout,
+            self.extra_headers,
+        )
+        .await
     }
 
     /// Opens `n` connections, `concurrency` handshakes at a time.
@@ -335,6 +355,8 @@ fn check_running(tasks: &[JoinHandle<()>], failures: &RefCell<Vec<String>>) -> i
 struct EchoSpec {
     connections: usize,
     size: usize,
+    /// Count replies of any length (they may come compressed).
+    any_len: bool,
     opcode: u8,
     in_flight: usize,
     warmup: Duration,
@@ -371,6 +393,7 @@ async fn echo(common: &Common, path: &str, spec: EchoSpec) -> io::Result<Outcome
                 out: Rc::clone(&out),
                 frame_len,
                 spec_len: spec.size as u64,
+                any_len: spec.any_len,
                 opcode: spec.opcode,
                 in_flight: spec.in_flight,
                 stats: Rc::clone(&stats),
@@ -417,6 +440,8 @@ struct EchoConn {
     out: Rc<[u8]>,
     frame_len: usize,
     spec_len: u64,
+    /// Replies may be compressed: any length counts.
+    any_len: bool,
     opcode: u8,
     in_flight: usize,
     stats: Rc<EchoStats>,
@@ -502,11 +527,11 @@ impl EchoConn {
     fn take_frames(&mut self) -> io::Result<usize> {
         let mut done = 0usize;
         let mut bad = None;
-        let (opcode, len) = (self.opcode, self.spec_len);
+        let (opcode, len, any_len) = (self.opcode, self.spec_len, self.any_len);
         self.reader.parse(|f| {
             if f.opcode == OP_CLOSE {
                 bad = Some("the server sent a Close".to_owned());
-            } else if f.opcode == opcode && f.fin && f.len == len {
+            } else if f.opcode == opcode && f.fin && (any_len || f.len == len) {
                 done += 1;
             } else if f.opcode & 0x8 == 0 {
                 bad = Some(format!(

@@ -19,11 +19,19 @@ fn main() -> std::io::Result<()> {
     let args = ServerArgs::parse();
     let use_hub = args.has("--hub");
     let http1 = args.has("--http1");
+    let deflate = args.has("--deflate");
     server::run(args.addr, move |listener| async move {
         let websockets = WebSockets::default()
             .ping_period(None)
             .max_message_size(MAX_MESSAGE_SIZE as u64)
             .max_frame_size(MAX_FRAME_SIZE as u64);
+        let websockets = if deflate {
+            websockets
+                .extension(duplex::Deflate::default())
+                .map_err(std::io::Error::other)?
+        } else {
+            websockets
+        };
         let app = App::new().install(websockets).web_socket("/mirror", mirror);
         let app = if use_hub {
             let hub = Hub::new();
