@@ -130,24 +130,21 @@ impl Sender {
     /// [`TrySendError::Full`] when the outgoing buffer is full,
     /// [`TrySendError::Closed`] once the session is closing.
     pub fn try_send(&self, message: impl Into<Message>) -> Result<(), TrySendError> {
-        let mut inner = self.shared.lock();
-        if !inner.conn.can_send() {
-            return Err(TrySendError::Closed);
-        }
-        if !inner.has_room() {
-            return Err(TrySendError::Full);
-        }
-        inner
-            .conn
-            .send_message(message.into())
-            .map_err(TrySendError::from)?;
-        inner.wake_driver(None);
-        Ok(())
+        let message = message.into();
+        self.try_queue(|conn| conn.send_message(message))
     }
 
     /// Queues a frame already in wire form (encoded once for many
     /// sessions by the hub).
     pub(crate) fn try_send_encoded(&self, encoded: &Bytes) -> Result<(), TrySendError> {
+        self.try_queue(|conn| conn.send_encoded(encoded.clone()))
+    }
+
+    /// The checks both non-waiting sends share, then `queue`.
+    fn try_queue(
+        &self,
+        queue: impl FnOnce(&mut duplex_proto::Connection) -> Result<(), SendError>,
+    ) -> Result<(), TrySendError> {
         let mut inner = self.shared.lock();
         if !inner.conn.can_send() {
             return Err(TrySendError::Closed);
@@ -155,10 +152,7 @@ impl Sender {
         if !inner.has_room() {
             return Err(TrySendError::Full);
         }
-        inner
-            .conn
-            .send_encoded(encoded.clone())
-            .map_err(TrySendError::from)?;
+        queue(&mut inner.conn).map_err(TrySendError::from)?;
         inner.wake_driver(None);
         Ok(())
     }
