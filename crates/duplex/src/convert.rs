@@ -76,14 +76,6 @@ impl ContentConverter for JsonConverter {
     }
 }
 
-/// Encodes `value` with `converter`.
-pub(crate) fn encode<T: serde::Serialize>(
-    converter: &dyn ContentConverter,
-    value: &T,
-) -> Result<Message, ConvertError> {
-    converter.encode(value)
-}
-
 /// Decodes a `T` from `message` with `converter`.
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     converter: &dyn ContentConverter,
@@ -113,7 +105,7 @@ mod tests {
             name: "write tests".into(),
             priority: 1,
         };
-        let msg = encode(&JsonConverter, &task).unwrap();
+        let msg = JsonConverter.encode(&task).unwrap();
         assert_eq!(
             msg.as_text(),
             Some(r#"{"name":"write tests","priority":1}"#)

@@ -213,7 +213,7 @@ impl Sender {
     /// [`Error::Convert`] if the value does not encode, or as
     /// [`send`](Self::send).
     pub async fn send_json<T: serde::Serialize>(&self, value: &T) -> Result<(), Error> {
-        let message = convert::encode(&*self.converter, value)?;
+        let message = self.converter.encode(value)?;
         self.send(message).await
     }
 
