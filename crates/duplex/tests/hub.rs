@@ -100,6 +100,10 @@ async fn a_client_that_stops_reading_is_closed_while_the_others_get_everything()
 
     let payload = vec![b'x'; 32 << 10];
     let count = 200; // 6.25 MiB: far more than the stalled socket and outbox hold
+    // The healthy client acknowledges each message, and the publisher waits
+    // for it: a healthy reader that merely lags on a loaded machine must not
+    // be taken for a slow consumer (its outbox holds only two messages).
+    let (ack, mut acks) = tokio::sync::mpsc::unbounded_channel::<()>();
     let reader = tokio::spawn(async move {
         let mut got = 0;
         while got < count {
@@ -107,6 +111,7 @@ async fn a_client_that_stops_reading_is_closed_while_the_others_get_everything()
                 Some(Ok(WsMessage::Binary(data))) => {
                     assert_eq!(data.len(), 32 << 10);
                     got += 1;
+                    let _ = ack.send(());
                 }
                 Some(Ok(_)) => {}
                 other => panic!("healthy client lost its connection: {other:?}"),
@@ -116,9 +121,8 @@ async fn a_client_that_stops_reading_is_closed_while_the_others_get_everything()
     });
     for _ in 0..count {
         hub.publish("room", payload.clone());
-        // Let the healthy reader keep up; the stalled one cannot.
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_micros(200)).await;
+        // The healthy reader keeps up; the stalled one cannot.
+        within("the healthy client's acknowledgement", acks.recv()).await;
     }
     assert_eq!(within("the healthy reader", reader).await.unwrap(), count);
     // The stalled session was closed (1013), dropped after the close
