@@ -665,7 +665,14 @@ impl Connection {
             self.in_frame = Some(frame);
             return Ok(false);
         }
-        let payload = input.split_to(len).freeze();
+        let payload = if len == input.len() {
+            // The frame ends the input (one message per read, the usual
+            // case): taking the whole buffer avoids the shared header that
+            // splitting a buffer allocates.
+            std::mem::take(input).freeze()
+        } else {
+            input.split_to(len).freeze()
+        };
         self.on_frame(now, frame.header, payload)?;
         Ok(true)
     }

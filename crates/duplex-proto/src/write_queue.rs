@@ -6,7 +6,7 @@
 
 use std::{collections::VecDeque, io::IoSlice};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 
 use crate::{
     frame::{FrameHeader, MAX_HEADER_LEN},
@@ -18,13 +18,19 @@ use crate::{
 /// `iovec`, and a copy of a megabyte costs more.
 const COPY_THRESHOLD: usize = 4096;
 
+/// An emptied queue keeps a write buffer of at most this capacity for the
+/// next frames; a larger one is released.
+const KEEP_TAIL: usize = 256;
+
 /// A queue of frames in wire form.
 #[derive(Debug, Default)]
 pub struct WriteQueue {
     /// Frozen chunks, in order, before `tail`.
     chunks: VecDeque<Bytes>,
-    /// The chunk still being filled with small frames.
-    tail: BytesMut,
+    /// The buffer still being filled with small frames; its first `head`
+    /// bytes are written.
+    tail: Vec<u8>,
+    head: usize,
     /// Bytes queued in all, `tail` included.
     len: usize,
 }
@@ -50,17 +56,24 @@ impl WriteQueue {
     pub fn push_frame(&mut self, header: &FrameHeader, payload: Bytes) {
         let mut head = [0u8; MAX_HEADER_LEN];
         let head_len = header.encode(&mut head);
-        self.tail.extend_from_slice(&head[..head_len]);
         self.len += head_len + payload.len();
+        self.compact();
         match header.mask {
             Some(key) => {
+                self.tail.reserve(head_len + payload.len());
+                self.tail.extend_from_slice(&head[..head_len]);
                 let start = self.tail.len();
                 self.tail.extend_from_slice(&payload);
                 apply_mask(&mut self.tail[start..], key, 0);
             }
-            None if payload.len() <= COPY_THRESHOLD => self.tail.extend_from_slice(&payload),
+            None if payload.len() <= COPY_THRESHOLD => {
+                self.tail.reserve(head_len + payload.len());
+                self.tail.extend_from_slice(&head[..head_len]);
+                self.tail.extend_from_slice(&payload);
+            }
             None => {
-                self.chunks.push_back(self.tail.split().freeze());
+                self.tail.extend_from_slice(&head[..head_len]);
+                self.freeze_tail();
                 self.chunks.push_back(payload);
             }
         }
@@ -71,12 +84,32 @@ impl WriteQueue {
     pub fn push_encoded(&mut self, encoded: Bytes) {
         self.len += encoded.len();
         if encoded.len() <= COPY_THRESHOLD {
+            self.compact();
             self.tail.extend_from_slice(&encoded);
         } else {
-            if !self.tail.is_empty() {
-                self.chunks.push_back(self.tail.split().freeze());
-            }
+            self.freeze_tail();
             self.chunks.push_back(encoded);
+        }
+    }
+
+    /// Moves the unwritten part of `tail` into `chunks`, without copying,
+    /// so that a large payload can queue behind it.
+    fn freeze_tail(&mut self) {
+        if self.head < self.tail.len() {
+            let tail = Bytes::from(std::mem::take(&mut self.tail));
+            self.chunks.push_back(tail.slice(self.head..));
+        } else {
+            self.tail.clear();
+        }
+        self.head = 0;
+    }
+
+    /// Drops the written front of `tail` once it is at least half of it, so
+    /// that a queue that never empties does not grow without bound.
+    fn compact(&mut self) {
+        if self.head > 0 && self.head * 2 >= self.tail.len() {
+            self.tail.drain(..self.head);
+            self.head = 0;
         }
     }
 
@@ -88,7 +121,7 @@ impl WriteQueue {
             .chunks
             .iter()
             .map(|b| &b[..])
-            .chain(std::iter::once(&self.tail[..]));
+            .chain(std::iter::once(&self.tail[self.head..]));
         for (slot, part) in dst.iter_mut().zip(parts.filter(|p| !p.is_empty())) {
             *slot = IoSlice::new(part);
             n += 1;
@@ -102,7 +135,7 @@ impl WriteQueue {
             .iter()
             .map(|b| &b[..])
             .find(|b| !b.is_empty())
-            .unwrap_or(&self.tail[..])
+            .unwrap_or(&self.tail[self.head..])
     }
 
     /// Drops the first `n` bytes, which were written.
@@ -120,15 +153,22 @@ impl WriteQueue {
                     return;
                 }
                 None => {
-                    self.tail.advance(n);
-                    return;
+                    self.head += n;
+                    break;
                 }
             }
         }
         if self.len == 0 {
-            // Nothing waits: give the buffer back, so that an idle
-            // connection holds none (the next write allocates anew).
-            self.tail = BytesMut::new();
+            self.head = 0;
+            if self.tail.capacity() <= KEEP_TAIL {
+                // A small buffer is kept for the next reply: allocating
+                // one per message cost more than an echo's own work.
+                self.tail.clear();
+            } else {
+                // A larger one goes back, so that an idle connection does
+                // not hold it.
+                self.tail = Vec::new();
+            }
         }
     }
 }
@@ -181,6 +221,81 @@ mod tests {
             assert_eq!(&bytes[12..16], &[0x82, 126, 0x27, 0x10]);
             assert!(bytes[16..10_016].iter().all(|&b| b == 2));
         }
+    }
+
+    #[test]
+    fn an_emptied_queue_keeps_a_small_buffer_and_releases_a_large_one() {
+        // Whether the emptied queue still holds memory it can write into.
+        fn holds_buffer(q: &mut WriteQueue) -> bool {
+            q.tail.capacity() > 0
+        }
+        let mut q = WriteQueue::new();
+        for _ in 0..3 {
+            q.push_frame(&header(20, None), Bytes::from(vec![7u8; 20]));
+            assert_eq!(drain(&mut q, 9).len(), 22);
+            assert!(holds_buffer(&mut q), "the small reply buffer is kept");
+        }
+        q.push_frame(&header(3000, None), Bytes::from(vec![7u8; 3000]));
+        assert_eq!(drain(&mut q, usize::MAX).len(), 3004);
+        assert!(!holds_buffer(&mut q), "an idle queue holds no large buffer");
+        // A queue that was split for a large payload starts over as well.
+        q.push_frame(&header(20, None), Bytes::from(vec![7u8; 20]));
+        q.push_frame(&header(10_000, None), Bytes::from(vec![8u8; 10_000]));
+        drain(&mut q, usize::MAX);
+        assert!(!holds_buffer(&mut q));
+        q.push_frame(&header(20, None), Bytes::from(vec![7u8; 20]));
+        drain(&mut q, usize::MAX);
+        assert!(holds_buffer(&mut q));
+    }
+
+    #[test]
+    fn a_queue_that_never_empties_stays_bounded_and_in_order() {
+        let mut q = WriteQueue::new();
+        let mut expected = Vec::new();
+        let mut written = Vec::new();
+        // Deterministic pseudo-random sizes and partial writes.
+        let mut seed = 0x2545_f491_u32;
+        let mut next = |bound: u32| {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            (seed >> 8) % bound
+        };
+        for i in 0..5_000u32 {
+            // Mostly small frames, which share the buffer; now and then a
+            // large one, queued by reference.
+            let size = match next(10) {
+                _ if i % 1_000 == 999 => 5_000 + next(3_000) as usize,
+                0..=2 => next(1_000) as usize,
+                _ => next(60) as usize,
+            };
+            let fill = (i % 251) as u8;
+            let mask = (next(4) == 0).then_some([1, 2, 3, 4]);
+            let payload = vec![fill; size];
+            let mut head = [0u8; MAX_HEADER_LEN];
+            let head_len = header(size, mask).encode(&mut head);
+            let mut wire = head[..head_len].to_vec();
+            let mut body = payload.clone();
+            if let Some(key) = mask {
+                apply_mask(&mut body, key, 0);
+            }
+            wire.extend_from_slice(&body);
+            expected.extend_from_slice(&wire);
+            q.push_frame(&header(size, mask), Bytes::from(payload));
+            // Write some, but keep the queue from emptying most of the time.
+            let step = next(2 * size as u32 + 64) as usize;
+            let take = step.min(q.len().saturating_sub(1));
+            let mut slices = [IoSlice::new(&[]); 8];
+            let n = q.chunks_vectored(&mut slices);
+            let flat: Vec<u8> = slices[..n].iter().flat_map(|s| s.iter().copied()).collect();
+            written.extend_from_slice(&flat[..take.min(flat.len())]);
+            q.advance(take.min(flat.len()));
+            assert!(
+                q.tail.capacity() < 64 * 1024,
+                "tail grew to {}",
+                q.tail.capacity()
+            );
+        }
+        written.extend_from_slice(&drain(&mut q, 777));
+        assert!(written == expected, "bytes out of order or lost");
     }
 
     #[test]

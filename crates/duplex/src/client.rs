@@ -30,11 +30,11 @@ use tokio_rustls::{
     TlsConnector,
     rustls::{self, pki_types::ServerName},
 };
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::WebSockets,
-    driver::Driver,
+    driver::{Driver, Peer},
+    lifecycle::ShutdownSignal,
     request::Request,
     session::{Sender, Session},
     shared::{Inner, Shared},
@@ -175,14 +175,14 @@ impl Client {
             let _ = done.send(user.await);
             Ok(())
         });
-        let never = CancellationToken::new().cancelled_owned();
+        let never = ShutdownSignal::never();
         Driver::new(
             socket,
             leftover,
             shared,
             handler_future,
             never,
-            target.authority.clone(),
+            Peer::Host(target.authority.clone()),
         )
         .await;
         result.await.map_err(|_| ClientError::HandlerFailed)

@@ -1,24 +1,45 @@
-//! Graceful shutdown: every session watches one token, and the server waits
+//! Graceful shutdown: every session watches one signal, and the server waits
 //! for them on its way down.
 
-use std::time::Duration;
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Waker},
+    time::Duration,
+};
 
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{
+    sync::{CancellationToken, WaitForCancellationFutureOwned},
+    task::TaskTracker,
+};
 
 /// The sessions of one configuration, for graceful shutdown.
 #[derive(Clone, Default)]
 pub(crate) struct Lifecycle {
     token: CancellationToken,
+    /// Set before the token is cancelled: a connection task reads it on
+    /// every poll, and an atomic load is far cheaper than polling the
+    /// token's future (which takes the token's lock, shared by every
+    /// connection).
+    started: Arc<AtomicBool>,
     tracker: TaskTracker,
 }
 
 impl Lifecycle {
-    pub(crate) fn token(&self) -> CancellationToken {
-        self.token.clone()
+    /// What a connection task watches.
+    pub(crate) fn signal(&self) -> ShutdownSignal {
+        ShutdownSignal {
+            started: Arc::clone(&self.started),
+            wait: Box::pin(self.token.clone().cancelled_owned()),
+            registered: None,
+        }
     }
 
     pub(crate) fn is_shutting_down(&self) -> bool {
-        self.token.is_cancelled()
+        self.started.load(Ordering::Acquire)
     }
 
     pub(crate) fn spawn<F>(&self, future: F)
@@ -33,6 +54,7 @@ impl Lifecycle {
     }
 
     pub(crate) async fn shutdown(&self, grace: Duration) {
+        self.started.store(true, Ordering::Release);
         self.token.cancel();
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait())
@@ -44,5 +66,39 @@ impl Lifecycle {
                 "sessions still open after the shutdown grace period"
             );
         }
+    }
+}
+
+/// One connection task's view of the shutdown.
+pub(crate) struct ShutdownSignal {
+    started: Arc<AtomicBool>,
+    wait: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The waker the token's future last saw: the future is polled again
+    /// only when the task's waker changes, since it keeps the old one.
+    registered: Option<Waker>,
+}
+
+impl ShutdownSignal {
+    /// A signal that never fires (a client connection).
+    pub(crate) fn never() -> Self {
+        Lifecycle::default().signal()
+    }
+
+    /// Whether the shutdown has started; arranges a wake-up for when it does.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.started.load(Ordering::Acquire) {
+            return true;
+        }
+        if self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            // The flag is set before the token is cancelled, and the
+            // cancellation wakes the waker registered here: nothing is missed.
+            return false;
+        }
+        self.registered = Some(cx.waker().clone());
+        self.wait.as_mut().poll(cx).is_ready()
     }
 }

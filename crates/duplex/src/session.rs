@@ -557,6 +557,10 @@ fn poll_event(inner: &mut Inner, cx: &Context<'_>) -> Poll<Result<Option<Event>,
     if let Some(event) = inner.take_event(Some(cx)) {
         return Poll::Ready(Ok(Some(event)));
     }
+    if inner.conn.termination().is_none() && !inner.transport_done {
+        inner.register_recv(cx);
+        return Poll::Pending;
+    }
     match inner.termination() {
         Some(Termination::Closed(_)) => Poll::Ready(Ok(None)),
         Some(Termination::Failed(e)) => Poll::Ready(Err(Error::Protocol(e))),

@@ -37,6 +37,9 @@ pub(crate) struct Inner {
     pub(crate) transport_done: bool,
     /// The handler asked to drop the connection at once.
     pub(crate) terminate_requested: bool,
+    /// A waker of the handler's own task was due while that task ran: it
+    /// polls its handler again instead of being woken.
+    handler_woken: bool,
     /// The task stopped reading because the handler is behind.
     pub(crate) reading_paused: bool,
     pub(crate) incoming_limit: usize,
@@ -57,6 +60,7 @@ impl Shared {
                 flush_wakers: Vec::new(),
                 close_wakers: Vec::new(),
                 written: 0,
+                handler_woken: false,
                 transport_done: false,
                 terminate_requested: false,
                 reading_paused: false,
@@ -75,11 +79,31 @@ impl Shared {
 }
 
 impl Inner {
-    /// Remembers the connection task's waker.
-    pub(crate) fn set_driver_waker(&mut self, cx: &Context<'_>) {
+    /// Remembers the connection task's waker; true if it changed.
+    pub(crate) fn set_driver_waker(&mut self, cx: &Context<'_>) -> bool {
         match &self.driver_waker {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            _ => self.driver_waker = Some(cx.waker().clone()),
+            Some(w) if w.will_wake(cx.waker()) => false,
+            _ => {
+                self.driver_waker = Some(cx.waker().clone());
+                true
+            }
+        }
+    }
+
+    /// Whether a wake-up meant for the connection task's own handler was
+    /// held back (see [`wake_from_driver`](Self::wake_from_driver)).
+    pub(crate) fn take_handler_woken(&mut self) -> bool {
+        std::mem::take(&mut self.handler_woken)
+    }
+
+    /// Wakes `waker` on behalf of the running connection task: a waker of
+    /// that task itself is not woken (which would only schedule another
+    /// poll) but noted, and the task polls its handler again.
+    fn wake_from_driver(driver: Option<&Waker>, handler_woken: &mut bool, waker: Waker) {
+        if driver.is_some_and(|d| d.will_wake(&waker)) {
+            *handler_woken = true;
+        } else {
+            waker.wake();
         }
     }
 
@@ -152,29 +176,42 @@ impl Inner {
     }
 
     /// Wakes what bytes leaving the queue can unblock: sends waiting for
-    /// room and flushes whose mark was reached.
+    /// room and flushes whose mark was reached. Called by the connection
+    /// task only.
     pub(crate) fn on_written(&mut self) {
-        if self.has_room() {
-            self.send_wakers.drain(..).for_each(Waker::wake);
+        let driver = self.driver_waker.as_ref();
+        let woken = &mut self.handler_woken;
+        let queued = self.conn.write_queue_len();
+        if queued == 0 || queued < self.outgoing_limit {
+            for w in self.send_wakers.drain(..) {
+                Self::wake_from_driver(driver, woken, w);
+            }
         }
         let written = self.written;
         let done = self.transport_done;
-        self.flush_wakers.retain(|(mark, w)| {
-            let reached = done || *mark <= written;
-            if reached {
-                w.wake_by_ref();
+        let mut i = 0;
+        while i < self.flush_wakers.len() {
+            if done || self.flush_wakers[i].0 <= written {
+                let (_, w) = self.flush_wakers.swap_remove(i);
+                Self::wake_from_driver(driver, woken, w);
+            } else {
+                i += 1;
             }
-            !reached
-        });
+        }
     }
 
     /// Wakes everyone: the connection has ended or the transport is gone.
+    /// Called by the connection task only.
     pub(crate) fn wake_all(&mut self) {
-        if let Some(w) = self.recv_waker.take() {
-            w.wake();
+        let driver = self.driver_waker.as_ref();
+        let woken = &mut self.handler_woken;
+        let waiting = self.recv_waker.take().into_iter();
+        for w in waiting
+            .chain(self.send_wakers.drain(..))
+            .chain(self.close_wakers.drain(..))
+        {
+            Self::wake_from_driver(driver, woken, w);
         }
-        self.send_wakers.drain(..).for_each(Waker::wake);
-        self.close_wakers.drain(..).for_each(Waker::wake);
         self.on_written();
     }
 

@@ -149,6 +149,34 @@ mod rfc6455_5_2_base_framing {
         let echo = client.read_frame().await;
         assert_eq!((echo.opcode, echo.payload), (TEXT, text.into_bytes()));
     }
+
+    #[tokio::test]
+    async fn frames_ending_inside_a_read_continue_in_the_next_one() {
+        let (server, _ends) = mirror().await;
+        let mut client = RawClient::connect(server.addr, "/mirror").await;
+        // Small frames and a 20 KiB one, cut so that reads end inside a
+        // header, inside a small payload and inside the large payload: the
+        // server's small reads (a scratch buffer, then a copy of what is
+        // left) and its large ones (straight into the frame's buffer) must
+        // hand over every byte once, in order.
+        let payloads: Vec<Vec<u8>> = (0u8..6)
+            .map(|i| vec![i; 10 + usize::from(i)])
+            .chain([vec![0xEE; 20_000]])
+            .chain((6u8..9).map(|i| vec![i; 3]))
+            .collect();
+        let wire: Vec<u8> = payloads
+            .iter()
+            .flat_map(|p| encode_frame(true, 0, BINARY, p, Some(MASK)))
+            .collect();
+        for part in [&wire[..40], &wire[40..75], &wire[75..5_000], &wire[5_000..]] {
+            client.write(part).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for expected in payloads {
+            let echo = client.read_frame().await;
+            assert_eq!((echo.opcode, echo.payload), (BINARY, expected));
+        }
+    }
 }
 
 mod rfc6455_5_4_fragmentation {
