@@ -87,7 +87,7 @@ impl IntoResponse for Rejection {
 /// An accepted upgrade: what the 101 response carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Accepted {
-    accept: String,
+    accept: HeaderValue,
     /// The subprotocol chosen, if the route names any.
     pub(crate) protocol: Option<String>,
     /// The `Sec-WebSocket-Extensions` answer, if any extension was accepted.
@@ -102,9 +102,7 @@ impl Accepted {
         let headers = response.headers_mut();
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        if let Ok(accept) = HeaderValue::from_str(&self.accept) {
-            headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-        }
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, self.accept.clone());
         if let Some(protocol) = self
             .protocol
             .as_deref()
@@ -177,7 +175,8 @@ pub(crate) fn accept(
         Some(chosen.to_owned())
     };
     Ok(Accepted {
-        accept: accept_key(key),
+        // Base64 is always a valid header value; the String is not copied.
+        accept: HeaderValue::try_from(accept_key(key)).map_err(|_| Rejection::InvalidKey)?,
         protocol,
         extensions: None,
     })
