@@ -76,8 +76,9 @@ impl Socket {
         match self {
             Socket::Tcp(tcp) => loop {
                 ready!(tcp.poll_read_ready(cx))?;
-                let spare = buf.capacity() - buf.len();
-                let through_scratch = chunk <= SCRATCH_LEN && spare < chunk;
+                // A partial frame is continued in place: through the scratch
+                // buffer it would be copied again on every read.
+                let through_scratch = buf.is_empty() && chunk <= SCRATCH_LEN;
                 let room = if through_scratch {
                     SCRATCH_LEN
                 } else {
@@ -95,11 +96,7 @@ impl Socket {
                     let n = if through_scratch {
                         SCRATCH.with_borrow_mut(|scratch| {
                             let n = tcp.try_read(&mut scratch[..])?;
-                            if buf.is_empty() {
-                                *buf = BytesMut::from(&scratch[..n]);
-                            } else {
-                                buf.extend_from_slice(&scratch[..n]);
-                            }
+                            *buf = BytesMut::from(&scratch[..n]);
                             Ok::<_, io::Error>(n)
                         })?
                     } else {
