@@ -111,6 +111,11 @@ impl BackplaneSink {
             hub.deliver(&envelope);
         }
     }
+
+    /// Whether the hub is gone: a backplane can stop its work for it.
+    pub fn is_closed(&self) -> bool {
+        self.hub.strong_count() == 0
+    }
 }
 
 impl fmt::Debug for BackplaneSink {
