@@ -55,6 +55,9 @@ const BATCH: usize = 256;
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const LAST_RETRY: Duration = Duration::from_secs(10);
 
+/// How often a quiet subscription checks that its hub still exists.
+const HUB_CHECK: Duration = Duration::from_secs(1);
+
 /// The wire format's version byte.
 const VERSION: u8 = 1;
 
@@ -155,14 +158,23 @@ async fn deliver_loop(
     mut subscription: PubSubStream,
     sink: BackplaneSink,
 ) {
+    let mut hub_check = tokio::time::interval(HUB_CHECK);
+    hub_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        while let Some(message) = subscription.next().await {
-            if sink.is_closed() {
-                return;
+        loop {
+            tokio::select! {
+                message = subscription.next() => {
+                    let Some(message) = message else { break };
+                    match decode(message.get_payload_bytes()) {
+                        Ok(envelope) => sink.deliver(envelope),
+                        Err(err) => tracing::warn!(%channel, "undecodable message on the channel: {err}"),
+                    }
+                }
+                _ = hub_check.tick() => {}
             }
-            match decode(message.get_payload_bytes()) {
-                Ok(envelope) => sink.deliver(envelope),
-                Err(err) => tracing::warn!(%channel, "undecodable message on the channel: {err}"),
+            if sink.is_closed() {
+                // The hub is gone: the subscription goes with this task.
+                return;
             }
         }
         if sink.is_closed() {

@@ -220,3 +220,39 @@ async fn a_node_resubscribes_after_redis_restarts() {
     }
     assert!(heard, "node b never heard node a after Redis came back");
 }
+
+#[tokio::test]
+async fn dropping_the_hub_ends_its_subscription() {
+    let redis = RedisServer::start();
+    let backplane = RedisBackplane::connect(&redis.url(), "duplex-test-5")
+        .await
+        .expect("Redis reachable");
+    let hub = Hub::builder().backplane(backplane).build();
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let subscribers = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("duplex-test-5")
+                .query_async(&mut conn)
+                .await
+                .expect("PUBSUB NUMSUB");
+            counts[0].1
+        }
+    };
+    assert_eq!(subscribers(&mut conn).await, 1);
+    drop(hub);
+    // The channel stays silent: the delivery task notices on its own.
+    for _ in 0..50 {
+        if subscribers(&mut conn).await == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the subscription outlived its hub by 5 s");
+}
