@@ -286,7 +286,7 @@ pub fn encode(envelope: &Envelope) -> Option<Bytes> {
     };
     let topic = match &envelope.target {
         Target::All => None,
-        Target::Topic(topic) => Some(u16::try_from(topic.len()).ok().map(|n| (n, topic))?),
+        Target::Topic(topic) => Some((u16::try_from(topic.len()).ok()?, topic)),
     };
     let mut out =
         BytesMut::with_capacity(5 + topic.map_or(0, |(n, _)| usize::from(n)) + payload.len());

@@ -41,8 +41,9 @@ const MAX_READS_PER_ROUND: usize = 4;
 /// The first read size: small, for connections that exchange small
 /// messages. A read that fills its room doubles the next one, up to
 /// [`MAX_READ_CHUNK`]; a read under a quarter of it halves it again (the
-/// adaptive strategy of hyper's read buffer).
-const READ_CHUNK: usize = 4096;
+/// adaptive strategy of hyper's read buffer). It is the scratch buffer's
+/// size, so that small reads go through that buffer.
+const READ_CHUNK: usize = crate::socket::SCRATCH_LEN;
 
 /// The largest read: enough for several mid-sized frames per syscall.
 const MAX_READ_CHUNK: usize = 64 * 1024;
@@ -300,10 +301,12 @@ impl Task {
         again
     }
 
-    fn write(&mut self, inner: &mut Inner, cx: &mut Context<'_>) -> bool {
+    /// Writes the queue until it is empty or the socket is full; what
+    /// the writes unblock is woken.
+    fn write(&mut self, inner: &mut Inner, cx: &mut Context<'_>) {
         let io = match &mut self.transport {
             Transport::Open(io) | Transport::ShuttingDown(io) => io,
-            _ => return false,
+            _ => return,
         };
         let mut wrote = false;
         let written_before = inner.written;
@@ -343,7 +346,6 @@ impl Task {
             }
             inner.on_written();
         }
-        wrote
     }
 
     /// Closes the socket once the protocol is closed and its queue written.

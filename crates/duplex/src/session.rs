@@ -557,20 +557,16 @@ fn poll_event(inner: &mut Inner, cx: &Context<'_>) -> Poll<Result<Option<Event>,
     if let Some(event) = inner.take_event(Some(cx)) {
         return Poll::Ready(Ok(Some(event)));
     }
-    if inner.conn.termination().is_none() && !inner.transport_done {
+    let Some(termination) = inner.termination() else {
         inner.register_recv(cx);
         return Poll::Pending;
-    }
-    match inner.termination() {
-        Some(Termination::Closed(_)) => Poll::Ready(Ok(None)),
-        Some(Termination::Failed(e)) => Poll::Ready(Err(Error::Protocol(e))),
-        Some(Termination::PingTimeout) => Poll::Ready(Err(Error::PingTimeout)),
-        Some(Termination::CloseTimeout | Termination::Abnormal) => {
+    };
+    match termination {
+        Termination::Closed(_) => Poll::Ready(Ok(None)),
+        Termination::Failed(e) => Poll::Ready(Err(Error::Protocol(e))),
+        Termination::PingTimeout => Poll::Ready(Err(Error::PingTimeout)),
+        Termination::CloseTimeout | Termination::Abnormal => {
             Poll::Ready(Err(Error::ConnectionLost))
-        }
-        None => {
-            inner.register_recv(cx);
-            Poll::Pending
         }
     }
 }

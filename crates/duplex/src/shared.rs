@@ -179,10 +179,10 @@ impl Inner {
     /// room and flushes whose mark was reached. Called by the connection
     /// task only.
     pub(crate) fn on_written(&mut self) {
+        let room = self.has_room();
         let driver = self.driver_waker.as_ref();
         let woken = &mut self.handler_woken;
-        let queued = self.conn.write_queue_len();
-        if queued == 0 || queued < self.outgoing_limit {
+        if room {
             for w in self.send_wakers.drain(..) {
                 Self::wake_from_driver(driver, woken, w);
             }
