@@ -60,11 +60,26 @@ pub struct Config {
     pub pong_timeout: Duration,
     /// How long to wait for the peer's Close after we sent ours.
     pub close_timeout: Duration,
+    /// Input stops being consumed while this many payload bytes of events
+    /// wait in [`Connection::poll_event`]: the rest stays in the caller's
+    /// buffer. Decompressed bytes count, so one read of small compressed
+    /// messages cannot inflate past it (one message still may, up to
+    /// `max_message_size`).
+    pub max_pending_bytes: usize,
+    /// Input stops being consumed while this many events wait, whatever
+    /// their size.
+    pub max_pending_events: usize,
+    /// Input stops being consumed while this many bytes wait in the write
+    /// queue. Replies the connection makes by itself (Pongs, the echoed
+    /// Close) count, so a peer that floods Pings and reads nothing cannot
+    /// grow the queue past it by more than one read's worth.
+    pub max_queued_output: usize,
 }
 
 impl Config {
     /// Defaults for `role`: 16 MiB frames, 64 MiB messages, no pings,
-    /// a 10 s close timeout, masking as the role requires.
+    /// a 10 s close timeout, masking as the role requires, input paused at
+    /// 1 MiB (or 4096 events) waiting and at 1 MiB queued for writing.
     pub fn new(role: Role) -> Self {
         Config {
             role,
@@ -76,6 +91,9 @@ impl Config {
             ping_period: None,
             pong_timeout: Duration::from_secs(15),
             close_timeout: Duration::from_secs(10),
+            max_pending_bytes: 1 << 20,
+            max_pending_events: 4096,
+            max_queued_output: 1 << 20,
         }
     }
 }
@@ -361,6 +379,26 @@ impl Connection {
         (self.events.len(), self.event_bytes)
     }
 
+    /// Whether the events waiting for the user have reached
+    /// `max_pending_bytes` or `max_pending_events`: input is not consumed
+    /// until the user takes some.
+    pub fn inbox_full(&self) -> bool {
+        self.events.len() >= self.config.max_pending_events
+            || self.event_bytes >= self.config.max_pending_bytes
+    }
+
+    /// Whether the write queue has reached `max_queued_output`: input is not
+    /// consumed until some of it is written.
+    pub fn outbox_full(&self) -> bool {
+        self.out.len() >= self.config.max_queued_output
+    }
+
+    /// Whether [`handle_input`](Self::handle_input) would leave input
+    /// unconsumed now: the inbox or the outbox is full.
+    pub fn input_paused(&self) -> bool {
+        self.inbox_full() || self.outbox_full()
+    }
+
     // ---- inputs ----
 
     /// Consumes the frames at the start of `input`.
@@ -374,8 +412,19 @@ impl Connection {
     /// When a frame breaks a rule while earlier messages still wait in
     /// [`poll_event`](Self::poll_event), the failure waits until they are
     /// taken: what the user answers to them goes out before the Close.
+    ///
+    /// While [`input_paused`](Self::input_paused), whole frames stay in
+    /// `input` too: call again, with the same buffer, once the user has
+    /// taken events or the queue has been written.
     pub fn handle_input(&mut self, now: Instant, input: &mut BytesMut) {
-        while self.wants_input() {
+        loop {
+            if !self.wants_input() {
+                input.clear();
+                return;
+            }
+            if self.input_paused() {
+                return;
+            }
             match self.read_frame(now, input) {
                 Ok(true) => {}
                 Ok(false) => return,
@@ -383,7 +432,6 @@ impl Connection {
                 Err(err) => self.deferred_failure = Some(err),
             }
         }
-        input.clear();
     }
 
     /// The peer closed the transport.

@@ -27,9 +27,6 @@ use crate::{
 
 type Mount = Box<dyn FnOnce(Router, &WebSockets) -> Router + Send>;
 
-/// How long a client may take to send its request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// A server: a WebSockets configuration, WebSocket routes and plain HTTP
 /// routes (an axum `Router` underneath).
 ///
@@ -56,6 +53,10 @@ pub struct App {
     mounts: Vec<Mount>,
     router: Router,
     shutdown_grace: Duration,
+    header_read_timeout: Duration,
+    max_header_bytes: usize,
+    max_connections: usize,
+    raise_open_files: bool,
 }
 
 impl Default for App {
@@ -65,6 +66,10 @@ impl Default for App {
             mounts: Vec::new(),
             router: Router::new(),
             shutdown_grace: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 32 * 1024,
+            max_connections: 10_000,
+            raise_open_files: true,
         }
     }
 }
@@ -146,11 +151,51 @@ impl App {
         self
     }
 
-    /// How long [`serve`](Self::serve) waits for sessions to close after the
-    /// shutdown signal. Default 10 s.
+    /// How long [`serve`](Self::serve) waits for sessions and HTTP
+    /// connections to close after the shutdown signal; then the sessions
+    /// still open are dropped, their handlers with them, and `serve`
+    /// returns. Default 10 s.
     #[must_use]
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.shutdown_grace = grace;
+        self
+    }
+
+    /// How long a client may take to send a request head (the upgrade
+    /// request included), and how long a kept-alive HTTP connection may
+    /// stay idle between requests; then the connection is closed. Default
+    /// 10 s (hyper's own: 30 s).
+    #[must_use]
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.header_read_timeout = timeout;
+        self
+    }
+
+    /// The largest request head (request line and headers) accepted; a
+    /// larger one gets 431 and the connection is closed. Default 32 KiB;
+    /// at least 8 KiB.
+    #[must_use]
+    pub fn max_header_bytes(mut self, bytes: usize) -> Self {
+        self.max_header_bytes = bytes.max(8 * 1024);
+        self
+    }
+
+    /// The most HTTP connections open at once that have not become
+    /// sessions (sessions have [`WebSockets::max_sessions`]); a connection
+    /// accepted beyond it is closed at once. Default 10,000.
+    #[must_use]
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.max_connections = connections.max(1);
+        self
+    }
+
+    /// Whether [`serve`](Self::serve) raises the process's soft limit of
+    /// open files to its hard limit (on Unix), so that the default soft
+    /// limit of 1,024 does not cap the server at about a thousand
+    /// connections. Default true; the limit obtained is logged.
+    #[must_use]
+    pub fn raise_open_files_limit(mut self, raise: bool) -> Self {
+        self.raise_open_files = raise;
         self
     }
 
@@ -245,23 +290,37 @@ impl App {
         T: FnMut(&mut L::Io) + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
+        if self.raise_open_files {
+            raise_open_files_limit();
+        }
         let websockets = self.websockets.clone();
         let grace = self.shutdown_grace;
+        let max_connections = self.max_connections;
+        let mut http = hyper::server::conn::http1::Builder::new();
+        // A client that never finishes its request head is dropped.
+        http.timer(TokioTimer::new())
+            .header_read_timeout(Some(self.header_read_timeout))
+            .max_header_size(self.max_header_bytes)
+            .max_buf_size(self.max_header_bytes.max(64 * 1024));
         let router = self.into_router();
         // Stops HTTP connections between requests on shutdown; upgraded ones
         // are the sessions' business (1001 through `WebSockets::shutdown`).
         let stopping = CancellationToken::new();
         let connections = TaskTracker::new();
-        let mut http = hyper::server::conn::http1::Builder::new();
-        // A client that never finishes its request head is dropped.
-        http.timer(TokioTimer::new())
-            .header_read_timeout(Some(HEADER_READ_TIMEOUT));
         let mut signal = std::pin::pin!(signal);
         loop {
             let (io, peer) = tokio::select! {
                 accepted = listener.accept() => accepted,
                 () = &mut signal => break,
             };
+            if connections.len() >= max_connections {
+                // Accepted and closed at once, so that the backlog does not
+                // fill with connections that would wait for nothing.
+                tracing::debug!(%peer, "too many HTTP connections; closing a new one");
+                metrics::counter!("duplex_connections_refused_total").increment(1);
+                drop(io);
+                continue;
+            }
             let router = router.clone();
             let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
                 let mut request = request.map(Body::new);
@@ -287,19 +346,34 @@ impl App {
             });
         }
         tracing::info!("shutting down");
+        // One deadline for both: sessions and HTTP connections close
+        // together, and `serve` returns within the grace period.
+        let deadline = tokio::time::Instant::now() + grace;
         let ws = websockets.clone();
-        tokio::spawn(async move { ws.shutdown(grace).await });
+        let sessions = tokio::spawn(async move { ws.shutdown(grace).await });
         stopping.cancel();
         connections.close();
-        if tokio::time::timeout(grace, connections.wait())
+        if tokio::time::timeout_at(deadline, connections.wait())
             .await
             .is_err()
         {
             tracing::warn!("HTTP connections still open after the shutdown grace period");
         }
-        websockets.shutdown(grace).await;
+        let _ = sessions.await;
         Ok(())
     }
+}
+
+/// Raises the soft limit of open files to the hard limit, once per process.
+fn raise_open_files_limit() {
+    static RAISED: std::sync::Once = std::sync::Once::new();
+    RAISED.call_once(|| {
+        #[cfg(unix)]
+        match rlimit::increase_nofile_limit(u64::MAX) {
+            Ok(limit) => tracing::info!("open files limit: {limit}"),
+            Err(err) => tracing::warn!("cannot raise the open files limit: {err}"),
+        }
+    });
 }
 
 async fn shutdown_signal() {

@@ -162,11 +162,7 @@ impl Client {
         config.role = Role::Client;
         config.mask_outgoing = true;
         let conn = Connection::new(config, Inner::now());
-        let shared = Arc::new(Shared::new(
-            conn,
-            self.websockets.incoming_buffer,
-            self.websockets.outgoing_buffer,
-        ));
+        let shared = Arc::new(Shared::new(conn));
         let sender = Sender::new(Arc::clone(&shared), Arc::clone(&self.websockets.converter));
         let session = Session::new(sender, Arc::new(request), protocol, Vec::new());
         let (done, result) = oneshot::channel();
@@ -182,6 +178,7 @@ impl Client {
             shared,
             handler_future,
             never,
+            self.websockets.write_timeout,
             Peer::Host(target.authority.clone()),
         )
         .await;
@@ -295,6 +292,7 @@ impl Client {
             headers: request_headers,
             remote_addr,
             path_params: Vec::new(),
+            extensions: http::Extensions::new(),
         };
         Ok((socket, leftover, request, protocol))
     }

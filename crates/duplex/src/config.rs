@@ -6,7 +6,9 @@ use std::{fmt, sync::Arc, time::Duration};
 use duplex_proto::{Config as ProtoConfig, ExtensionFactory, Mode, Role, Rsv};
 
 use crate::{
+    admission::{Admission, Limits},
     convert::{ContentConverter, JsonConverter},
+    handshake::Origins,
     lifecycle::Lifecycle,
 };
 
@@ -34,7 +36,10 @@ pub struct WebSockets {
     pub(crate) masking: bool,
     pub(crate) incoming_buffer: usize,
     pub(crate) outgoing_buffer: usize,
-    pub(crate) allowed_origins: Option<Arc<[String]>>,
+    pub(crate) write_timeout: Duration,
+    pub(crate) origins: Origins,
+    pub(crate) limits: Limits,
+    pub(crate) admission: Admission,
     pub(crate) converter: Arc<dyn ContentConverter>,
     pub(crate) extensions: Vec<Arc<dyn ExtensionFactory>>,
     pub(crate) lifecycle: Lifecycle,
@@ -63,7 +68,10 @@ impl Default for WebSockets {
             masking: false,
             incoming_buffer: 1 << 20,
             outgoing_buffer: 1 << 20,
-            allowed_origins: None,
+            write_timeout: Duration::from_secs(20),
+            origins: Origins::default(),
+            limits: Limits::default(),
+            admission: Admission::default(),
             converter: Arc::new(JsonConverter),
             extensions: Vec::new(),
             lifecycle: Lifecycle::default(),
@@ -82,7 +90,9 @@ impl fmt::Debug for WebSockets {
             .field("masking", &self.masking)
             .field("incoming_buffer", &self.incoming_buffer)
             .field("outgoing_buffer", &self.outgoing_buffer)
-            .field("allowed_origins", &self.allowed_origins)
+            .field("write_timeout", &self.write_timeout)
+            .field("origins", &self.origins)
+            .field("limits", &self.limits)
             .field("extensions", &self.extensions)
             .finish_non_exhaustive()
     }
@@ -143,32 +153,99 @@ impl WebSockets {
 
     /// How many bytes of received messages may wait for the handler before
     /// the server stops reading from the socket (TCP then slows the client).
-    /// Default 1 MiB (Ktor: unbounded).
+    /// Decompressed bytes count: one read of many small compressed messages
+    /// inflates to at most this much (plus one message) before the handler
+    /// has taken some. Default 1 MiB (Ktor: unbounded).
     #[must_use]
     pub fn incoming_buffer(mut self, bytes: usize) -> Self {
         self.incoming_buffer = bytes.max(1);
         self
     }
 
-    /// How many bytes may wait to be written before `send` waits and
-    /// `try_send` reports the session full. Default 1 MiB (Ktor: unbounded).
-    /// A single larger message is still accepted when nothing is queued.
+    /// How many bytes may wait to be written before `send` waits,
+    /// `try_send` reports the session full and the server stops reading
+    /// from the socket. What the session queues by itself (Pongs, the echoed
+    /// Close) counts too, so a peer that floods Pings and reads nothing holds
+    /// at most this much (plus one read's worth of replies). Default 1 MiB
+    /// (Ktor: unbounded). A single larger message is still accepted when
+    /// nothing is queued.
     #[must_use]
     pub fn outgoing_buffer(mut self, bytes: usize) -> Self {
         self.outgoing_buffer = bytes.max(1);
         self
     }
 
-    /// Accepts upgrades only from these `Origin`s (exact match, such as
-    /// `https://example.com`); others get 403. Requests without an `Origin`
-    /// header (non-browser clients) are accepted. Default: every origin.
+    /// How long queued output may wait without the peer taking a byte of
+    /// it before the connection is dropped (1006 for the handler; nothing
+    /// can be sent to a peer that does not read). It frees the session, its
+    /// queue and a handler waiting in `send`, whatever the peer's receive
+    /// window. Default 20 s (Ktor: none).
+    #[must_use]
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = timeout;
+        self
+    }
+
+    /// Accepts upgrades from these `Origin`s too (exact match, ASCII case
+    /// ignored, such as `https://app.example.com`), besides the server's
+    /// own. Others get 403.
+    ///
+    /// By default only pages of the server itself may open sessions: a
+    /// request whose `Origin` names another host or port than its `Host`
+    /// header gets 403, so that no other site's page can open a session
+    /// with its visitors' cookies (cross-site WebSocket hijacking).
+    /// Requests without an `Origin` header (clients that are not browsers)
+    /// are accepted. Behind a proxy that rewrites `Host`, list the public
+    /// origins here.
     #[must_use]
     pub fn allowed_origins<I, S>(mut self, origins: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.allowed_origins = Some(origins.into_iter().map(Into::into).collect());
+        self.origins.allowed = origins.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Accepts upgrades whatever their `Origin`, for endpoints that every
+    /// site may use and that rely on no cookie or address for who the
+    /// client is.
+    #[must_use]
+    pub fn any_origin(mut self) -> Self {
+        self.origins.any = true;
+        self
+    }
+
+    /// The most sessions open at once under this configuration; the next
+    /// upgrade gets 503 with `Retry-After: 5`. Default 10,000.
+    #[must_use]
+    pub fn max_sessions(mut self, sessions: usize) -> Self {
+        self.limits.max_sessions = sessions;
+        self
+    }
+
+    /// The most sessions open at once from one client address; the next
+    /// upgrade from it gets 429 with `Retry-After: 1`. `None` removes the
+    /// limit. Default 1,000. Behind a proxy every client has the proxy's
+    /// address: raise it or remove it there. Needs the peer's address,
+    /// which [`App`](crate::App) always provides (an axum `Router` does when
+    /// served with `into_make_service_with_connect_info::<SocketAddr>()`).
+    #[must_use]
+    pub fn max_sessions_per_ip(mut self, sessions: Option<usize>) -> Self {
+        self.limits.max_sessions_per_ip = sessions;
+        self
+    }
+
+    /// How fast one client address may open sessions: a token bucket of
+    /// `burst` handshakes refilled at `per_second`; past it, 429 with
+    /// `Retry-After`. `None` removes the limit. Default 50 per second with
+    /// bursts of 1,000. Like the per-address session limit, it needs the
+    /// peer's address.
+    #[must_use]
+    pub fn handshake_rate(mut self, rate: Option<(u32, u32)>) -> Self {
+        self.limits.handshake_rate = rate
+            .filter(|&(per_second, burst)| per_second > 0 && burst > 0)
+            .map(|(per_second, burst)| (f64::from(per_second), f64::from(burst)));
         self
     }
 
@@ -239,6 +316,8 @@ impl WebSockets {
         config.ping_period = self.ping_period;
         config.pong_timeout = self.timeout;
         config.close_timeout = self.close_timeout;
+        config.max_pending_bytes = self.incoming_buffer;
+        config.max_queued_output = self.outgoing_buffer;
         config
     }
 }

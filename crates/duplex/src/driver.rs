@@ -103,9 +103,9 @@ pub(crate) struct Driver {
 /// small echo).
 struct Task {
     transport: Transport<Socket>,
+    /// Input not consumed yet: a partial frame, the bytes that came with
+    /// the upgrade request, or whole frames left while input was paused.
     read_buf: BytesMut,
-    /// Bytes that arrived with the upgrade request, not yet fed.
-    pending_input: bool,
     /// How much the next read asks for.
     read_chunk: usize,
     handler: Option<HandlerFuture>,
@@ -114,6 +114,17 @@ struct Task {
     sleep_deadline: Option<Instant>,
     /// Reading stopped because the handler's inbox is full.
     read_waits_for_handler: bool,
+    /// Reading stopped because the write queue is full: the peer reads
+    /// slower than it makes us write (Pongs to a Ping flood, echoes).
+    read_waits_for_output: bool,
+    /// How long queued output may wait for the peer to take any of it.
+    write_timeout: Duration,
+    /// When the queued output is abandoned if nothing more is written:
+    /// set while the queue is not empty, moved on by every write.
+    write_deadline: Option<Instant>,
+    /// When a graceful shutdown gives up on this session: the handler is
+    /// dropped and the socket closed, whatever either is doing.
+    shutdown_deadline: Option<Instant>,
     /// Whether the end was announced to waiters.
     end_announced: bool,
     /// When queued output must be abandoned: set when the protocol closes
@@ -131,16 +142,20 @@ impl Driver {
         shared: Arc<Shared>,
         handler: HandlerFuture,
         shutdown: ShutdownSignal,
+        write_timeout: Duration,
         peer: Peer,
     ) -> Self {
         let task = Task {
             transport: Transport::Open(io),
-            pending_input: !leftover.is_empty(),
             read_chunk: READ_CHUNK,
             read_buf: BytesMut::from(&leftover[..]),
             handler: Some(handler),
             shutdown: Some(shutdown),
             read_waits_for_handler: false,
+            read_waits_for_output: false,
+            write_timeout,
+            write_deadline: None,
+            shutdown_deadline: None,
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
             sleep_deadline: None,
             end_announced: false,
@@ -178,8 +193,44 @@ impl Task {
         true
     }
 
-    /// The first half of a round, under the lock: the shutdown signal,
-    /// timers, and reading into the protocol. True if the round must be
+    /// The graceful shutdown: on its signal, Close 1001; at its deadline,
+    /// the handler is dropped and the socket closed, whatever either is
+    /// doing, so that the server's grace period holds. True if the round
+    /// must run again.
+    fn drive_shutdown(&mut self, shared: &Shared, cx: &mut Context<'_>, now: Instant) -> bool {
+        let mut again = false;
+        if let Some(shutdown) = self.shutdown.as_mut()
+            && shutdown.poll(cx)
+        {
+            self.shutdown_deadline = shutdown.deadline();
+            self.shutdown = None;
+            let reason = CloseReason::new(CloseCode::GOING_AWAY, "Server shutting down");
+            let mut inner = shared.lock();
+            if inner.conn.can_send() {
+                let _ = inner.conn.close(now, reason);
+            }
+            again = true;
+        }
+        if let Some(deadline) = self.shutdown_deadline {
+            if now >= deadline {
+                self.shutdown_deadline = None;
+                tracing::debug!(peer = %self.peer, "shutdown grace period over; dropping the session");
+                self.handler = None;
+                shared.lock().conn.terminate();
+                if !matches!(self.transport, Transport::Gone) {
+                    self.transport = Transport::Gone;
+                }
+                again = true;
+            } else if matches!(self.transport, Transport::Gone) && self.handler.is_some() {
+                // Nothing else arms the timer once the socket is gone.
+                again |= self.arm_sleep(deadline, cx, now);
+            }
+        }
+        again
+    }
+
+    /// The first half of a round, under the lock: timers, and reading into
+    /// the protocol. True if the round must be
     /// run again whatever the handler does (reads were cut short, the
     /// state changed).
     fn drive_input(&mut self, inner: &mut Inner, cx: &mut Context<'_>, now: Instant) -> bool {
@@ -187,14 +238,6 @@ impl Task {
         if inner.set_driver_waker(cx) {
             // Registrations made with the old waker would wake nobody.
             self.sleep_deadline = None;
-        }
-        if let Some(shutdown) = self.shutdown.as_mut()
-            && shutdown.poll(cx)
-        {
-            self.shutdown = None;
-            let reason = CloseReason::new(CloseCode::GOING_AWAY, "Server shutting down");
-            let _ = inner.conn.close(now, reason);
-            again = true;
         }
         if inner.terminate_requested {
             self.transport = Transport::Gone;
@@ -217,7 +260,8 @@ impl Task {
         if inner.terminate_requested {
             self.transport = Transport::Gone;
         }
-        self.write(inner, cx);
+        let wrote = self.write(inner, cx);
+        self.watch_writes(inner, wrote, now);
         let mut again = self.finish_transport(inner, cx, now);
         if (inner.conn.is_closed() || inner.transport_done) && !self.end_announced {
             self.end_announced = true;
@@ -225,6 +269,11 @@ impl Task {
         }
         if std::mem::take(&mut self.read_waits_for_handler) && !inner.reading_paused {
             // The handler drained its inbox far enough: read again.
+            again = true;
+        }
+        if self.read_waits_for_output && !inner.conn.outbox_full() {
+            // The peer took enough of our output: read again.
+            self.read_waits_for_output = false;
             again = true;
         }
         again |= self.arm_timer(inner, cx, now);
@@ -247,7 +296,9 @@ impl Task {
         let Transport::Open(io) = &mut self.transport else {
             return false;
         };
-        if std::mem::take(&mut self.pending_input) {
+        if !self.read_buf.is_empty() {
+            // Frames left while input was paused, or a partial frame (then
+            // a no-op), or what came with the upgrade request.
             inner.conn.handle_input(now, &mut self.read_buf);
         }
         let mut again = true;
@@ -256,9 +307,16 @@ impl Task {
                 again = false;
                 break;
             }
-            if inner.inbox_full() {
+            if inner.conn.inbox_full() {
                 inner.reading_paused = true;
                 self.read_waits_for_handler = true;
+                again = false;
+                break;
+            }
+            if inner.conn.outbox_full() {
+                // No more input until the peer reads: a flood of Pings it
+                // never reads the Pongs of holds at most this queue.
+                self.read_waits_for_output = true;
                 again = false;
                 break;
             }
@@ -302,11 +360,11 @@ impl Task {
     }
 
     /// Writes the queue until it is empty or the socket is full; what
-    /// the writes unblock is woken.
-    fn write(&mut self, inner: &mut Inner, cx: &mut Context<'_>) {
+    /// the writes unblock is woken. True if any byte was written.
+    fn write(&mut self, inner: &mut Inner, cx: &mut Context<'_>) -> bool {
         let io = match &mut self.transport {
             Transport::Open(io) | Transport::ShuttingDown(io) => io,
-            _ => return,
+            _ => return false,
         };
         let mut wrote = false;
         let written_before = inner.written;
@@ -345,6 +403,39 @@ impl Task {
                 let _ = Pin::new(io).poll_flush(cx);
             }
             inner.on_written();
+        }
+        wrote
+    }
+
+    /// Drops the connection when queued output has waited `write_timeout`
+    /// without the peer taking a byte of it: a peer that stops reading
+    /// (a zero receive window) cannot hold its session, its queue and a
+    /// handler waiting in `send` for longer than that.
+    fn watch_writes(&mut self, inner: &mut Inner, wrote: bool, now: Instant) {
+        let waiting = inner.conn.write_queue_len() > 0
+            && matches!(
+                self.transport,
+                Transport::Open(_) | Transport::ShuttingDown(_)
+            );
+        if !waiting {
+            self.write_deadline = None;
+            return;
+        }
+        if wrote || self.write_deadline.is_none() {
+            self.write_deadline = Some(now + self.write_timeout);
+            return;
+        }
+        if self.write_deadline.is_some_and(|at| now >= at) {
+            tracing::debug!(
+                peer = %self.peer,
+                queued = inner.conn.write_queue_len(),
+                "peer read nothing for {:?}; dropping the connection",
+                self.write_timeout
+            );
+            metrics::counter!("duplex_write_timeouts_total").increment(1);
+            inner.conn.terminate();
+            self.transport = Transport::Gone;
+            self.write_deadline = None;
         }
     }
 
@@ -418,14 +509,24 @@ impl Task {
             Transport::Open(_) => self.drain_deadline,
             _ => None,
         };
-        let deadline = match (inner.conn.poll_timeout(), linger) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let deadline = [
+            inner.conn.poll_timeout(),
+            linger,
+            self.write_deadline,
+            self.shutdown_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let Some(deadline) = deadline else {
             self.sleep_deadline = None;
             return false;
         };
+        self.arm_sleep(deadline, cx, now)
+    }
+
+    /// Points the one timer at `deadline`; true if it has passed.
+    fn arm_sleep(&mut self, deadline: Instant, cx: &mut Context<'_>, now: Instant) -> bool {
         if deadline <= now {
             return true;
         }
@@ -467,7 +568,7 @@ impl Future for Driver {
             let transport_live =
                 !matches!(this.transport, Transport::Gone) || !shared.lock().transport_done;
             let now = Inner::now();
-            let mut again = false;
+            let mut again = this.drive_shutdown(shared, cx, now);
             if transport_live {
                 let mut inner = shared.lock();
                 again |= this.drive_input(&mut inner, cx, now);

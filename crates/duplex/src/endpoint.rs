@@ -116,7 +116,7 @@ where
         parts.version,
         &parts.headers,
         protocols,
-        config.allowed_origins.as_deref(),
+        &config.origins,
     ) {
         Ok(accepted) => accepted,
         Err(rejection) => {
@@ -160,6 +160,21 @@ where
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|info| info.0);
+    // Checked last: a request refused for any other reason spends no token.
+    let slot = match config.admission.admit(
+        &config.limits,
+        config.lifecycle.live(),
+        remote_addr.map(|addr| addr.ip()),
+        Inner::now(),
+    ) {
+        Ok(slot) => slot,
+        Err(rejection) => {
+            tracing::debug!(path = %parts.uri.path(), peer = ?remote_addr, "WebSocket upgrade refused: {rejection}");
+            metrics::counter!("duplex_upgrades_refused_total", "reason" => rejection.metric_label())
+                .increment(1);
+            return rejection.into_response();
+        }
+    };
     let request = Arc::new(Request {
         method: parts.method,
         uri: detach_uri(&parts.uri),
@@ -167,11 +182,14 @@ where
         headers: detach_headers(&parts.headers),
         remote_addr,
         path_params,
+        extensions: parts.extensions,
     });
     let response = accepted.response();
     let protocol = accepted.protocol;
     let lifecycle = config.lifecycle.clone();
     lifecycle.spawn(async move {
+        // Held for the session's life: its place in the per-address count.
+        let _slot = slot;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(err) => {
@@ -183,18 +201,23 @@ where
         let mut conn = Connection::new(config.proto_config(mode), Inner::now());
         let extension_names = negotiated.iter().map(|n| n.response.clone()).collect();
         conn.set_extensions(negotiated.into_iter().map(|n| n.extension).collect());
-        let shared = Arc::new(Shared::new(
-            conn,
-            config.incoming_buffer,
-            config.outgoing_buffer,
-        ));
+        let shared = Arc::new(Shared::new(conn));
         let sender = Sender::new(Arc::clone(&shared), Arc::clone(&config.converter));
         let session = make_session(sender, request, protocol, extension_names);
         let handler_future = handler.call(session);
         let shutdown = config.lifecycle.signal();
         metrics::gauge!("duplex_sessions").increment(1);
         let (socket, leftover) = Socket::from_upgraded(upgraded);
-        Driver::new(socket, leftover, shared, handler_future, shutdown, peer).await;
+        Driver::new(
+            socket,
+            leftover,
+            shared,
+            handler_future,
+            shutdown,
+            config.write_timeout,
+            peer,
+        )
+        .await;
         metrics::gauge!("duplex_sessions").decrement(1);
     });
     response

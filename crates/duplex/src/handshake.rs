@@ -31,7 +31,8 @@ pub enum Rejection {
     /// `Sec-WebSocket-Key` is missing or not base64 of 16 bytes (400).
     #[error("missing or invalid Sec-WebSocket-Key")]
     InvalidKey,
-    /// The `Origin` is not on the allow-list (403).
+    /// The `Origin` is neither this server's own (same scheme-less host
+    /// and port as `Host`) nor on the allow-list (403).
     #[error("origin not allowed")]
     OriginNotAllowed,
     /// The route needs a subprotocol the client does not offer (400, as Ktor).
@@ -44,6 +45,21 @@ pub enum Rejection {
     /// The server is shutting down (503).
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// As many sessions as `max_sessions` are open (503 with
+    /// `Retry-After`).
+    #[error("the server has too many sessions open")]
+    ServerFull,
+    /// The client's address has `max_sessions_per_ip` sessions open (429
+    /// with `Retry-After`).
+    #[error("too many sessions open from this address")]
+    TooManySessions,
+    /// The client's address opened sessions faster than the handshake rate
+    /// allows (429 with `Retry-After`).
+    #[error("too many handshakes from this address")]
+    HandshakeRate {
+        /// Seconds until a handshake from this address would be accepted.
+        retry_after: u64,
+    },
 }
 
 impl Rejection {
@@ -53,12 +69,27 @@ impl Rejection {
             Rejection::MethodNotGet => StatusCode::METHOD_NOT_ALLOWED,
             Rejection::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
             Rejection::OriginNotAllowed => StatusCode::FORBIDDEN,
-            Rejection::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::ShuttingDown | Rejection::ServerFull => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::TooManySessions | Rejection::HandshakeRate { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Rejection::HttpVersion
             | Rejection::NotUpgrade
             | Rejection::InvalidKey
             | Rejection::NoSubprotocol
             | Rejection::InvalidExtensions => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl Rejection {
+    /// A short name for metrics labels.
+    pub(crate) fn metric_label(&self) -> &'static str {
+        match self {
+            Rejection::ServerFull => "server_full",
+            Rejection::TooManySessions => "too_many_sessions",
+            Rejection::HandshakeRate { .. } => "handshake_rate",
+            _ => "other",
         }
     }
 }
@@ -77,6 +108,21 @@ impl IntoResponse for Rejection {
                 response
                     .headers_mut()
                     .insert(header::ALLOW, HeaderValue::from_static("GET"));
+            }
+            Rejection::ServerFull | Rejection::ShuttingDown => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            Rejection::TooManySessions => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Rejection::HandshakeRate { retry_after } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             }
             _ => {}
         }
@@ -128,7 +174,7 @@ pub(crate) fn accept(
     version: Version,
     headers: &HeaderMap,
     protocols: &[String],
-    allowed_origins: Option<&[String]>,
+    origins: &Origins,
 ) -> Result<Accepted, Rejection> {
     if method != Method::GET {
         return Err(Rejection::MethodNotGet);
@@ -156,8 +202,8 @@ pub(crate) fn accept(
         .map(|k| k.as_bytes().trim_ascii())
         .filter(|k| is_valid_key(k))
         .ok_or(Rejection::InvalidKey)?;
-    if let (Some(allowed), Some(origin)) = (allowed_origins, headers.get(header::ORIGIN))
-        && !allowed.iter().any(|a| a.as_bytes() == origin.as_bytes())
+    if let Some(origin) = headers.get(header::ORIGIN)
+        && !origins.allows(origin.as_bytes(), headers.get(header::HOST))
     {
         return Err(Rejection::OriginNotAllowed);
     }
@@ -180,6 +226,65 @@ pub(crate) fn accept(
         protocol,
         extensions: None,
     })
+}
+
+/// Which `Origin`s may open a session. Browsers send `Origin` with every
+/// WebSocket handshake and cannot be stopped from connecting anywhere, so
+/// without this check any page a user visits could open a session with the
+/// user's cookies (cross-site WebSocket hijacking). Clients that send no
+/// `Origin` (non-browser ones) are not concerned.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Origins {
+    /// Every origin is accepted.
+    pub(crate) any: bool,
+    /// Accepted besides the server's own (exact, ASCII case-insensitive).
+    pub(crate) allowed: std::sync::Arc<[String]>,
+}
+
+impl Origins {
+    fn allows(&self, origin: &[u8], host: Option<&HeaderValue>) -> bool {
+        self.any
+            || self
+                .allowed
+                .iter()
+                .any(|a| a.as_bytes().eq_ignore_ascii_case(origin))
+            || host.is_some_and(|host| same_origin(origin, host.as_bytes()))
+    }
+}
+
+/// Whether `origin` (`scheme://host[:port]`, RFC 6454) names the same host
+/// and port as the request's `Host` (`host[:port]`). A `Host` without a port
+/// matches the origin's scheme's default port: behind a TLS terminator the
+/// server cannot tell which scheme the browser used, so `https://example.com`
+/// and `http://example.com` both match `Host: example.com`.
+fn same_origin(origin: &[u8], host: &[u8]) -> bool {
+    let Some((scheme, authority)) = std::str::from_utf8(origin)
+        .ok()
+        .and_then(|o| o.split_once("://"))
+    else {
+        // "null" (sandboxed pages, file: URLs) and anything malformed.
+        return false;
+    };
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" | "ws" => "80",
+        "https" | "wss" => "443",
+        _ => return false,
+    };
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let (origin_host, origin_port) = split_port(authority);
+    let (host_host, host_port) = split_port(host.trim());
+    origin_host.eq_ignore_ascii_case(host_host)
+        && origin_port.unwrap_or(default_port) == host_port.unwrap_or(default_port)
+}
+
+/// `host[:port]` into its parts; an IPv6 literal keeps its brackets.
+fn split_port(authority: &str) -> (&str, Option<&str>) {
+    match authority.rfind(':') {
+        Some(i) if !authority[i..].contains(']') => (&authority[..i], Some(&authority[i + 1..])),
+        _ => (authority, None),
+    }
 }
 
 /// Negotiates the installed extensions against the client's offers, from
@@ -229,7 +334,7 @@ mod rfc6455_4_2_1_server_requirements {
     }
 
     fn check(h: &HeaderMap) -> Result<Accepted, Rejection> {
-        accept(&Method::GET, Version::HTTP_11, h, &[], None)
+        accept(&Method::GET, Version::HTTP_11, h, &[], &Origins::default())
     }
 
     #[test]
@@ -246,13 +351,26 @@ mod rfc6455_4_2_1_server_requirements {
     #[test]
     fn each_missing_piece_has_its_status() {
         assert_eq!(
-            accept(&Method::POST, Version::HTTP_11, &good(), &[], None)
-                .unwrap_err()
-                .status(),
+            accept(
+                &Method::POST,
+                Version::HTTP_11,
+                &good(),
+                &[],
+                &Origins::default()
+            )
+            .unwrap_err()
+            .status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
         assert_eq!(
-            accept(&Method::GET, Version::HTTP_10, &good(), &[], None).unwrap_err(),
+            accept(
+                &Method::GET,
+                Version::HTTP_10,
+                &good(),
+                &[],
+                &Origins::default()
+            )
+            .unwrap_err(),
             Rejection::HttpVersion
         );
         for (name, status) in [
@@ -298,11 +416,25 @@ mod rfc6455_4_2_1_server_requirements {
             HeaderValue::from_static("v1"),
         );
         let ours = ["v1".to_owned(), "v2".to_owned()];
-        let accepted = accept(&Method::GET, Version::HTTP_11, &h, &ours, None).unwrap();
+        let accepted = accept(
+            &Method::GET,
+            Version::HTTP_11,
+            &h,
+            &ours,
+            &Origins::default(),
+        )
+        .unwrap();
         assert_eq!(accepted.protocol.as_deref(), Some("v2"));
         let none = ["v9".to_owned()];
         assert_eq!(
-            accept(&Method::GET, Version::HTTP_11, &h, &none, None).unwrap_err(),
+            accept(
+                &Method::GET,
+                Version::HTTP_11,
+                &h,
+                &none,
+                &Origins::default()
+            )
+            .unwrap_err(),
             Rejection::NoSubprotocol
         );
     }
@@ -344,24 +476,81 @@ mod rfc6455_4_2_1_server_requirements {
         assert_eq!(err.status(), StatusCode::BAD_REQUEST);
     }
 
+    fn origins(allowed: &[&str]) -> Origins {
+        Origins {
+            any: false,
+            allowed: allowed.iter().map(|a| (*a).to_owned()).collect(),
+        }
+    }
+
+    fn with_origin(origin: &'static str, host: &'static str) -> HeaderMap {
+        let mut h = good();
+        h.insert(header::ORIGIN, HeaderValue::from_static(origin));
+        h.insert(header::HOST, HeaderValue::from_static(host));
+        h
+    }
+
+    fn status(h: &HeaderMap, origins: &Origins) -> StatusCode {
+        match accept(&Method::GET, Version::HTTP_11, h, &[], origins) {
+            Ok(_) => StatusCode::SWITCHING_PROTOCOLS,
+            Err(rejection) => rejection.status(),
+        }
+    }
+
     #[test]
     fn origin_allow_list_gives_403() {
-        let allowed = ["https://good.example".to_owned()];
-        let mut h = good();
-        h.insert(
-            header::ORIGIN,
-            HeaderValue::from_static("https://evil.example"),
-        );
-        assert_eq!(
-            accept(&Method::GET, Version::HTTP_11, &h, &[], Some(&allowed))
-                .unwrap_err()
-                .status(),
-            StatusCode::FORBIDDEN
-        );
-        h.insert(
-            header::ORIGIN,
-            HeaderValue::from_static("https://good.example"),
-        );
-        assert!(accept(&Method::GET, Version::HTTP_11, &h, &[], Some(&allowed)).is_ok());
+        let allowed = origins(&["https://good.example"]);
+        let evil = with_origin("https://evil.example", "app.example");
+        assert_eq!(status(&evil, &allowed), StatusCode::FORBIDDEN);
+        let good = with_origin("https://good.example", "app.example");
+        assert_eq!(status(&good, &allowed), StatusCode::SWITCHING_PROTOCOLS);
+        let any = Origins {
+            any: true,
+            ..Origins::default()
+        };
+        assert_eq!(status(&evil, &any), StatusCode::SWITCHING_PROTOCOLS);
+    }
+
+    #[test]
+    fn a_page_of_the_server_itself_may_connect_by_default() {
+        let none = Origins::default();
+        for (origin, host) in [
+            ("http://127.0.0.1:8080", "127.0.0.1:8080"),
+            ("HTTP://Chat.Example", "chat.example"),
+            ("https://chat.example", "chat.example"),
+            ("https://chat.example", "chat.example:443"),
+            ("http://chat.example:80", "chat.example"),
+            ("http://[::1]:8080", "[::1]:8080"),
+        ] {
+            let h = with_origin(origin, host);
+            assert_eq!(
+                status(&h, &none),
+                StatusCode::SWITCHING_PROTOCOLS,
+                "{origin} on {host}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_foreign_page_gets_403_by_default() {
+        let none = Origins::default();
+        for (origin, host) in [
+            ("http://evil.example:8080", "127.0.0.1:8080"),
+            ("http://127.0.0.1:8081", "127.0.0.1:8080"),
+            ("https://chat.example", "chat.example:8443"),
+            ("http://chat.example.evil.example", "chat.example"),
+            ("null", "chat.example"),
+            ("file://", "chat.example"),
+            ("chat.example", "chat.example"),
+        ] {
+            let h = with_origin(origin, host);
+            assert_eq!(
+                status(&h, &none),
+                StatusCode::FORBIDDEN,
+                "{origin} on {host}"
+            );
+        }
+        // No Origin: not a browser, nothing to protect.
+        assert_eq!(status(&good(), &none), StatusCode::SWITCHING_PROTOCOLS);
     }
 }

@@ -43,6 +43,7 @@
 //! here as [`proto`].
 #![deny(unsafe_code)]
 
+mod admission;
 mod app;
 mod client;
 mod config;

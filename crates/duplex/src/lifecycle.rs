@@ -4,11 +4,11 @@
 use std::{
     pin::Pin,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Waker},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio_util::{
@@ -25,14 +25,22 @@ pub(crate) struct Lifecycle {
     /// token's future (which takes the token's lock, shared by every
     /// connection).
     started: Arc<AtomicBool>,
+    /// When sessions still open are dropped: set, once, before `started`.
+    deadline: Arc<OnceLock<Instant>>,
     tracker: TaskTracker,
 }
+
+/// How long after the shutdown's deadline the server still waits for the
+/// tasks it has told to stop: they stop at their next poll, which their own
+/// timer makes due at the deadline.
+const STOP_SLACK: Duration = Duration::from_millis(500);
 
 impl Lifecycle {
     /// What a connection task watches.
     pub(crate) fn signal(&self) -> ShutdownSignal {
         ShutdownSignal {
             started: Arc::clone(&self.started),
+            deadline: Arc::clone(&self.deadline),
             wait: Box::pin(self.token.clone().cancelled_owned()),
             registered: None,
         }
@@ -53,17 +61,24 @@ impl Lifecycle {
         self.tracker.len()
     }
 
+    /// Closes every session with 1001 and waits for them; at `now +
+    /// grace` (or the deadline of an earlier call) the sessions still open
+    /// are dropped, handlers included.
     pub(crate) async fn shutdown(&self, grace: Duration) {
+        let deadline = *self
+            .deadline
+            .get_or_init(|| tokio::time::Instant::now().into_std() + grace);
         self.started.store(true, Ordering::Release);
         self.token.cancel();
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait())
+        let give_up = tokio::time::Instant::from_std(deadline + STOP_SLACK);
+        if tokio::time::timeout_at(give_up, self.tracker.wait())
             .await
             .is_err()
         {
             tracing::warn!(
                 remaining = self.tracker.len(),
-                "sessions still open after the shutdown grace period"
+                "sessions still running after the shutdown grace period"
             );
         }
     }
@@ -72,6 +87,7 @@ impl Lifecycle {
 /// One connection task's view of the shutdown.
 pub(crate) struct ShutdownSignal {
     started: Arc<AtomicBool>,
+    deadline: Arc<OnceLock<Instant>>,
     wait: Pin<Box<WaitForCancellationFutureOwned>>,
     /// The waker the token's future last saw: the future is polled again
     /// only when the task's waker changes, since it keeps the old one.
@@ -82,6 +98,11 @@ impl ShutdownSignal {
     /// A signal that never fires (a client connection).
     pub(crate) fn never() -> Self {
         Lifecycle::default().signal()
+    }
+
+    /// When the session must be gone, once the shutdown has started.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline.get().copied()
     }
 
     /// Whether the shutdown has started; arranges a wake-up for when it does.

@@ -14,6 +14,7 @@ pub struct Request {
     pub(crate) headers: HeaderMap,
     pub(crate) remote_addr: Option<SocketAddr>,
     pub(crate) path_params: Vec<(String, String)>,
+    pub(crate) extensions: http::Extensions,
 }
 
 impl Request {
@@ -63,6 +64,19 @@ impl Request {
     /// A header value as text, if present and visible ASCII.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name)?.to_str().ok()
+    }
+
+    /// A value that a layer in front of the route put in the request's
+    /// extensions: the identity an authentication middleware found, for
+    /// example (see the crate docs, "Authentication").
+    pub fn extension<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.extensions.get::<T>()
+    }
+
+    /// Every extension of the upgrade request, as the layers in front of the
+    /// route left them.
+    pub fn extensions(&self) -> &http::Extensions {
+        &self.extensions
     }
 
     /// A path parameter of the route (`/rooms/{room}` gives `room`).
@@ -126,6 +140,7 @@ mod tests {
             headers: HeaderMap::new(),
             remote_addr: None,
             path_params: vec![("room".into(), "lobby".into())],
+            extensions: http::Extensions::new(),
         }
     }
 

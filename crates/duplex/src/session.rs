@@ -298,9 +298,11 @@ impl Sender {
     /// the write queue, for [`Sender::take_written`].
     pub(crate) fn detached(outgoing_limit: usize) -> Sender {
         use duplex_proto::{Config, Connection, Role};
-        let conn = Connection::new(Config::new(Role::Server), Inner::now());
+        let mut config = Config::new(Role::Server);
+        config.max_queued_output = outgoing_limit;
+        let conn = Connection::new(config, Inner::now());
         Sender::new(
-            Arc::new(Shared::new(conn, 1 << 20, outgoing_limit)),
+            Arc::new(Shared::new(conn)),
             Arc::new(crate::convert::JsonConverter),
         )
     }

@@ -3,8 +3,13 @@
 //! The protocol state machine itself lives here, behind one mutex: a send
 //! from any task encodes straight into the connection's write queue, and a
 //! receive takes straight from its event queue, with no channel between.
-//! The lock is held for a few hundred nanoseconds (encode, push, pop), never
-//! across an await.
+//! The lock is never held across an await. It is held for the encoding of
+//! a message (a header and a copy of a small payload: well under a
+//! microsecond), for a pop, and by the connection task while it reads and
+//! feeds the protocol. With permessage-deflate, compressing a message (in
+//! `send`) and inflating one (while reading, bounded by `max_message_size`
+//! per message and by the inbox bound per read) also happen under it, so a
+//! hub delivery to that session can wait for them.
 
 use std::{
     sync::{Mutex, MutexGuard, PoisonError},
@@ -42,15 +47,12 @@ pub(crate) struct Inner {
     handler_woken: bool,
     /// The task stopped reading because the handler is behind.
     pub(crate) reading_paused: bool,
-    pub(crate) incoming_limit: usize,
-    pub(crate) outgoing_limit: usize,
 }
 
-/// At most this many events wait for the handler, whatever their size.
-const MAX_PENDING_EVENTS: usize = 4096;
-
 impl Shared {
-    pub(crate) fn new(conn: Connection, incoming_limit: usize, outgoing_limit: usize) -> Self {
+    /// The limits are the connection's own: `max_pending_bytes` and
+    /// `max_pending_events` bound the inbox, `max_queued_output` the outbox.
+    pub(crate) fn new(conn: Connection) -> Self {
         Shared {
             inner: Mutex::new(Inner {
                 conn,
@@ -64,8 +66,6 @@ impl Shared {
                 transport_done: false,
                 terminate_requested: false,
                 reading_paused: false,
-                incoming_limit,
-                outgoing_limit,
             }),
         }
     }
@@ -117,16 +117,11 @@ impl Inner {
         }
     }
 
-    /// Whether the handler is too far behind for more reading.
-    pub(crate) fn inbox_full(&self) -> bool {
-        let (count, bytes) = self.conn.pending_events();
-        count >= MAX_PENDING_EVENTS || bytes >= self.incoming_limit
-    }
-
-    /// Whether a send may queue more bytes now.
+    /// Whether a send may queue more bytes now. The bound is the one at
+    /// which the connection stops reading, so that what it queues by
+    /// itself (Pongs) and what senders queue share one limit.
     pub(crate) fn has_room(&self) -> bool {
-        let queued = self.conn.write_queue_len();
-        queued == 0 || queued < self.outgoing_limit
+        self.conn.write_queue_len() == 0 || !self.conn.outbox_full()
     }
 
     /// Takes the next event for a receiver, resuming reading when the inbox
@@ -135,7 +130,8 @@ impl Inner {
         let event = self.conn.poll_event()?;
         if self.reading_paused {
             let (count, bytes) = self.conn.pending_events();
-            if count < MAX_PENDING_EVENTS / 4 && bytes < self.incoming_limit / 4 {
+            let config = self.conn.config();
+            if count < config.max_pending_events / 4 && bytes < config.max_pending_bytes / 4 {
                 self.reading_paused = false;
                 self.wake_driver(cx);
             }

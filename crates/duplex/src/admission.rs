@@ -1,0 +1,258 @@
+//! Who may open a session: the server-wide and per-address session limits
+//! and the per-address handshake rate, checked before the 101.
+//!
+//! One table per configuration (shared by its clones) counts the live
+//! sessions of each peer address and keeps a token bucket of handshakes.
+//! A [`Slot`] is the admission of one session: dropping it, when the
+//! session's task ends, gives the place back.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use crate::handshake::Rejection;
+
+/// The limits, as configured on [`WebSockets`](crate::WebSockets).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_sessions: usize,
+    pub(crate) max_sessions_per_ip: Option<usize>,
+    /// Handshakes per second and burst, per address.
+    pub(crate) handshake_rate: Option<(f64, f64)>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sessions: 10_000,
+            max_sessions_per_ip: Some(1_000),
+            handshake_rate: Some((50.0, 1_000.0)),
+        }
+    }
+}
+
+/// Addresses with no live session whose bucket is full again carry no
+/// state worth keeping; they are swept when the table passes this size.
+const SWEEP_AT: usize = 4_096;
+
+/// Past this many addresses, even partly spent buckets of addresses with
+/// no live session are forgotten: the table stays bounded by the live
+/// sessions plus this, whatever the number of addresses a peer uses.
+const MAX_IDLE_ADDRESSES: usize = 65_536;
+
+#[derive(Debug)]
+struct Peer {
+    sessions: usize,
+    tokens: f64,
+    refilled: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    peers: HashMap<IpAddr, Peer>,
+    sweep_at: usize,
+}
+
+/// The shared admission state of one configuration.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Admission {
+    table: Arc<Mutex<Table>>,
+}
+
+/// A session's place in the per-address count, given back on drop.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    table: Arc<Mutex<Table>>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut table = lock(&self.table);
+        if let Some(peer) = table.peers.get_mut(&self.ip) {
+            peer.sessions = peer.sessions.saturating_sub(1);
+        }
+    }
+}
+
+fn lock(table: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
+    table.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Admission {
+    /// Admits one more session from `ip` (unknown without `ConnectInfo`),
+    /// with `live` sessions already running, or says which limit refuses it.
+    pub(crate) fn admit(
+        &self,
+        limits: &Limits,
+        live: usize,
+        ip: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<Option<Slot>, Rejection> {
+        if live >= limits.max_sessions {
+            return Err(Rejection::ServerFull);
+        }
+        let Some(ip) = ip else {
+            return Ok(None);
+        };
+        if limits.max_sessions_per_ip.is_none() && limits.handshake_rate.is_none() {
+            return Ok(None);
+        }
+        let mut table = lock(&self.table);
+        if table.peers.len() >= table.sweep_at.max(SWEEP_AT) {
+            table.sweep(limits, now);
+        }
+        let (rate, burst) = limits.handshake_rate.unwrap_or((0.0, 0.0));
+        let peer = table.peers.entry(ip).or_insert(Peer {
+            sessions: 0,
+            tokens: burst,
+            refilled: now,
+        });
+        if limits
+            .max_sessions_per_ip
+            .is_some_and(|max| peer.sessions >= max)
+        {
+            return Err(Rejection::TooManySessions);
+        }
+        if limits.handshake_rate.is_some() {
+            let elapsed = now.saturating_duration_since(peer.refilled).as_secs_f64();
+            peer.tokens = (peer.tokens + elapsed * rate).min(burst);
+            peer.refilled = now;
+            if peer.tokens < 1.0 {
+                let wait =
+                    Duration::from_secs_f64((1.0 - peer.tokens) / rate.max(f64::MIN_POSITIVE));
+                return Err(Rejection::HandshakeRate {
+                    retry_after: wait.as_secs().max(1),
+                });
+            }
+            peer.tokens -= 1.0;
+        }
+        peer.sessions += 1;
+        Ok(Some(Slot {
+            table: Arc::clone(&self.table),
+            ip,
+        }))
+    }
+
+    /// How many addresses the table holds.
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        lock(&self.table).peers.len()
+    }
+}
+
+impl Table {
+    fn sweep(&mut self, limits: &Limits, now: Instant) {
+        let (rate, burst) = limits.handshake_rate.unwrap_or((0.0, 0.0));
+        self.peers.retain(|_, peer| {
+            let elapsed = now.saturating_duration_since(peer.refilled).as_secs_f64();
+            peer.sessions > 0 || peer.tokens + elapsed * rate < burst
+        });
+        if self.peers.len() >= MAX_IDLE_ADDRESSES {
+            self.peers.retain(|_, peer| peer.sessions > 0);
+        }
+        // Sweep again when the table has grown well past what is left, not
+        // on every handshake.
+        let len = self.peers.len();
+        self.sweep_at = (len * 2)
+            .clamp(SWEEP_AT, MAX_IDLE_ADDRESSES)
+            .max(len + SWEEP_AT);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(n: u32) -> Option<IpAddr> {
+        Some(IpAddr::from(n.to_be_bytes()))
+    }
+
+    #[test]
+    fn the_server_wide_limit_counts_live_sessions() {
+        let admission = Admission::default();
+        let limits = Limits {
+            max_sessions: 2,
+            ..Limits::default()
+        };
+        let now = Instant::now();
+        assert!(admission.admit(&limits, 1, ip(1), now).is_ok());
+        assert_eq!(
+            admission.admit(&limits, 2, ip(1), now).unwrap_err(),
+            Rejection::ServerFull
+        );
+    }
+
+    #[test]
+    fn an_address_gets_its_place_back_when_a_session_ends() {
+        let admission = Admission::default();
+        let limits = Limits {
+            max_sessions_per_ip: Some(2),
+            ..Limits::default()
+        };
+        let now = Instant::now();
+        let a = admission.admit(&limits, 0, ip(1), now).unwrap();
+        let _b = admission.admit(&limits, 1, ip(1), now).unwrap();
+        assert_eq!(
+            admission.admit(&limits, 2, ip(1), now).unwrap_err(),
+            Rejection::TooManySessions
+        );
+        assert!(
+            admission.admit(&limits, 2, ip(2), now).is_ok(),
+            "another address"
+        );
+        drop(a);
+        assert!(admission.admit(&limits, 2, ip(1), now).is_ok());
+    }
+
+    #[test]
+    fn handshakes_past_the_burst_wait_for_the_rate() {
+        let admission = Admission::default();
+        let limits = Limits {
+            max_sessions_per_ip: None,
+            handshake_rate: Some((10.0, 3.0)),
+            ..Limits::default()
+        };
+        let now = Instant::now();
+        let slots: Vec<_> = (0..3)
+            .map(|_| admission.admit(&limits, 0, ip(1), now).unwrap())
+            .collect();
+        assert!(matches!(
+            admission.admit(&limits, 0, ip(1), now),
+            Err(Rejection::HandshakeRate { retry_after: 1 })
+        ));
+        drop(slots);
+        let later = now + Duration::from_millis(100);
+        assert!(admission.admit(&limits, 0, ip(1), later).is_ok());
+        assert!(admission.admit(&limits, 0, ip(1), later).is_err());
+    }
+
+    #[test]
+    fn the_table_forgets_idle_addresses() {
+        let admission = Admission::default();
+        let limits = Limits::default();
+        let now = Instant::now();
+        for n in 0..(MAX_IDLE_ADDRESSES as u32 + 10_000) {
+            drop(admission.admit(&limits, 0, ip(n), now).unwrap());
+        }
+        assert!(
+            admission.tracked() <= MAX_IDLE_ADDRESSES,
+            "{} addresses kept",
+            admission.tracked()
+        );
+        // A minute later every bucket is full again: those addresses go at
+        // the next sweep.
+        let later = now + Duration::from_secs(60);
+        for n in 0..20_000 {
+            drop(admission.admit(&limits, 0, ip(1 << 30 | n), later).unwrap());
+        }
+        assert!(
+            admission.tracked() <= 20_000,
+            "{} addresses kept after their buckets refilled",
+            admission.tracked()
+        );
+    }
+}
