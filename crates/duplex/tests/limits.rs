@@ -1,0 +1,218 @@
+//! The limits in front of a session, over real sockets: how many sessions,
+//! from whom, how fast, with which `Origin`, how large and how slow a
+//! request head may be, and how long a shutdown may take. Each refusal is
+//! the HTTP answer the docs promise, before any 101.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use axum::{
+    extract::Request as HttpRequest,
+    http::StatusCode,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+};
+use common::{RawClient, Server, upgrade_request};
+use duplex::{App, CloseCode, Session, WebSockets};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// A handler that keeps its session open until the peer leaves.
+async fn hold(mut session: Session) {
+    while let Ok(Some(_)) = session.recv().await {}
+}
+
+async fn status_of(server: &Server, extra: &str) -> (u16, Option<String>, RawClient) {
+    let (response, client) = RawClient::request(server.addr, upgrade_request("/ws", extra)).await;
+    let retry_after = response.header("Retry-After").map(str::to_owned);
+    (response.status, retry_after, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_may_hold_a_thousand_sessions_and_the_next_gets_429() {
+    let server = Server::start(App::new().web_socket("/ws", hold)).await;
+    let mut open = Vec::new();
+    for n in 0..1_000 {
+        let (status, _, client) = status_of(&server, "").await;
+        assert_eq!(status, 101, "session {n} of the shipped 1,000 per address");
+        open.push(client);
+    }
+    let (status, retry_after, _) = status_of(&server, "").await;
+    assert_eq!(status, 429);
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    // A session that ends gives its place back.
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (status, _, client) = status_of(&server, "").await;
+        if status == 101 {
+            open.push(client);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the freed place never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_session_after_max_sessions_gets_503_with_retry_after() {
+    let ws = WebSockets::default().max_sessions(20);
+    let server = Server::start(App::new().install(ws).web_socket("/ws", hold)).await;
+    let mut open = Vec::new();
+    for _ in 0..20 {
+        let (status, _, client) = status_of(&server, "").await;
+        assert_eq!(status, 101);
+        open.push(client);
+    }
+    let (status, retry_after, _) = status_of(&server, "").await;
+    assert_eq!(status, 503);
+    assert_eq!(retry_after.as_deref(), Some("5"));
+}
+
+#[tokio::test]
+async fn handshakes_past_the_rate_get_429_with_retry_after() {
+    let ws = WebSockets::default().handshake_rate(Some((1, 5)));
+    let server = Server::start(App::new().install(ws).web_socket("/ws", hold)).await;
+    for _ in 0..5 {
+        let (status, _, client) = status_of(&server, "").await;
+        assert_eq!(status, 101);
+        drop(client);
+    }
+    let (status, retry_after, _) = status_of(&server, "").await;
+    assert_eq!(status, 429, "the sixth handshake within a second");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+}
+
+#[tokio::test]
+async fn rfc6455_10_2_a_page_of_another_site_gets_403_by_default() {
+    let server = Server::start(App::new().web_socket("/ws", hold)).await;
+    let (status, _, _) = status_of(&server, "Origin: https://evil.example\r\n").await;
+    assert_eq!(status, 403);
+    // The server's own pages (Host: 127.0.0.1) and clients that send no
+    // Origin are accepted.
+    let (status, _, _) = status_of(&server, "Origin: http://127.0.0.1\r\n").await;
+    assert_eq!(status, 101);
+    let (status, _, _) = status_of(&server, "").await;
+    assert_eq!(status, 101);
+}
+
+#[tokio::test]
+async fn allowed_origins_add_to_the_servers_own() {
+    let ws = WebSockets::default().allowed_origins(["https://app.example"]);
+    let server = Server::start(App::new().install(ws).web_socket("/ws", hold)).await;
+    for (origin, expected) in [
+        ("https://app.example", 101),
+        ("http://127.0.0.1", 101),
+        ("https://evil.example", 403),
+    ] {
+        let (status, _, _) = status_of(&server, &format!("Origin: {origin}\r\n")).await;
+        assert_eq!(status, expected, "{origin}");
+    }
+}
+
+#[tokio::test]
+async fn a_request_head_over_32_kib_gets_431() {
+    let server = Server::start(App::new().web_socket("/ws", hold)).await;
+    let cookie = format!("Cookie: c={}\r\n", "x".repeat(40 * 1024));
+    let (status, _, _) = status_of(&server, &cookie).await;
+    assert_eq!(status, 431);
+    let cookie = format!("Cookie: c={}\r\n", "x".repeat(16 * 1024));
+    let (status, _, _) = status_of(&server, &cookie).await;
+    assert_eq!(status, 101, "16 KiB of headers are fine");
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_request_head_is_dropped_after_10_s() {
+    let server = Server::start(App::new().web_socket("/ws", hold)).await;
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .expect("write half a head");
+    let started = Instant::now();
+    let mut buf = [0u8; 512];
+    let read = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf))
+        .await
+        .expect("still connected 20 s later");
+    let waited = started.elapsed();
+    assert!(
+        matches!(read, Ok(_) | Err(_)),
+        "the connection ends, with a 408 or without a word"
+    );
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(15)).contains(&waited),
+        "dropped after {waited:?}, the shipped header timeout is 10 s"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_drops_sessions_still_open_when_the_grace_period_ends() {
+    let app = App::new()
+        .shutdown_grace(Duration::from_secs(1))
+        .web_socket("/ws", |session: Session| async move {
+            // Ignores the 1001 and holds on to its session.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(session);
+        });
+    let server = Server::start(app).await;
+    let mut client = RawClient::connect(server.addr, "/ws").await;
+    let started = Instant::now();
+    let stopping = tokio::spawn(server.shutdown());
+    let (code, _) = client.read_close().await;
+    assert_eq!(code, CloseCode::GOING_AWAY.0);
+    stopping
+        .await
+        .expect("the shutdown task")
+        .expect("serve returns Ok");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "serve returned {took:?} after the signal, the grace period is 1 s"
+    );
+    client.expect_eof().await;
+}
+
+/// Who the bearer token says the client is.
+#[derive(Debug, Clone, PartialEq)]
+struct User(String);
+
+async fn bearer(mut request: HttpRequest, next: Next) -> Response {
+    let token = request
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match token {
+        Some("s3cret") => {
+            request.extensions_mut().insert(User("alice".into()));
+            next.run(request).await
+        }
+        Some(_) => StatusCode::FORBIDDEN.into_response(),
+        None => StatusCode::UNAUTHORIZED.into_response(),
+    }
+}
+
+#[tokio::test]
+async fn rfc6455_4_2_2_authentication_answers_before_any_101_and_hands_the_identity_over() {
+    let app = App::new();
+    let ws = app.websockets().clone();
+    let (tx, mut seen) = common::reports::<Option<User>>();
+    let route = duplex::web_socket(&ws, move |session: Session| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(session.request().extension::<User>().cloned());
+        }
+    })
+    .layer(middleware::from_fn(bearer));
+    let server = Server::start(app.route("/ws", route)).await;
+    let (status, _, _) = status_of(&server, "").await;
+    assert_eq!(status, 401);
+    let (status, _, _) = status_of(&server, "Authorization: Bearer wrong\r\n").await;
+    assert_eq!(status, 403);
+    let (status, _, _) = status_of(&server, "Authorization: Bearer s3cret\r\n").await;
+    assert_eq!(status, 101);
+    assert_eq!(seen.next().await, Some(User("alice".into())));
+}
