@@ -38,6 +38,53 @@
 //! `Ok(None)`; `onError` a `recv` that returns `Err`. In both of the last two
 //! [`Sender::close_reason`] is set.
 //!
+//! # Authentication
+//! Check the upgrade request in an axum middleware in front of the route:
+//! it answers 401 or 403 before any 101, and what it puts in the request's
+//! extensions (any `Clone + Send + Sync` value) the session reads with
+//! [`Request::extension`]. The examples `auth_bearer` and `auth_cookie` are
+//! whole servers.
+//!
+//! ```no_run
+//! use axum::{extract::Request, http::StatusCode, middleware::{self, Next}, response::{IntoResponse, Response}};
+//! use duplex::{App, Session};
+//!
+//! #[derive(Clone)]
+//! struct User(String);
+//!
+//! async fn require_token(mut request: Request, next: Next) -> Response {
+//!     match request.headers().get("authorization").and_then(|v| v.to_str().ok()) {
+//!         Some("Bearer alice-token") => {
+//!             request.extensions_mut().insert(User("alice".into()));
+//!             next.run(request).await
+//!         }
+//!         _ => StatusCode::UNAUTHORIZED.into_response(),
+//!     }
+//! }
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let app = App::new();
+//! let ws = app.websockets().clone();
+//! let route = duplex::web_socket(&ws, |session: Session| async move {
+//!     let user = session.request().extension::<User>().cloned();
+//!     let _ = session.send_text(format!("hello, {}", user.map_or_else(String::new, |u| u.0))).await;
+//! })
+//! .layer(middleware::from_fn(require_token));
+//! app.route("/ws", route)
+//!     .serve(tokio::net::TcpListener::bind("127.0.0.1:8080").await?)
+//!     .await
+//! # }
+//! ```
+//!
+//! # Limits
+//! Everything a peer can make the server hold is bounded by default; each
+//! setter of [`WebSockets`] and [`App`] states its default: frame and
+//! message sizes, the inbox and outbox (Pongs count), the write timeout for
+//! a peer that stops reading, Ping and Close timeouts, sessions in all and
+//! per address, the handshake rate per address, request head size and
+//! read time, HTTP connections, and the `Origin` check (same-origin by
+//! default).
+//!
 //! # The protocol
 //! RFC 6455 itself lives in the sans-I/O crate [`duplex_proto`], re-exported
 //! here as [`proto`].

@@ -16,6 +16,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes that may wait for the server to take them.
 const BACKLOG: usize = 128;
 
+/// TLS handshakes in progress at once. Past it a new connection is closed
+/// at once: a flood of connections that never finish their handshake holds
+/// at most this many handshake states (and each for at most
+/// [`HANDSHAKE_TIMEOUT`]).
+const MAX_HANDSHAKES: usize = 1024;
+
 /// A listener that hands over connections once their TLS handshake is done.
 ///
 /// Each handshake runs in a task of its own, so a slow or silent client
@@ -42,6 +48,7 @@ impl TlsListener {
         };
         let acceptor = TlsAcceptor::from(config);
         let (tx, accepted) = mpsc::channel(BACKLOG);
+        let in_progress = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
                 let (tcp, addr) = match listener.accept().await {
@@ -53,10 +60,16 @@ impl TlsListener {
                         continue;
                     }
                 };
+                let Ok(permit) = Arc::clone(&in_progress).try_acquire_owned() else {
+                    tracing::debug!(%addr, "too many TLS handshakes in progress; closing a new connection");
+                    metrics::counter!("duplex_connections_refused_total").increment(1);
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let ready = tx.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
                             let _ = ready.send((tls, addr)).await;

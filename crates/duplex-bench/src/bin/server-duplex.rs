@@ -21,10 +21,15 @@ fn main() -> std::io::Result<()> {
     let http1 = args.has("--http1");
     let deflate = args.has("--deflate");
     server::run(args.addr, move |listener| async move {
+        // All the load comes from one address, in the thousands of
+        // sessions: the per-address limits would refuse it.
         let websockets = WebSockets::default()
             .ping_period(None)
             .max_message_size(MAX_MESSAGE_SIZE as u64)
-            .max_frame_size(MAX_FRAME_SIZE as u64);
+            .max_frame_size(MAX_FRAME_SIZE as u64)
+            .max_sessions(1 << 20)
+            .max_sessions_per_ip(None)
+            .handshake_rate(None);
         let websockets = if deflate {
             websockets
                 .extension(duplex::Deflate::default())
@@ -32,7 +37,10 @@ fn main() -> std::io::Result<()> {
         } else {
             websockets
         };
-        let app = App::new().install(websockets).web_socket("/mirror", mirror);
+        let app = App::new()
+            .max_connections(1 << 20)
+            .install(websockets)
+            .web_socket("/mirror", mirror);
         let app = if use_hub {
             let hub = Hub::new();
             app.web_socket("/broadcast", move |session| {
