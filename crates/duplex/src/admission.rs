@@ -9,7 +9,10 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -56,24 +59,35 @@ struct Table {
     sweep_at: usize,
 }
 
+#[derive(Debug, Default)]
+struct State {
+    /// Sessions admitted and not yet ended, whatever their address.
+    sessions: AtomicUsize,
+    table: Mutex<Table>,
+}
+
 /// The shared admission state of one configuration.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Admission {
-    table: Arc<Mutex<Table>>,
+    state: Arc<State>,
 }
 
-/// A session's place in the per-address count, given back on drop.
+/// A session's place in the counts, given back on drop.
 #[derive(Debug)]
 pub(crate) struct Slot {
-    table: Arc<Mutex<Table>>,
-    ip: IpAddr,
+    state: Arc<State>,
+    /// Counted per address too.
+    ip: Option<IpAddr>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut table = lock(&self.table);
-        if let Some(peer) = table.peers.get_mut(&self.ip) {
-            peer.sessions = peer.sessions.saturating_sub(1);
+        self.state.sessions.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ip) = self.ip {
+            let mut table = lock(&self.state.table);
+            if let Some(peer) = table.peers.get_mut(&ip) {
+                peer.sessions = peer.sessions.saturating_sub(1);
+            }
         }
     }
 }
@@ -84,24 +98,35 @@ fn lock(table: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
 
 impl Admission {
     /// Admits one more session from `ip` (unknown without `ConnectInfo`),
-    /// with `live` sessions already running, or says which limit refuses it.
+    /// or says which limit refuses it.
     pub(crate) fn admit(
         &self,
         limits: &Limits,
-        live: usize,
         ip: Option<IpAddr>,
         now: Instant,
-    ) -> Result<Option<Slot>, Rejection> {
-        if live >= limits.max_sessions {
+    ) -> Result<Slot, Rejection> {
+        // Counted first, so that concurrent handshakes cannot all pass.
+        let before = self.state.sessions.fetch_add(1, Ordering::AcqRel);
+        let mut slot = Slot {
+            state: Arc::clone(&self.state),
+            ip: None,
+        };
+        if before >= limits.max_sessions {
             return Err(Rejection::ServerFull);
         }
-        let Some(ip) = ip else {
-            return Ok(None);
-        };
-        if limits.max_sessions_per_ip.is_none() && limits.handshake_rate.is_none() {
-            return Ok(None);
+        match ip {
+            Some(ip) if limits.max_sessions_per_ip.is_some() || limits.handshake_rate.is_some() => {
+                self.admit_from(limits, ip, now)?;
+                slot.ip = Some(ip);
+                Ok(slot)
+            }
+            _ => Ok(slot),
         }
-        let mut table = lock(&self.table);
+    }
+
+    /// The per-address checks; counts the session on `ip` when it passes.
+    fn admit_from(&self, limits: &Limits, ip: IpAddr, now: Instant) -> Result<(), Rejection> {
+        let mut table = lock(&self.state.table);
         if table.peers.len() >= table.sweep_at.max(SWEEP_AT) {
             table.sweep(limits, now);
         }
@@ -131,16 +156,13 @@ impl Admission {
             peer.tokens -= 1.0;
         }
         peer.sessions += 1;
-        Ok(Some(Slot {
-            table: Arc::clone(&self.table),
-            ip,
-        }))
+        Ok(())
     }
 
     /// How many addresses the table holds.
     #[cfg(test)]
     fn tracked(&self) -> usize {
-        lock(&self.table).peers.len()
+        lock(&self.state.table).peers.len()
     }
 }
 
@@ -179,11 +201,14 @@ mod tests {
             ..Limits::default()
         };
         let now = Instant::now();
-        assert!(admission.admit(&limits, 1, ip(1), now).is_ok());
+        let a = admission.admit(&limits, ip(1), now).unwrap();
+        let _b = admission.admit(&limits, ip(2), now).unwrap();
         assert_eq!(
-            admission.admit(&limits, 2, ip(1), now).unwrap_err(),
+            admission.admit(&limits, ip(3), now).unwrap_err(),
             Rejection::ServerFull
         );
+        drop(a);
+        assert!(admission.admit(&limits, None, now).is_ok());
     }
 
     #[test]
@@ -194,18 +219,18 @@ mod tests {
             ..Limits::default()
         };
         let now = Instant::now();
-        let a = admission.admit(&limits, 0, ip(1), now).unwrap();
-        let _b = admission.admit(&limits, 1, ip(1), now).unwrap();
+        let a = admission.admit(&limits, ip(1), now).unwrap();
+        let _b = admission.admit(&limits, ip(1), now).unwrap();
         assert_eq!(
-            admission.admit(&limits, 2, ip(1), now).unwrap_err(),
+            admission.admit(&limits, ip(1), now).unwrap_err(),
             Rejection::TooManySessions
         );
         assert!(
-            admission.admit(&limits, 2, ip(2), now).is_ok(),
+            admission.admit(&limits, ip(2), now).is_ok(),
             "another address"
         );
         drop(a);
-        assert!(admission.admit(&limits, 2, ip(1), now).is_ok());
+        assert!(admission.admit(&limits, ip(1), now).is_ok());
     }
 
     #[test]
@@ -218,16 +243,16 @@ mod tests {
         };
         let now = Instant::now();
         let slots: Vec<_> = (0..3)
-            .map(|_| admission.admit(&limits, 0, ip(1), now).unwrap())
+            .map(|_| admission.admit(&limits, ip(1), now).unwrap())
             .collect();
         assert!(matches!(
-            admission.admit(&limits, 0, ip(1), now),
+            admission.admit(&limits, ip(1), now),
             Err(Rejection::HandshakeRate { retry_after: 1 })
         ));
         drop(slots);
         let later = now + Duration::from_millis(100);
-        assert!(admission.admit(&limits, 0, ip(1), later).is_ok());
-        assert!(admission.admit(&limits, 0, ip(1), later).is_err());
+        assert!(admission.admit(&limits, ip(1), later).is_ok());
+        assert!(admission.admit(&limits, ip(1), later).is_err());
     }
 
     #[test]
@@ -236,7 +261,7 @@ mod tests {
         let limits = Limits::default();
         let now = Instant::now();
         for n in 0..(MAX_IDLE_ADDRESSES as u32 + 10_000) {
-            drop(admission.admit(&limits, 0, ip(n), now).unwrap());
+            drop(admission.admit(&limits, ip(n), now).unwrap());
         }
         assert!(
             admission.tracked() <= MAX_IDLE_ADDRESSES,
@@ -247,7 +272,7 @@ mod tests {
         // the next sweep.
         let later = now + Duration::from_secs(60);
         for n in 0..20_000 {
-            drop(admission.admit(&limits, 0, ip(1 << 30 | n), later).unwrap());
+            drop(admission.admit(&limits, ip(1 << 30 | n), later).unwrap());
         }
         assert!(
             admission.tracked() <= 20_000,

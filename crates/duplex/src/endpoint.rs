@@ -163,7 +163,6 @@ where
     // Checked last: a request refused for any other reason spends no token.
     let slot = match config.admission.admit(
         &config.limits,
-        config.lifecycle.live(),
         remote_addr.map(|addr| addr.ip()),
         Inner::now(),
     ) {
