@@ -50,7 +50,8 @@
 //!   RESP2 allows in subscribed mode) `ping_interval` after the previous
 //!   PONG. A PONG late by more than `response_timeout` means the
 //!   subscription is dead: so a Redis that stops answering is noticed
-//!   within `ping_interval + response_timeout`, **3 s** by default, whatever
+//!   within `ping_interval + response_timeout` (**3 s** by default, plus a
+//!   few milliseconds of timer and scheduling delay), whatever
 //!   the traffic. The node then logs "Redis subscription unresponsive" at
 //!   warn, counts it in `duplex_redis_stalls_total{connection="subscription"}`,
 //!   drops the connection and subscribes again with backoff (100 ms,

@@ -302,9 +302,13 @@ async fn dropping_the_hub_ends_its_subscription() {
     panic!("the subscription outlived its hub by 5 s");
 }
 
-/// How long `done` took to hold, polled every 20 ms, or `None` after `limit`.
-async fn time_until(limit: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
+/// How long after `start` `done` held, polled every 20 ms, or `None` once
+/// `limit` has passed since `start`.
+async fn time_until(
+    start: Instant,
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+) -> Option<Duration> {
     while start.elapsed() < limit {
         if done() {
             return Some(start.elapsed());
@@ -357,6 +361,7 @@ async fn a_frozen_redis_is_noticed_in_time_and_delivery_resumes_when_it_thaws() 
     assert_eq!((backplane_a.stalls(), backplane_b.stalls()), (0, 0));
 
     let frozen = redis.freeze();
+    let frozen_at = Instant::now();
     // Publishing goes on meanwhile, and never waits for Redis.
     let publishing = Instant::now();
     for i in 0..10_000 {
@@ -369,7 +374,8 @@ async fn a_frozen_redis_is_noticed_in_time_and_delivery_resumes_when_it_thaws() 
     );
 
     // Both subscriptions miss a PONG; node a's burst goes unanswered too.
-    let noticed = time_until(DETECTION + SLACK, || {
+    println!("10,000 publishes to a frozen Redis took {publishing:?}");
+    let noticed = time_until(frozen_at, DETECTION + SLACK, || {
         !backplane_a.is_connected()
             && !backplane_b.is_connected()
             && backplane_a.stalls() >= 2
@@ -389,7 +395,7 @@ async fn a_frozen_redis_is_noticed_in_time_and_delivery_resumes_when_it_thaws() 
     println!("frozen Redis noticed by both nodes after {noticed:?}");
 
     drop(frozen);
-    let back = time_until(Duration::from_secs(20), || {
+    let back = time_until(Instant::now(), Duration::from_secs(20), || {
         backplane_a.is_connected() && backplane_b.is_connected()
     })
     .await
