@@ -599,9 +599,11 @@ async fn publish_loop(
                     tracing::warn!(%channel, "cannot reach Redis to publish, next attempt in {wait:?}: {err}");
                     // What was queued before the outage was known is stale
                     // by now.
+                    let mut stale = 0;
                     while queued.try_recv().is_ok() {
-                        metrics::counter!("duplex_redis_dropped_total").increment(1);
+                        stale += 1;
                     }
+                    metrics::counter!("duplex_redis_dropped_total").increment(stale);
                     tokio::time::sleep(wait).await;
                     wait = backoff(wait);
                     if queued.is_closed() {
