@@ -19,7 +19,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .next()
         .unwrap_or_else(|| "redis://127.0.0.1:6379/".to_owned());
 
-    let backplane = RedisBackplane::connect(&redis, "duplex-cluster-example").await?;
+    // A node may well start before its Redis: it waits for it.
+    let backplane = RedisBackplane::builder(&redis, "duplex-cluster-example")
+        .retry_at_start(true)
+        .connect()
+        .await?;
     let hub = Hub::builder().backplane(backplane).build();
     let app = App::new().install(WebSockets::default()).web_socket(
         "/room",
