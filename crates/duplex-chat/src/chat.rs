@@ -23,9 +23,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use duplex::{
-    CloseCode, CloseReason, Hub, Membership, Message, Session, SessionId, SlowConsumer,
-};
+use duplex::{CloseCode, CloseReason, Hub, Membership, Message, Session, SessionId, SlowConsumer};
 use tokio::sync::Notify;
 
 use crate::protocol::{

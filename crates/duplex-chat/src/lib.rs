@@ -78,9 +78,7 @@ pub fn app_with(websockets: WebSockets, options: ChatOptions) -> App {
         )
         .route(
             "/chat/plain",
-            duplex::web_socket(&chat_websockets, move |session| {
-                plain.clone().join(session)
-            }),
+            duplex::web_socket(&chat_websockets, move |session| plain.clone().join(session)),
         )
         .web_socket("/echo", echo)
         .web_socket("/mirror", mirror)
@@ -218,9 +216,7 @@ impl ChatRoom {
         if count > max {
             metrics::counter!("duplex_chat_plain_refused_total").increment(1);
             session
-                .send(format!(
-                    "The chat is full ({max} users); try again later."
-                ))
+                .send(format!("The chat is full ({max} users); try again later."))
                 .await?;
             return session
                 .close(CloseReason::new(

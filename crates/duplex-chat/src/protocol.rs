@@ -658,10 +658,7 @@ mod tests {
             ErrorCode::TextTooLong
         );
         assert_eq!(
-            check_text(&"é".repeat(10), 10, 40)
-                .unwrap()
-                .chars()
-                .count(),
+            check_text(&"é".repeat(10), 10, 40).unwrap().chars().count(),
             10
         );
         // Ten characters, but 40 bytes.
