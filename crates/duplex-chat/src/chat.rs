@@ -398,10 +398,10 @@ impl ChatState {
     }
 
     fn forget(&mut self, room: &str) {
-        if let Some((name, r)) = self.rooms.remove_entry(room) {
-            if Arc::strong_count(&r.outbox) > 1 {
-                self.retired.insert(name, Arc::downgrade(&r.outbox));
-            }
+        if let Some((name, r)) = self.rooms.remove_entry(room)
+            && Arc::strong_count(&r.outbox) > 1
+        {
+            self.retired.insert(name, Arc::downgrade(&r.outbox));
         }
         // Outboxes delivered and dropped leave dead entries: sweep them
         // now and then, so `retired` stays about as small as the number of
@@ -434,10 +434,10 @@ impl ChatState {
             return;
         }
         let idle = self.rooms.values().filter(|r| r.members.is_empty()).count();
-        if idle > max_idle {
-            if let Some(oldest) = self.oldest_idle() {
-                self.forget(&oldest);
-            }
+        if idle > max_idle
+            && let Some(oldest) = self.oldest_idle()
+        {
+            self.forget(&oldest);
         }
     }
 
@@ -978,14 +978,14 @@ impl Chat {
 
     /// Takes the member `key` out of `room` and tells the others.
     fn left(&self, state: &mut ChatState, key: &str, room: &str) {
-        if let Some(r) = state.rooms.get_mut(room) {
-            if let Some((_, name)) = r.members.remove(key) {
-                r.outbox.push(Outgoing::Presence {
-                    event: "leave",
-                    name,
-                    count: r.members.len(),
-                });
-            }
+        if let Some(r) = state.rooms.get_mut(room)
+            && let Some((_, name)) = r.members.remove(key)
+        {
+            r.outbox.push(Outgoing::Presence {
+                event: "leave",
+                name,
+                count: r.members.len(),
+            });
         }
         state.tidy(room, self.inner.options.max_idle_rooms);
     }

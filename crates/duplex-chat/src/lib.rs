@@ -259,11 +259,11 @@ impl ChatRoom {
             };
             // One notice a second at most: a flood must not become a flood
             // of notices.
-            if let Some(notice) = notice {
-                if quiet_until.is_none_or(|t| now >= t) {
-                    quiet_until = Some(now + Duration::from_secs(1));
-                    self.hub.send_to(me.id(), Message::from(notice));
-                }
+            if let Some(notice) = notice
+                && quiet_until.is_none_or(|t| now >= t)
+            {
+                quiet_until = Some(now + Duration::from_secs(1));
+                self.hub.send_to(me.id(), Message::from(notice));
             }
         }
         Ok(())
