@@ -66,7 +66,7 @@ struct Args {
     /// Largest frame accepted, in bytes (larger: close 1009).
     #[arg(long, default_value_t = 16 << 20)]
     max_frame_size: u64,
-    /// Largest message accepted, in bytes (larger: close 1009); /chat reads 64 KiB at most.
+    /// Largest message accepted, in bytes (larger: close 1009); /chat and /chat/plain read 64 KiB at most.
     #[arg(long, default_value_t = 64 << 20)]
     max_message_size: u64,
     /// Mask server frames (RFC 6455 forbids it; browsers reject it).
