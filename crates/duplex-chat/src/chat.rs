@@ -1,13 +1,21 @@
 //! The chat of the browser page: the JSON protocol of `/chat` over the
 //! [`Hub`] (rooms are hub topics, direct messages go by session id).
 //!
-//! Names, rooms, presence and history are kept here, in one [`ChatState`]
-//! behind a mutex. Every change and the messages it causes happen under that
-//! lock; since the hub never waits, the lock is short, and everybody sees
-//! the events of a room in the same order as its history.
+//! Names, rooms, presence and history are kept in one [`ChatState`] behind
+//! a mutex, and every count in it is capped (see [`ChatOptions`]). That lock
+//! is held for map updates and cheap clones only: nothing is serialised or
+//! sent under it.
+//!
+//! What a room sends goes through the room's [`Outbox`]: the event is queued
+//! under the state lock, in the order of the change it reports, and
+//! delivered after the lock is released by whichever task finds the outbox
+//! idle. So every member still sees a room's events in one order, the order
+//! of its history, and a joiner gets its `joined` answer before anything
+//! that happened after its snapshot and nothing of what is in it, while the
+//! fan-out and the JSON run outside every lock.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{
         Arc, Mutex, MutexGuard, Once, PoisonError, Weak,
         atomic::{AtomicBool, Ordering},
@@ -15,26 +23,42 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use duplex::{CloseReason, Hub, Membership, Message, Session, SessionId, SlowConsumer};
+use duplex::{CloseCode, CloseReason, Hub, Membership, Message, Session, SessionId, SlowConsumer};
 use tokio::sync::Notify;
 
 use crate::protocol::{
-    self, ChatLine, DirectLine, ErrorCode, Event, Limits, MAX_NAME_CHARS, Problem, Request,
-    RoomInfo,
+    self, DirectLine, ErrorCode, Event, Limits, MAX_NAME_CHARS, Problem, Request, RoomInfo,
 };
 
-/// The chat's limits; see `duplex-chat --help`.
+/// The chat's limits; see `duplex-chat --help`. Every default is safe to
+/// face the Internet with: with all of them reached, the history kept is
+/// at most `max_total_rooms × history_bytes` (125 MiB by default).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatOptions {
     /// Messages of a room kept and sent on joining it. Default 50.
     pub history: usize,
+    /// Bytes of a room's history, as sent in `joined`: the oldest messages
+    /// go first when it is over. Default 128 KiB.
+    pub history_bytes: usize,
     /// Longest message text, in characters. Default 2000.
     pub max_text_chars: usize,
+    /// Longest message text, in bytes of UTF-8. Default 4096.
+    pub max_text_bytes: usize,
     /// Requests per second a connection may send on average; 0 turns the
-    /// limit off. Default 5.
+    /// limit off. Default 5. `/chat/plain` lines count the same way.
     pub rate: f64,
     /// Requests a connection may send at once. Default 10.
     pub burst: u32,
+    /// Names in use (connections that said `hello`) at once; one more gets
+    /// `server_full` and is closed with 1013. Default 10,000.
+    pub max_users: usize,
+    /// Rooms the server keeps, in use or idle with history; a new room
+    /// beyond that forgets the least recently used idle one, or gets
+    /// `server_rooms_full`. Default 1000.
+    pub max_total_rooms: usize,
+    /// Members one room may have (`/chat/plain` is one room too); one more
+    /// gets `room_full`. Default 1000.
+    pub max_members_per_room: usize,
     /// Rooms one connection may be in. Default 20.
     pub max_rooms_per_user: usize,
     /// Empty rooms whose history is kept; beyond that the least recently
@@ -46,9 +70,14 @@ impl Default for ChatOptions {
     fn default() -> Self {
         ChatOptions {
             history: 50,
+            history_bytes: 128 << 10,
             max_text_chars: 2000,
+            max_text_bytes: 4096,
             rate: 5.0,
             burst: 10,
+            max_users: 10_000,
+            max_total_rooms: 1000,
+            max_members_per_room: 1000,
             max_rooms_per_user: 20,
             max_idle_rooms: 256,
         }
@@ -57,19 +86,25 @@ impl Default for ChatOptions {
 
 impl ChatOptions {
     /// The largest request read: room for the longest text with every
-    /// character escaped, and the other fields.
+    /// character escaped (`\uXXXX`), and the other fields.
     pub fn max_request_bytes(&self) -> usize {
-        self.max_text_chars.saturating_mul(6).saturating_add(1024)
+        self.max_text_chars
+            .min(self.max_text_bytes)
+            .saturating_mul(6)
+            .saturating_add(1024)
     }
 
     fn limits(&self) -> Limits {
         Limits {
             name_chars: MAX_NAME_CHARS,
             text_chars: self.max_text_chars,
+            text_bytes: self.max_text_bytes,
             rate: self.rate,
             burst: self.burst,
             rooms: self.max_rooms_per_user,
             history: self.history,
+            history_bytes: self.history_bytes,
+            room_members: self.max_members_per_room,
         }
     }
 }
@@ -85,6 +120,11 @@ const DIRECTORY_DELAY: Duration = Duration::from_millis(200);
 /// connection of the same client (one that sent the `welcome` token).
 pub const REPLACED: u16 = 4001;
 
+/// Events one task delivers from an outbox before it hands the rest to a
+/// task of its own: a busy room cannot keep one connection's handler away
+/// from its own socket.
+const DRAIN_BATCH: usize = 32;
+
 /// The chat: cheap to clone, one per server.
 #[derive(Clone)]
 pub struct Chat {
@@ -96,6 +136,9 @@ struct ChatInner {
     options: ChatOptions,
     instance: String,
     state: Mutex<ChatState>,
+    /// The last `directory` built, for new connections: built outside the
+    /// state lock, at most once per [`DIRECTORY_DELAY`] of changes.
+    directory: Mutex<Message>,
     directory_dirty: AtomicBool,
     directory_wake: Arc<Notify>,
     directory_task: Once,
@@ -103,68 +146,278 @@ struct ChatInner {
 
 #[derive(Default)]
 struct ChatState {
-    /// Names in use, by lowercased name.
-    users: HashMap<String, User>,
+    /// Names in use, by lowercased name (so in the directory's order).
+    users: BTreeMap<String, User>,
     /// Connections that have a name.
     sessions: HashMap<SessionId, Named>,
-    rooms: HashMap<String, Room>,
+    rooms: HashMap<Arc<str>, Room>,
+    /// The outboxes of rooms forgotten while their last events may still
+    /// be on their way: a room made again under the same name reuses its
+    /// outbox, so that a leave and the next join of one connection are
+    /// delivered in order.
+    retired: HashMap<Arc<str>, Weak<Outbox>>,
     /// The id of the last message, and the clock of room activity.
     last_id: u64,
 }
 
 struct User {
     id: SessionId,
-    name: String,
+    name: Arc<str>,
     token: String,
     sender: duplex::Sender,
 }
 
 struct Named {
-    name: String,
-    rooms: BTreeSet<String>,
+    /// The lowercased name: the key in `users` and in rooms' members.
+    key: String,
+    /// The rooms it is in, and whether this connection got their history
+    /// (false for rooms taken over from an older connection).
+    rooms: BTreeMap<Arc<str>, bool>,
 }
 
-#[derive(Default)]
+/// A message of a room as kept: its id and the rest serialised once
+/// ([`protocol::line_tail`]).
+#[derive(Clone)]
+struct Line {
+    id: u64,
+    tail: Arc<str>,
+}
+
 struct Room {
-    members: BTreeMap<SessionId, String>,
-    history: VecDeque<ChatLine>,
+    /// By lowercased name, so in the order `joined` lists them.
+    members: BTreeMap<String, (SessionId, Arc<str>)>,
+    history: VecDeque<Line>,
+    /// What `history` takes in a `joined` ([`protocol::history_entry_len`]).
+    history_bytes: usize,
     last_active: u64,
+    outbox: Arc<Outbox>,
 }
 
 impl Room {
-    fn member_names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.members.values().map(String::as_str).collect();
-        names.sort_by_cached_key(|n| (n.to_lowercase(), n.to_string()));
-        names
+    fn new(outbox: Arc<Outbox>) -> Self {
+        Room {
+            members: BTreeMap::new(),
+            history: VecDeque::new(),
+            history_bytes: 0,
+            last_active: 0,
+            outbox,
+        }
+    }
+
+    fn member_names(&self) -> Vec<Arc<str>> {
+        self.members
+            .values()
+            .map(|(_, name)| Arc::clone(name))
+            .collect()
+    }
+
+    /// Keeps `line`, then drops the oldest lines until the history is
+    /// within both budgets. A line over the byte budget on its own is sent
+    /// but not kept.
+    fn remember(&mut self, line: Line, max_lines: usize, max_bytes: usize) {
+        let cost = protocol::history_entry_len(&line.tail);
+        if max_lines == 0 || cost > max_bytes {
+            return;
+        }
+        self.history_bytes += cost;
+        self.history.push_back(line);
+        while self.history.len() > max_lines || self.history_bytes > max_bytes {
+            let Some(old) = self.history.pop_front() else {
+                break;
+            };
+            self.history_bytes -= protocol::history_entry_len(&old.tail);
+        }
+    }
+}
+
+/// Something a room sends, queued in the order of the changes.
+enum Outgoing {
+    /// A message to the room.
+    Line(Line),
+    /// Someone came or went.
+    Presence {
+        event: &'static str,
+        name: Arc<str>,
+        count: usize,
+    },
+    /// The answer to `join`; a first join also subscribes the joiner, right
+    /// after the answer, so it gets what follows its snapshot.
+    Joined {
+        to: Arc<Membership>,
+        members: Vec<Arc<str>>,
+        history: Vec<Line>,
+        subscribe: bool,
+    },
+    /// A take-over: the new connection gets the room's events from here on.
+    Subscribe(Arc<Membership>),
+    /// The answer to `leave`, after the leaver stops getting the room.
+    Left(Arc<Membership>),
+}
+
+/// A room's queue of [`Outgoing`] events and who delivers them.
+struct Outbox {
+    room: Arc<str>,
+    queue: Mutex<OutboxQueue>,
+}
+
+#[derive(Default)]
+struct OutboxQueue {
+    items: VecDeque<Outgoing>,
+    /// A task is delivering: events queued meanwhile are its to deliver.
+    draining: bool,
+}
+
+impl Outbox {
+    fn new(room: Arc<str>) -> Arc<Outbox> {
+        Arc::new(Outbox {
+            room,
+            queue: Mutex::new(OutboxQueue::default()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OutboxQueue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues an event; called under the state lock, so that the queue's
+    /// order is the order of the changes.
+    fn push(&self, item: Outgoing) {
+        self.lock().items.push_back(item);
+    }
+
+    /// Delivers what is queued unless another task is at it. After
+    /// [`DRAIN_BATCH`] events, a task of its own goes on.
+    fn drain(self: Arc<Self>, hub: &Hub) {
+        {
+            let mut queue = self.lock();
+            if queue.draining || queue.items.is_empty() {
+                return;
+            }
+            queue.draining = true;
+        }
+        if self.deliver_some(hub) {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let hub = hub.clone();
+                runtime.spawn(async move {
+                    while !self.deliver_some(&hub) {
+                        tokio::task::yield_now().await;
+                    }
+                });
+            }
+            Err(_) => while !self.deliver_some(hub) {},
+        }
+    }
+
+    /// Delivers up to [`DRAIN_BATCH`] events; true once the queue is empty
+    /// (and no longer being drained).
+    fn deliver_some(&self, hub: &Hub) -> bool {
+        for _ in 0..DRAIN_BATCH {
+            let item = {
+                let mut queue = self.lock();
+                match queue.items.pop_front() {
+                    Some(item) => item,
+                    None => {
+                        queue.draining = false;
+                        return true;
+                    }
+                }
+            };
+            self.deliver(hub, item);
+        }
+        false
+    }
+
+    fn deliver(&self, hub: &Hub, item: Outgoing) {
+        let room = &*self.room;
+        match item {
+            Outgoing::Line(line) => hub.publish(room, protocol::message(line.id, &line.tail)),
+            Outgoing::Presence { event, name, count } => {
+                let presence = Event::Presence {
+                    room,
+                    event,
+                    name: &name,
+                    count,
+                };
+                hub.publish(room, presence.to_message());
+            }
+            Outgoing::Joined {
+                to,
+                members,
+                history,
+                subscribe,
+            } => {
+                let joined = protocol::joined(
+                    room,
+                    members.iter().map(|m| &**m),
+                    history.iter().map(|l| (l.id, &*l.tail)),
+                );
+                hub.send_to(to.id(), joined);
+                if subscribe {
+                    to.join(room);
+                }
+            }
+            Outgoing::Subscribe(to) => to.join(room),
+            Outgoing::Left(to) => {
+                to.leave(room);
+                hub.send_to(to.id(), Event::Left { room }.to_message());
+            }
+        }
     }
 }
 
 impl ChatState {
-    /// The `directory` event: rooms and names, at most [`DIRECTORY_MAX`]
-    /// of each (the fullest rooms, the first names in order).
-    fn directory(&self) -> Message {
-        let mut rooms: Vec<RoomInfo> = self
-            .rooms
-            .iter()
-            .map(|(name, room)| RoomInfo {
-                name: name.clone(),
-                members: room.members.len(),
-            })
-            .collect();
-        if rooms.len() > DIRECTORY_MAX {
-            rooms.sort_by(|a, b| b.members.cmp(&a.members).then_with(|| a.name.cmp(&b.name)));
-            rooms.truncate(DIRECTORY_MAX);
-        }
-        rooms.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut users: Vec<&str> = self.users.values().map(|u| u.name.as_str()).collect();
-        users.sort_by_cached_key(|n| (n.to_lowercase(), n.to_string()));
-        users.truncate(DIRECTORY_MAX);
-        Event::Directory {
-            rooms,
-            users,
+    /// What the `directory` event is built from, taken under the lock:
+    /// clones of names and counts, nothing sorted or serialised.
+    fn directory_snapshot(&self) -> DirectorySnapshot {
+        DirectorySnapshot {
+            rooms: self
+                .rooms
+                .iter()
+                .map(|(name, room)| (Arc::clone(name), room.members.len()))
+                .collect(),
+            users: self
+                .users
+                .values()
+                .take(DIRECTORY_MAX)
+                .map(|u| Arc::clone(&u.name))
+                .collect(),
             online: self.users.len(),
         }
-        .to_message()
+    }
+
+    /// A new room's outbox: the one of a forgotten room of that name if its
+    /// last events may still be on their way.
+    fn outbox_for(&mut self, room: &Arc<str>) -> Arc<Outbox> {
+        self.retired
+            .remove(room)
+            .and_then(|weak| weak.upgrade())
+            .unwrap_or_else(|| Outbox::new(Arc::clone(room)))
+    }
+
+    fn forget(&mut self, room: &str) {
+        if let Some((name, r)) = self.rooms.remove_entry(room)
+            && Arc::strong_count(&r.outbox) > 1
+        {
+            self.retired.insert(name, Arc::downgrade(&r.outbox));
+        }
+        // Outboxes delivered and dropped leave dead entries: sweep them
+        // now and then, so `retired` stays about as small as the number of
+        // outboxes being drained.
+        if self.retired.len() > 64 && self.retired.len() > self.rooms.len() {
+            self.retired.retain(|_, weak| weak.strong_count() > 0);
+        }
+    }
+
+    /// The least recently used room nobody is in.
+    fn oldest_idle(&self) -> Option<Arc<str>> {
+        self.rooms
+            .iter()
+            .filter(|(_, r)| r.members.is_empty())
+            .min_by_key(|(_, r)| r.last_active)
+            .map(|(name, _)| Arc::clone(name))
     }
 
     /// Forgets a room nobody is in once it has no history, or when more
@@ -177,30 +430,56 @@ impl ChatState {
             return;
         }
         if r.history.is_empty() {
-            self.rooms.remove(room);
+            self.forget(room);
             return;
         }
-        let idle: Vec<(&String, u64)> = self
-            .rooms
-            .iter()
-            .filter(|(_, r)| r.members.is_empty())
-            .map(|(name, r)| (name, r.last_active))
-            .collect();
-        if idle.len() <= max_idle {
-            return;
-        }
-        if let Some(oldest) = idle
-            .into_iter()
-            .min_by_key(|&(_, active)| active)
-            .map(|(name, _)| name.clone())
+        let idle = self.rooms.values().filter(|r| r.members.is_empty()).count();
+        if idle > max_idle
+            && let Some(oldest) = self.oldest_idle()
         {
-            self.rooms.remove(&oldest);
+            self.forget(&oldest);
         }
     }
 
-    fn gauges(&self) {
-        metrics::gauge!("duplex_chat_users").set(self.users.len() as f64);
-        metrics::gauge!("duplex_chat_rooms").set(self.rooms.len() as f64);
+    fn counts(&self) -> (usize, usize) {
+        (self.users.len(), self.rooms.len())
+    }
+}
+
+fn gauges((users, rooms): (usize, usize)) {
+    metrics::gauge!("duplex_chat_users").set(users as f64);
+    metrics::gauge!("duplex_chat_rooms").set(rooms as f64);
+}
+
+struct DirectorySnapshot {
+    rooms: Vec<(Arc<str>, usize)>,
+    users: Vec<Arc<str>>,
+    online: usize,
+}
+
+impl DirectorySnapshot {
+    /// The `directory` event: rooms and names, at most [`DIRECTORY_MAX`]
+    /// of each (the fullest rooms, the first names in order).
+    fn to_message(&self) -> Message {
+        let mut rooms: Vec<RoomInfo> = self
+            .rooms
+            .iter()
+            .map(|(name, members)| RoomInfo {
+                name: name.to_string(),
+                members: *members,
+            })
+            .collect();
+        if rooms.len() > DIRECTORY_MAX {
+            rooms.sort_by(|a, b| b.members.cmp(&a.members).then_with(|| a.name.cmp(&b.name)));
+            rooms.truncate(DIRECTORY_MAX);
+        }
+        rooms.sort_by(|a, b| a.name.cmp(&b.name));
+        Event::Directory {
+            rooms,
+            users: self.users.iter().map(|u| &**u).collect(),
+            online: self.online,
+        }
+        .to_message()
     }
 }
 
@@ -217,7 +496,7 @@ fn random_hex(bytes: usize) -> String {
 }
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved.
-struct TokenBucket {
+pub(crate) struct TokenBucket {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -225,7 +504,7 @@ struct TokenBucket {
 }
 
 impl TokenBucket {
-    fn new(rate: f64, burst: u32) -> Self {
+    pub(crate) fn new(rate: f64, burst: u32) -> Self {
         let burst = f64::from(burst.max(1));
         TokenBucket {
             rate,
@@ -236,7 +515,7 @@ impl TokenBucket {
     }
 
     /// Takes a token, or says how long until one is there.
-    fn take(&mut self, now: Instant) -> Result<(), Duration> {
+    pub(crate) fn take(&mut self, now: Instant) -> Result<(), Duration> {
         if self.rate <= 0.0 {
             return Ok(());
         }
@@ -252,12 +531,15 @@ impl TokenBucket {
     }
 }
 
-/// One connection: its hub membership, its rate limit. Dropping it (the
-/// handler ends, even by panic) leaves every room and frees the name.
+/// One connection: its hub membership, its name, its rate limit. Dropping
+/// it (the handler ends, even by panic) leaves every room and frees the
+/// name.
 struct Connection {
     chat: Chat,
-    me: Membership,
+    me: Arc<Membership>,
     sender: duplex::Sender,
+    /// Set by `hello`; a connection's name never changes after.
+    name: Option<Arc<str>>,
     bucket: TokenBucket,
     quiet_until: Option<Instant>,
 }
@@ -280,14 +562,16 @@ impl Chat {
     /// than silently missing messages.
     pub fn new(options: ChatOptions) -> Chat {
         let hub = Hub::builder()
-            .slow_consumer(SlowConsumer::Close(duplex::CloseCode::TRY_AGAIN_LATER))
+            .slow_consumer(SlowConsumer::Close(CloseCode::TRY_AGAIN_LATER))
             .build();
+        let directory = ChatState::default().directory_snapshot().to_message();
         Chat {
             inner: Arc::new(ChatInner {
                 hub,
                 options,
                 instance: random_hex(6),
                 state: Mutex::new(ChatState::default()),
+                directory: Mutex::new(directory),
                 directory_dirty: AtomicBool::new(false),
                 directory_wake: Arc::new(Notify::new()),
                 directory_task: Once::new(),
@@ -312,14 +596,22 @@ impl Chat {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn cached_directory(&self) -> Message {
+        self.inner
+            .directory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Marks the directory as changed; it goes out to everyone shortly.
     fn directory_changed(&self) {
         self.inner.directory_dirty.store(true, Ordering::Release);
         self.inner.directory_wake.notify_one();
     }
 
-    /// Broadcasts the directory after changes, at most once per
-    /// [`DIRECTORY_DELAY`]. Ends once the chat is gone.
+    /// Rebuilds and broadcasts the directory after changes, at most once
+    /// per [`DIRECTORY_DELAY`]. Ends once the chat is gone.
     async fn publish_directory(chat: Weak<ChatInner>, wake: Arc<Notify>) {
         loop {
             // Wakes now and then to notice that the chat is gone.
@@ -330,7 +622,15 @@ impl Chat {
             };
             if inner.directory_dirty.swap(false, Ordering::AcqRel) {
                 let chat = Chat { inner };
-                let directory = chat.lock().directory();
+                let snapshot = chat.lock().directory_snapshot();
+                let directory = snapshot.to_message();
+                // Cached before it is broadcast: a connection that opens
+                // meanwhile gets this one from one or the other.
+                *chat
+                    .inner
+                    .directory
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = directory.clone();
                 chat.inner.hub.broadcast(directory);
             }
         }
@@ -346,16 +646,16 @@ impl Chat {
         });
         let options = &self.inner.options;
         let mut conn = Connection {
-            me: self.inner.hub.register(&session.sender()),
+            me: Arc::new(self.inner.hub.register(&session.sender())),
             sender: session.sender(),
+            name: None,
             bucket: TokenBucket::new(options.rate, options.burst),
             quiet_until: None,
             chat: self.clone(),
         };
-        {
-            let state = self.lock();
-            self.inner.hub.send_to(conn.me.id(), state.directory());
-        }
+        self.inner
+            .hub
+            .send_to(conn.me.id(), self.cached_directory());
         loop {
             match session.recv().await {
                 Ok(Some(message)) => self.receive(&mut conn, message),
@@ -431,241 +731,332 @@ impl Chat {
                 problem.request = Some(kind.to_owned());
             }
             self.refuse(&conn.me, &problem);
+            if problem.code == ErrorCode::ServerFull {
+                // After the error, which is queued first.
+                conn.sender.close_now(CloseReason::new(
+                    CloseCode::TRY_AGAIN_LATER,
+                    "Server full, try again later",
+                ));
+            }
         }
     }
 
-    fn handle(&self, conn: &Connection, request: Request) -> Result<(), Problem> {
-        let me = &conn.me;
+    fn handle(&self, conn: &mut Connection, request: Request) -> Result<(), Problem> {
         match request {
             Request::Hello { name, token } => self.hello(conn, &name, token.as_deref()),
             Request::Ping { id } => {
-                self.reply(me, &Event::Pong { id });
+                self.reply(&conn.me, &Event::Pong { id });
                 Ok(())
             }
-            Request::Join { room } => self.join(me, &room),
-            Request::Leave { room } => self.leave(me, &room),
-            Request::Message { room, text } => self.say(me, &room, &text),
-            Request::Dm { to, text } => self.direct(me, &to, &text),
+            Request::Join { room } => self.join(conn, &room),
+            Request::Leave { room } => self.leave(conn, &room),
+            Request::Message { room, text } => self.say(conn, &room, &text),
+            Request::Dm { to, text } => self.direct(conn, &to, &text),
         }
     }
 
-    fn hello(&self, conn: &Connection, name: &str, token: Option<&str>) -> Result<(), Problem> {
+    fn hello(&self, conn: &mut Connection, name: &str, token: Option<&str>) -> Result<(), Problem> {
         let me = &conn.me;
-        let mut state = self.lock();
-        let state = &mut *state;
-        if let Some(named) = state.sessions.get(&me.id()) {
+        if let Some(name) = &conn.name {
             return Err(Problem::new(
                 ErrorCode::AlreadyIdentified,
-                format!("This connection is already {}", named.name),
+                format!("This connection is already {name}"),
             ));
         }
-        let mut name = protocol::check_name(name)?;
-        let key = name.to_lowercase();
-        let mut rooms = BTreeSet::new();
-        if let Some(user) = state.users.get(&key) {
-            let reclaim = token.is_some_and(|t| !t.is_empty() && t == user.token);
-            if !reclaim {
+        let checked = protocol::check_name(name)?;
+        let key = checked.to_lowercase();
+        let new_token = random_hex(16);
+        let max_users = self.inner.options.max_users;
+        let mut outboxes = Vec::new();
+        let mut replaced = None;
+        let (name, rooms, counts) = {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let mut name: Arc<str> = Arc::from(checked);
+            let mut rooms = BTreeMap::new();
+            if let Some(user) = state.users.get(&key) {
+                let reclaim = token.is_some_and(|t| !t.is_empty() && t == user.token);
+                if !reclaim {
+                    return Err(Problem::new(
+                        ErrorCode::NameTaken,
+                        format!("{} is already in use; pick another name", user.name),
+                    ));
+                }
+                // The same client again (a reconnect that came before the
+                // old connection was seen gone): the new connection takes
+                // over its name and rooms, without leave and join notices.
+                let old = state.users.remove(&key).expect("present");
+                // Others know the name as it was: keep it so.
+                name = old.name;
+                replaced = Some(old.sender);
+                if let Some(named) = state.sessions.remove(&old.id) {
+                    for room in named.rooms.keys() {
+                        if let Some(r) = state.rooms.get_mut(room) {
+                            r.members.insert(key.clone(), (me.id(), Arc::clone(&name)));
+                            r.outbox.push(Outgoing::Subscribe(Arc::clone(me)));
+                            outboxes.push(Arc::clone(&r.outbox));
+                        }
+                    }
+                    // This connection has not had their history yet.
+                    rooms = named.rooms.into_keys().map(|r| (r, false)).collect();
+                }
+            } else if state.users.len() >= max_users {
                 return Err(Problem::new(
-                    ErrorCode::NameTaken,
-                    format!("{} is already in use; pick another name", user.name),
+                    ErrorCode::ServerFull,
+                    format!("The server has {max_users} people in already; try again later"),
                 ));
             }
-            // The same client again (a reconnect that came before the old
-            // connection was seen gone): the new connection takes over its
-            // name and rooms, without leave and join notices.
-            let old = state.users.remove(&key).expect("present");
-            // Others know the name as it was: keep it so.
-            name.clone_from(&old.name);
-            old.sender.close_now(CloseReason::new(
+            state.users.insert(
+                key.clone(),
+                User {
+                    id: me.id(),
+                    name: Arc::clone(&name),
+                    token: new_token.clone(),
+                    sender: conn.sender.clone(),
+                },
+            );
+            let room_names: Vec<Arc<str>> = rooms.keys().cloned().collect();
+            state.sessions.insert(me.id(), Named { key, rooms });
+            (name, room_names, state.counts())
+        };
+        if let Some(old) = replaced {
+            old.close_now(CloseReason::new(
                 REPLACED,
                 "Signed in again from another connection",
             ));
-            if let Some(named) = state.sessions.remove(&old.id) {
-                for room in &named.rooms {
-                    if let Some(r) = state.rooms.get_mut(room) {
-                        r.members.remove(&old.id);
-                        r.members.insert(me.id(), name.clone());
-                    }
-                    me.join(room);
-                }
-                rooms = named.rooms;
-            }
         }
-        let token = random_hex(16);
-        state.users.insert(
-            key,
-            User {
-                id: me.id(),
-                name: name.clone(),
-                token: token.clone(),
-                sender: conn.sender.clone(),
-            },
-        );
-        state.sessions.insert(
-            me.id(),
-            Named {
-                name: name.clone(),
-                rooms: rooms.clone(),
-            },
-        );
+        for outbox in outboxes {
+            outbox.drain(&self.inner.hub);
+        }
         self.reply(
             me,
             &Event::Welcome {
                 name: &name,
                 id: me.id().0,
-                token: &token,
+                token: &new_token,
                 instance: &self.inner.instance,
-                rooms: rooms.iter().map(String::as_str).collect(),
+                rooms: rooms.iter().map(|r| &**r).collect(),
                 limits: self.inner.options.limits(),
             },
         );
+        conn.name = Some(name);
         self.directory_changed();
-        state.gauges();
+        gauges(counts);
         Ok(())
     }
 
-    fn join(&self, me: &Membership, room: &str) -> Result<(), Problem> {
-        let room = protocol::check_room(room)?;
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        let named = state
-            .sessions
-            .get_mut(&me.id())
-            .ok_or_else(not_identified)?;
-        let already = named.rooms.contains(&room);
-        if !already && named.rooms.len() >= self.inner.options.max_rooms_per_user {
-            return Err(Problem::new(
-                ErrorCode::TooManyRooms,
-                format!(
-                    "You can be in at most {} rooms; leave one first",
-                    self.inner.options.max_rooms_per_user
-                ),
-            )
-            .room(&room));
-        }
-        named.rooms.insert(room.clone());
-        let name = named.name.clone();
-        let r = state.rooms.entry(room.clone()).or_default();
-        r.members.insert(me.id(), name.clone());
-        me.join(&room);
-        self.reply(
-            me,
-            &Event::Joined {
-                room: &room,
-                members: r.member_names(),
-                history: &r.history,
-            },
-        );
-        if !already {
-            let presence = Event::Presence {
-                room: &room,
-                event: "join",
-                name: &name,
-                count: r.members.len(),
-            };
-            self.inner.hub.publish(&room, presence.to_message());
+    fn join(&self, conn: &Connection, room: &str) -> Result<(), Problem> {
+        let me = &conn.me;
+        let room: Arc<str> = Arc::from(protocol::check_room(room)?);
+        let options = &self.inner.options;
+        let (outbox, changed) = {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let named = state
+                .sessions
+                .get_mut(&me.id())
+                .ok_or_else(not_identified)?;
+            if let Some(synced) = named.rooms.get_mut(&room) {
+                // Joining again: the member list, but the history only if
+                // this connection has not had it (a take-over).
+                let r = state.rooms.get(&room).expect("a member's room is kept");
+                let history = if *synced {
+                    Vec::new()
+                } else {
+                    r.history.iter().cloned().collect()
+                };
+                *synced = true;
+                r.outbox.push(Outgoing::Joined {
+                    to: Arc::clone(me),
+                    members: r.member_names(),
+                    history,
+                    subscribe: false,
+                });
+                (Arc::clone(&r.outbox), None)
+            } else {
+                if named.rooms.len() >= options.max_rooms_per_user {
+                    return Err(Problem::new(
+                        ErrorCode::TooManyRooms,
+                        format!(
+                            "You can be in at most {} rooms; leave one first",
+                            options.max_rooms_per_user
+                        ),
+                    )
+                    .room(&room));
+                }
+                let key = named.key.clone();
+                let name = conn.name.clone().ok_or_else(not_identified)?;
+                match state.rooms.get(&room) {
+                    Some(r) if r.members.len() >= options.max_members_per_room => {
+                        return Err(Problem::new(
+                            ErrorCode::RoomFull,
+                            format!(
+                                "#{room} has {} members already, as many as a room may have",
+                                r.members.len()
+                            ),
+                        )
+                        .room(&room));
+                    }
+                    Some(_) => {}
+                    None => {
+                        if state.rooms.len() >= options.max_total_rooms {
+                            let Some(oldest) = state.oldest_idle() else {
+                                return Err(Problem::new(
+                                    ErrorCode::ServerRoomsFull,
+                                    format!(
+                                        "The server has {} rooms in use, as many as it keeps; \
+                                         join one of them",
+                                        state.rooms.len()
+                                    ),
+                                )
+                                .room(&room));
+                            };
+                            state.forget(&oldest);
+                        }
+                        let outbox = state.outbox_for(&room);
+                        state.rooms.insert(Arc::clone(&room), Room::new(outbox));
+                    }
+                }
+                state
+                    .sessions
+                    .get_mut(&me.id())
+                    .expect("looked up above")
+                    .rooms
+                    .insert(Arc::clone(&room), true);
+                let r = state.rooms.get_mut(&room).expect("made above");
+                r.members.insert(key, (me.id(), Arc::clone(&name)));
+                r.outbox.push(Outgoing::Joined {
+                    to: Arc::clone(me),
+                    members: r.member_names(),
+                    history: r.history.iter().cloned().collect(),
+                    subscribe: true,
+                });
+                r.outbox.push(Outgoing::Presence {
+                    event: "join",
+                    name,
+                    count: r.members.len(),
+                });
+                (Arc::clone(&r.outbox), Some(state.counts()))
+            }
+        };
+        outbox.drain(&self.inner.hub);
+        if let Some(counts) = changed {
             self.directory_changed();
-            state.gauges();
+            gauges(counts);
         }
         Ok(())
     }
 
-    fn leave(&self, me: &Membership, room: &str) -> Result<(), Problem> {
+    fn leave(&self, conn: &Connection, room: &str) -> Result<(), Problem> {
+        let me = &conn.me;
         let room = protocol::check_room(room)?;
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        let named = state
-            .sessions
-            .get_mut(&me.id())
-            .ok_or_else(not_identified)?;
-        if !named.rooms.remove(&room) {
-            return Err(not_in_room(&room));
+        let (outbox, counts) = {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let named = state
+                .sessions
+                .get_mut(&me.id())
+                .ok_or_else(not_identified)?;
+            if named.rooms.remove(room.as_str()).is_none() {
+                return Err(not_in_room(&room));
+            }
+            let key = named.key.clone();
+            let outbox = state.rooms.get(room.as_str()).map(|r| {
+                r.outbox.push(Outgoing::Left(Arc::clone(me)));
+                Arc::clone(&r.outbox)
+            });
+            self.left(state, &key, &room);
+            (outbox, state.counts())
+        };
+        if let Some(outbox) = outbox {
+            outbox.drain(&self.inner.hub);
         }
-        let name = named.name.clone();
-        me.leave(&room);
-        self.reply(me, &Event::Left { room: &room });
-        self.left(state, me.id(), &room, &name);
         self.directory_changed();
-        state.gauges();
+        gauges(counts);
         Ok(())
     }
 
-    /// Takes `id` out of `room` and tells the others.
-    fn left(&self, state: &mut ChatState, id: SessionId, room: &str, name: &str) {
-        if let Some(r) = state.rooms.get_mut(room) {
-            r.members.remove(&id);
-            let presence = Event::Presence {
-                room,
+    /// Takes the member `key` out of `room` and tells the others.
+    fn left(&self, state: &mut ChatState, key: &str, room: &str) {
+        if let Some(r) = state.rooms.get_mut(room)
+            && let Some((_, name)) = r.members.remove(key)
+        {
+            r.outbox.push(Outgoing::Presence {
                 event: "leave",
                 name,
                 count: r.members.len(),
-            };
-            self.inner.hub.publish(room, presence.to_message());
+            });
         }
         state.tidy(room, self.inner.options.max_idle_rooms);
     }
 
-    fn say(&self, me: &Membership, room: &str, text: &str) -> Result<(), Problem> {
+    fn say(&self, conn: &Connection, room: &str, text: &str) -> Result<(), Problem> {
+        let me = &conn.me;
+        let options = &self.inner.options;
+        let name = conn.name.as_deref().ok_or_else(not_identified)?;
         let room = protocol::check_room(room)?;
-        let text = protocol::check_text(text, self.inner.options.max_text_chars)
+        let text = protocol::check_text(text, options.max_text_chars, options.max_text_bytes)
             .map_err(|p| p.room(&room))?;
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        let named = state.sessions.get(&me.id()).ok_or_else(not_identified)?;
-        if !named.rooms.contains(&room) {
-            return Err(not_in_room(&room));
-        }
-        state.last_id += 1;
-        let line = ChatLine {
-            id: state.last_id,
-            room: room.clone(),
-            from: named.name.clone(),
-            text,
-            ts: now_ms(),
-        };
-        let r = state.rooms.entry(room.clone()).or_default();
-        r.last_active = line.id;
-        self.inner
-            .hub
-            .publish(&room, Event::Message(&line).to_message());
-        let keep = self.inner.options.history;
-        if keep > 0 {
-            if r.history.len() >= keep {
-                r.history.pop_front();
+        let tail: Arc<str> = Arc::from(protocol::line_tail(&room, name, &text, now_ms()));
+        let outbox = {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let named = state.sessions.get(&me.id()).ok_or_else(not_identified)?;
+            if !named.rooms.contains_key(room.as_str()) {
+                return Err(not_in_room(&room));
             }
-            r.history.push_back(line);
-        }
+            state.last_id += 1;
+            let line = Line {
+                id: state.last_id,
+                tail,
+            };
+            let r = state
+                .rooms
+                .get_mut(room.as_str())
+                .expect("a member's room is kept");
+            r.last_active = line.id;
+            r.outbox.push(Outgoing::Line(line.clone()));
+            r.remember(line, options.history, options.history_bytes);
+            Arc::clone(&r.outbox)
+        };
+        outbox.drain(&self.inner.hub);
         metrics::counter!("duplex_chat_messages_total", "kind" => "room").increment(1);
         Ok(())
     }
 
-    fn direct(&self, me: &Membership, to: &str, text: &str) -> Result<(), Problem> {
-        let text = protocol::check_text(text, self.inner.options.max_text_chars)?;
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        let named = state.sessions.get(&me.id()).ok_or_else(not_identified)?;
-        let Some(user) = state.users.get(&to.trim().to_lowercase()) else {
-            return Err(Problem::new(
-                ErrorCode::UnknownUser,
-                format!("Nobody called {} is here", to.trim()),
-            ));
+    fn direct(&self, conn: &Connection, to: &str, text: &str) -> Result<(), Problem> {
+        let me = &conn.me;
+        let options = &self.inner.options;
+        let from = conn.name.clone().ok_or_else(not_identified)?;
+        let text = protocol::check_text(text, options.max_text_chars, options.max_text_bytes)?;
+        let (id, recipient, recipient_name) = {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let Some(user) = state.users.get(&to.trim().to_lowercase()) else {
+                return Err(Problem::new(
+                    ErrorCode::UnknownUser,
+                    format!("Nobody called {} is here", to.trim()),
+                ));
+            };
+            if user.id == me.id() {
+                return Err(Problem::new(
+                    ErrorCode::InvalidRecipient,
+                    "A direct message goes to someone else",
+                ));
+            }
+            let (recipient, recipient_name) = (user.id, Arc::clone(&user.name));
+            state.last_id += 1;
+            (state.last_id, recipient, recipient_name)
         };
-        if user.id == me.id() {
-            return Err(Problem::new(
-                ErrorCode::InvalidRecipient,
-                "A direct message goes to someone else",
-            ));
-        }
-        state.last_id += 1;
         let line = DirectLine {
-            id: state.last_id,
-            from: named.name.clone(),
-            to: user.name.clone(),
+            id,
+            from: from.to_string(),
+            to: recipient_name.to_string(),
             text,
             ts: now_ms(),
         };
         let message = Event::Dm(&line).to_message();
-        self.inner.hub.send_to(user.id, message.clone());
+        self.inner.hub.send_to(recipient, message.clone());
         self.inner.hub.send_to(me.id(), message);
         metrics::counter!("duplex_chat_messages_total", "kind" => "direct").increment(1);
         Ok(())
@@ -673,21 +1064,31 @@ impl Chat {
 
     /// The end of a connection: it leaves its rooms and frees its name.
     fn disconnect(&self, me: &Membership) {
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        let Some(named) = state.sessions.remove(&me.id()) else {
-            return;
+        let mut outboxes = Vec::new();
+        let counts = {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let Some(named) = state.sessions.remove(&me.id()) else {
+                return;
+            };
+            if state.users.get(&named.key).is_some_and(|u| u.id == me.id()) {
+                state.users.remove(&named.key);
+            }
+            for room in named.rooms.keys() {
+                if let Some(r) = state.rooms.get(room) {
+                    outboxes.push(Arc::clone(&r.outbox));
+                }
+                self.left(state, &named.key, room);
+            }
+            state.counts()
         };
-        let key = named.name.to_lowercase();
-        if state.users.get(&key).is_some_and(|u| u.id == me.id()) {
-            state.users.remove(&key);
-        }
-        for room in &named.rooms {
-            me.leave(room);
-            self.left(state, me.id(), room, &named.name);
+        // The hub membership goes with the connection: no need to leave
+        // the topics one by one.
+        for outbox in outboxes {
+            outbox.drain(&self.inner.hub);
         }
         self.directory_changed();
-        state.gauges();
+        gauges(counts);
     }
 }
 

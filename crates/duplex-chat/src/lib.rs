@@ -5,9 +5,12 @@
 //!
 //! The binary serves [`app_with`]; tests mount it on a free port.
 
-use std::sync::{
-    Arc, Mutex, OnceLock,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use duplex::axum::{
@@ -15,13 +18,15 @@ use duplex::axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use duplex::{App, CloseCode, CloseReason, Error, Message, Sender, Session, WebSockets};
+use duplex::{App, CloseCode, CloseReason, Error, Hub, Message, Session, WebSockets};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 mod chat;
 pub mod protocol;
 
 pub use chat::{Chat, ChatOptions, DIRECTORY_MAX, REPLACED};
+
+use chat::TokenBucket;
 
 /// Every route of the server, with the default chat options.
 pub fn app(websockets: WebSockets) -> App {
@@ -30,18 +35,23 @@ pub fn app(websockets: WebSockets) -> App {
 
 /// Every route of the server.
 ///
-/// `/chat` reads at most 64 KiB a message (or four times the largest
-/// request, if more), whatever `websockets` says: a chat request is small,
-/// and anything up to that size gets a `too_large` error rather than a
-/// closed connection.
+/// `/chat` and `/chat/plain` read at most 64 KiB a message (or four times
+/// the largest request, if more), whatever `websockets` says: a chat
+/// request is small, and anything up to that size gets a `too_large` error
+/// (a notice on `/chat/plain`) rather than a closed connection.
+///
+/// Both chats are rate-limited per connection by `options`; `/echo` and
+/// `/mirror` are not: they are for conformance suites and benchmarks, which
+/// need to send as fast as they can (put them behind a proxy, or leave them
+/// to the library's connection limits, on a public server).
 pub fn app_with(websockets: WebSockets, options: ChatOptions) -> App {
     let limit = (options.max_request_bytes() as u64 * 4).max(64 << 10);
     let chat_websockets = websockets
         .clone()
         .max_message_size(limit)
         .max_frame_size(limit.min(websockets.get_max_frame_size()));
+    let plain = ChatRoom::new(&options);
     let chat = Chat::new(options);
-    let plain = ChatRoom::default();
     let metrics = prometheus();
     App::new()
         .install(websockets)
@@ -66,7 +76,10 @@ pub fn app_with(websockets: WebSockets, options: ChatOptions) -> App {
             "/chat",
             duplex::web_socket(&chat_websockets, move |session| chat.clone().serve(session)),
         )
-        .web_socket("/chat/plain", move |session| plain.clone().join(session))
+        .route(
+            "/chat/plain",
+            duplex::web_socket(&chat_websockets, move |session| plain.clone().join(session)),
+        )
         .web_socket("/echo", echo)
         .web_socket("/mirror", mirror)
 }
@@ -157,52 +170,102 @@ async fn mirror(mut session: Session) -> Result<(), Error> {
 }
 
 /// The brief's multiple-sessions example, on `/chat/plain`: each connection
-/// gets a name, and every message goes to everyone as "[name]: text".
-#[derive(Clone, Default)]
+/// gets a name, and every line goes to everyone as "[name]: text".
+///
+/// It is one room, held to the limits of `/chat`: at most
+/// [`ChatOptions::max_members_per_room`] people (one more is told so and
+/// closed with 1013), lines of at most [`ChatOptions::max_text_bytes`], and
+/// the same token bucket per connection (lines over it are dropped, with one
+/// notice a second). Lines fan out through a [`Hub`]: framed once, queued
+/// without waiting, and a reader too slow to keep up misses lines rather
+/// than slowing the room.
+#[derive(Clone)]
 struct ChatRoom {
-    members: Arc<Mutex<std::collections::BTreeMap<u64, Sender>>>,
+    hub: Hub,
+    members: Arc<AtomicUsize>,
     next_id: Arc<AtomicU64>,
+    options: Arc<ChatOptions>,
+}
+
+/// The hub topic of `/chat/plain`.
+const PLAIN_TOPIC: &str = "plain";
+
+/// A place in `/chat/plain`, given back on drop.
+struct Seat(Arc<AtomicUsize>);
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl ChatRoom {
+    fn new(options: &ChatOptions) -> Self {
+        ChatRoom {
+            hub: Hub::new(),
+            members: Arc::default(),
+            next_id: Arc::default(),
+            options: Arc::new(options.clone()),
+        }
+    }
+
     async fn join(self, mut session: Session) -> Result<(), Error> {
+        let max = self.options.max_members_per_room;
+        let count = self.members.fetch_add(1, Ordering::AcqRel) + 1;
+        let _seat = Seat(Arc::clone(&self.members));
+        if count > max {
+            metrics::counter!("duplex_chat_plain_refused_total").increment(1);
+            session
+                .send(format!("The chat is full ({max} users); try again later."))
+                .await?;
+            return session
+                .close(CloseReason::new(
+                    CloseCode::TRY_AGAIN_LATER,
+                    "Chat full, try again later",
+                ))
+                .await;
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let name = format!("user{id}");
-        let count = {
-            let mut members = self.lock();
-            members.insert(id, session.sender());
-            members.len()
-        };
-        let result = async {
-            session
-                .send(format!("You are connected! There are {count} users here."))
-                .await?;
-            while let Some(message) = session.recv().await? {
-                if let Message::Text(text) = message {
-                    self.broadcast(Message::from(format!("[{name}]: {text}")));
-                }
+        let me = self.hub.register(&session.sender());
+        me.join(PLAIN_TOPIC);
+        session
+            .send(format!("You are connected! There are {count} users here."))
+            .await?;
+        let mut bucket = TokenBucket::new(self.options.rate, self.options.burst);
+        let mut quiet_until: Option<Instant> = None;
+        let max_bytes = self.options.max_text_bytes;
+        while let Some(message) = session.recv().await? {
+            let Message::Text(text) = message else {
+                continue;
+            };
+            let now = Instant::now();
+            let notice = if bucket.take(now).is_err() {
+                metrics::counter!("duplex_chat_rate_limited_total").increment(1);
+                Some(format!(
+                    "Slow down: at most {} lines a second (bursts of {}); \
+                     lines sent meanwhile are dropped.",
+                    self.options.rate, self.options.burst
+                ))
+            } else if text.len() > max_bytes {
+                Some(format!(
+                    "A line has at most {max_bytes} bytes ({} given); it was dropped.",
+                    text.len()
+                ))
+            } else {
+                self.hub
+                    .publish(PLAIN_TOPIC, Message::from(format!("[{name}]: {text}")));
+                None
+            };
+            // One notice a second at most: a flood must not become a flood
+            // of notices.
+            if let Some(notice) = notice
+                && quiet_until.is_none_or(|t| now >= t)
+            {
+                quiet_until = Some(now + Duration::from_secs(1));
+                self.hub.send_to(me.id(), Message::from(notice));
             }
-            Ok(())
         }
-        .await;
-        self.lock().remove(&id);
-        result
-    }
-
-    /// Sends to every member without waiting on any: a member whose buffer
-    /// is full misses this message rather than slowing the room.
-    fn broadcast(&self, message: Message) {
-        let members: Vec<Sender> = self.lock().values().cloned().collect();
-        for member in members {
-            if let Err(err) = member.try_send(message.clone()) {
-                tracing::debug!("chat message not delivered: {err}");
-            }
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, Sender>> {
-        self.members
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        Ok(())
     }
 }

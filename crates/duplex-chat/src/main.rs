@@ -16,7 +16,9 @@ use duplex::{Deflate, WebSockets};
         Open http://ADDR/ in a browser for the chat page. WebSocket endpoints: \
         /chat (the page's JSON protocol, see PROTOCOL.md), /chat/plain (plain-text \
         chat), /echo and /mirror. Prometheus metrics on /metrics.",
-    after_help = "Example: duplex-chat --addr 0.0.0.0:8080 --history 100 --rate 2 --burst 5"
+    after_help = "Example: duplex-chat --addr 0.0.0.0:8080 --history 100 --rate 2 --burst 5\n\n\
+        /chat and /chat/plain are rate-limited and capped by the options above; \
+        /echo and /mirror (for conformance suites and benchmarks) are not."
 )]
 struct Args {
     /// Address to listen on (use 0.0.0.0:PORT to accept other machines).
@@ -25,18 +27,36 @@ struct Args {
     /// Messages of a room kept in memory and sent to whoever joins it.
     #[arg(long, default_value_t = 50)]
     history: usize,
+    /// Bytes of a room's history kept (as sent on joining); the oldest messages go first.
+    #[arg(long, default_value_t = 128 << 10)]
+    history_bytes: usize,
     /// Longest chat message, in characters.
     #[arg(long, default_value_t = 2000)]
     max_text: usize,
-    /// Chat requests a connection may send per second on average; 0: no limit.
+    /// Longest chat message, in bytes of UTF-8.
+    #[arg(long, default_value_t = 4096)]
+    max_text_bytes: usize,
+    /// Chat requests (or /chat/plain lines) a connection may send per second on average; 0: no limit.
     #[arg(long, default_value_t = 5.0)]
     rate: f64,
-    /// Chat requests a connection may send in a burst.
+    /// Chat requests (or /chat/plain lines) a connection may send in a burst.
     #[arg(long, default_value_t = 10)]
     burst: u32,
-    /// Rooms one chat connection may be in at once.
+    /// Names in use at once on /chat; one more gets server_full and close 1013.
+    #[arg(long, default_value_t = 10_000)]
+    max_users: usize,
+    /// Rooms the server keeps (in use, or idle with history); beyond: server_rooms_full.
+    #[arg(long, default_value_t = 1000)]
+    max_total_rooms: usize,
+    /// Members of one room (and people on /chat/plain); beyond: room_full (plain: close 1013).
+    #[arg(long, default_value_t = 1000)]
+    max_members: usize,
+    /// Rooms one chat connection may be in at once; beyond: too_many_rooms.
     #[arg(long, default_value_t = 20)]
     max_rooms: usize,
+    /// Rooms nobody is in whose history is kept (the most recently used).
+    #[arg(long, default_value_t = 256)]
+    max_idle_rooms: usize,
     /// Seconds between server pings; 0 turns pings off.
     #[arg(long, default_value_t = 30)]
     ping_period: u64,
@@ -46,7 +66,7 @@ struct Args {
     /// Largest frame accepted, in bytes (larger: close 1009).
     #[arg(long, default_value_t = 16 << 20)]
     max_frame_size: u64,
-    /// Largest message accepted, in bytes (larger: close 1009); /chat reads 64 KiB at most.
+    /// Largest message accepted, in bytes (larger: close 1009); /chat and /chat/plain read 64 KiB at most.
     #[arg(long, default_value_t = 64 << 20)]
     max_message_size: u64,
     /// Mask server frames (RFC 6455 forbids it; browsers reject it).
@@ -90,11 +110,16 @@ async fn main() -> std::io::Result<()> {
     );
     let options = duplex_chat::ChatOptions {
         history: args.history,
+        history_bytes: args.history_bytes,
         max_text_chars: args.max_text.max(1),
+        max_text_bytes: args.max_text_bytes.max(4),
         rate: args.rate.max(0.0),
         burst: args.burst.max(1),
+        max_users: args.max_users.max(1),
+        max_total_rooms: args.max_total_rooms.max(1),
+        max_members_per_room: args.max_members.max(1),
         max_rooms_per_user: args.max_rooms.max(1),
-        ..duplex_chat::ChatOptions::default()
+        max_idle_rooms: args.max_idle_rooms,
     };
     duplex_chat::app_with(websockets, options)
         .shutdown_grace(Duration::from_secs(args.shutdown_grace))

@@ -1,8 +1,6 @@
 //! The JSON protocol of `/chat` (see `PROTOCOL.md`): what a client may send,
 //! what the server sends, and the checks on names, rooms and text.
 
-use std::collections::VecDeque;
-
 use duplex::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -48,6 +46,14 @@ pub enum ErrorCode {
     UnknownUser,
     /// A direct message to oneself.
     InvalidRecipient,
+    /// `hello` when the server has as many names in use as it allows; the
+    /// connection is closed with 1013 after this error.
+    ServerFull,
+    /// Joining a room that has as many members as a room may have.
+    RoomFull,
+    /// Joining a new room when the server keeps as many rooms as it allows
+    /// and none of them can be forgotten.
+    ServerRoomsFull,
 }
 
 impl ErrorCode {
@@ -71,6 +77,9 @@ impl ErrorCode {
             ErrorCode::TextTooLong => "text_too_long",
             ErrorCode::UnknownUser => "unknown_user",
             ErrorCode::InvalidRecipient => "invalid_recipient",
+            ErrorCode::ServerFull => "server_full",
+            ErrorCode::RoomFull => "room_full",
+            ErrorCode::ServerRoomsFull => "server_rooms_full",
         }
     }
 }
@@ -323,12 +332,13 @@ pub fn check_room(raw: &str) -> Result<String, Problem> {
         .map_err(|m| Problem::new(ErrorCode::InvalidRoom, m))
 }
 
-/// The text of a message: not blank, at most `max_chars` characters, no
-/// control characters but newline and tab (a carriage return is dropped).
+/// The text of a message: not blank, at most `max_chars` characters and
+/// `max_bytes` bytes of UTF-8, no control characters but newline and tab (a
+/// carriage return is dropped).
 ///
 /// # Errors
 /// `invalid_text` or `text_too_long`.
-pub fn check_text(raw: &str, max_chars: usize) -> Result<String, Problem> {
+pub fn check_text(raw: &str, max_chars: usize, max_bytes: usize) -> Result<String, Problem> {
     let text: String = raw.chars().filter(|&c| c != '\r').collect();
     let text = text.trim_end();
     if text.trim().is_empty() {
@@ -342,6 +352,15 @@ pub fn check_text(raw: &str, max_chars: usize) -> Result<String, Problem> {
         return Err(Problem::new(
             ErrorCode::TextTooLong,
             format!("A message has at most {max_chars} characters ({chars} given)"),
+        ));
+    }
+    if text.len() > max_bytes {
+        return Err(Problem::new(
+            ErrorCode::TextTooLong,
+            format!(
+                "A message has at most {max_bytes} bytes of UTF-8 ({} given)",
+                text.len()
+            ),
         ));
     }
     if text
@@ -393,14 +412,20 @@ pub struct Limits {
     pub name_chars: usize,
     /// Longest message text, in characters.
     pub text_chars: usize,
+    /// Longest message text, in bytes of UTF-8.
+    pub text_bytes: usize,
     /// Requests per second, on average (0: no limit).
     pub rate: f64,
     /// Requests allowed at once.
     pub burst: u32,
     /// Rooms a connection may be in at once.
     pub rooms: usize,
-    /// Messages of a room sent on joining it.
+    /// Messages of a room sent on joining it, at most.
     pub history: usize,
+    /// Bytes of the `history` of `joined`, at most.
+    pub history_bytes: usize,
+    /// Members a room may have.
+    pub room_members: usize,
 }
 
 /// A room in the `directory`.
@@ -443,14 +468,15 @@ pub enum Event<'a> {
         /// How many names are in use.
         online: usize,
     },
-    /// The answer to `join`.
+    /// The answer to `join`. (The server builds it with [`joined`] from
+    /// lines kept serialised; this variant is its reference shape.)
     Joined {
         /// The room.
         room: &'a str,
         /// Who is in it, sorted.
         members: Vec<&'a str>,
         /// Its last messages, oldest first.
-        history: &'a VecDeque<ChatLine>,
+        history: &'a [ChatLine],
     },
     /// The answer to `leave`.
     Left {
@@ -468,7 +494,8 @@ pub enum Event<'a> {
         /// How many are in the room now.
         count: usize,
     },
-    /// A message in a room.
+    /// A message in a room. (The server builds it with [`message`] from
+    /// the line kept serialised; this variant is its reference shape.)
     Message(&'a ChatLine),
     /// A direct message (to its recipient, and back to its sender).
     Dm(&'a DirectLine),
@@ -487,6 +514,78 @@ impl Event<'_> {
     pub fn to_message(&self) -> Message {
         Message::from(serde_json::to_string(self).expect("events serialize"))
     }
+}
+
+/// The fields of a room message after its `id`, serialised once:
+/// `"room":…,"from":…,"text":…,"ts":…}` (without the opening brace). The
+/// `message` event and each entry of a `joined` history are this behind
+/// their own opening, so a line is serialised once however often it is
+/// sent.
+pub fn line_tail(room: &str, from: &str, text: &str, ts: u64) -> String {
+    #[derive(Serialize)]
+    struct Tail<'a> {
+        room: &'a str,
+        from: &'a str,
+        text: &'a str,
+        ts: u64,
+    }
+    let mut json = serde_json::to_string(&Tail {
+        room,
+        from,
+        text,
+        ts,
+    })
+    .expect("a line serializes");
+    // A struct serializes as an object: "{" then the fields.
+    json.remove(0);
+    json
+}
+
+/// The bytes one line of [`line_tail`] takes in a `joined` history: its
+/// opening, the longest id, the tail and a separating comma.
+pub fn history_entry_len(tail: &str) -> usize {
+    r#"{"id":,"#.len() + 20 + tail.len() + 1
+}
+
+/// The `message` event of the line with this id and [`line_tail`].
+pub fn message(id: u64, tail: &str) -> Message {
+    let mut json = String::with_capacity(40 + tail.len());
+    json.push_str(r#"{"type":"message","id":"#);
+    json.push_str(&id.to_string());
+    json.push(',');
+    json.push_str(tail);
+    Message::from(json)
+}
+
+/// The `joined` event: the members, sorted, and the history as `(id,
+/// tail)` pairs of [`line_tail`], oldest first.
+pub fn joined<'a, M, H>(room: &str, members: M, history: H) -> Message
+where
+    M: IntoIterator<Item = &'a str>,
+    H: IntoIterator<Item = (u64, &'a str)>,
+{
+    let quoted = |s: &str| serde_json::to_string(s).expect("a string serializes");
+    let mut json = String::from(r#"{"type":"joined","room":"#);
+    json.push_str(&quoted(room));
+    json.push_str(r#","members":["#);
+    for (i, member) in members.into_iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push_str(&quoted(member));
+    }
+    json.push_str(r#"],"history":["#);
+    for (i, (id, tail)) in history.into_iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push_str(r#"{"id":"#);
+        json.push_str(&id.to_string());
+        json.push(',');
+        json.push_str(tail);
+    }
+    json.push_str("]}");
+    Message::from(json)
 }
 
 #[cfg(test)]
@@ -546,18 +645,30 @@ mod tests {
 
     #[test]
     fn text_is_bounded_and_clean() {
-        assert_eq!(check_text("hi\r\nthere  \n", 10), Ok("hi\nthere".into()));
         assert_eq!(
-            check_text("  \n", 10).unwrap_err().code,
+            check_text("hi\r\nthere  \n", 10, 40),
+            Ok("hi\nthere".into())
+        );
+        assert_eq!(
+            check_text("  \n", 10, 40).unwrap_err().code,
             ErrorCode::InvalidText
         );
         assert_eq!(
-            check_text(&"é".repeat(11), 10).unwrap_err().code,
+            check_text(&"é".repeat(11), 10, 40).unwrap_err().code,
             ErrorCode::TextTooLong
         );
-        assert_eq!(check_text(&"é".repeat(10), 10).unwrap().chars().count(), 10);
         assert_eq!(
-            check_text("bell\u{7}", 10).unwrap_err().code,
+            check_text(&"é".repeat(10), 10, 40).unwrap().chars().count(),
+            10
+        );
+        // Ten characters, but 40 bytes.
+        assert_eq!(
+            check_text(&"𝄞".repeat(10), 10, 39).unwrap_err().code,
+            ErrorCode::TextTooLong
+        );
+        assert_eq!(check_text(&"𝄞".repeat(10), 10, 40).unwrap().len(), 40);
+        assert_eq!(
+            check_text("bell\u{7}", 10, 40).unwrap_err().code,
             ErrorCode::InvalidText
         );
     }
@@ -585,6 +696,65 @@ mod tests {
         assert_eq!(
             text.as_str(),
             r#"{"type":"error","code":"name_taken","message":"taken","request":"hello"}"#
+        );
+    }
+
+    #[test]
+    fn lines_serialised_once_read_as_the_reference_events() {
+        let lines = [
+            ChatLine {
+                id: 7,
+                room: "général".into(),
+                from: "Zoë \"Z\"".into(),
+                text: "a\nb\t𝄞 \\ </script>".into(),
+                ts: 1_732_531_234_567,
+            },
+            ChatLine {
+                id: u64::MAX,
+                room: "général".into(),
+                from: "Ada".into(),
+                text: "x".into(),
+                ts: 0,
+            },
+        ];
+        let tails: Vec<String> = lines
+            .iter()
+            .map(|l| line_tail(&l.room, &l.from, &l.text, l.ts))
+            .collect();
+        let value = |m: Message| -> Value {
+            let Message::Text(text) = m else {
+                panic!("text expected")
+            };
+            serde_json::from_str(text.as_str()).expect("JSON")
+        };
+        for (line, tail) in lines.iter().zip(&tails) {
+            assert_eq!(
+                value(message(line.id, tail)),
+                value(Event::Message(line).to_message())
+            );
+        }
+        let members = ["Ada", "Zoë \"Z\""];
+        let built = joined(
+            "général",
+            members,
+            lines.iter().zip(&tails).map(|(l, t)| (l.id, t.as_str())),
+        );
+        let Message::Text(text) = &built else {
+            panic!("text expected")
+        };
+        let reference = Event::Joined {
+            room: "général",
+            members: members.to_vec(),
+            history: &lines,
+        };
+        assert_eq!(value(built.clone()), value(reference.to_message()));
+        // The budget of an entry covers what it takes.
+        let history_len: usize = tails.iter().map(|t| history_entry_len(t)).sum();
+        let envelope = text.len() - text.find(r#""history":["#).expect("history");
+        assert!(envelope <= history_len + r#""history":[]}"#.len());
+        assert_eq!(
+            value(joined("x", [], [])),
+            serde_json::json!({"type": "joined", "room": "x", "members": [], "history": []})
         );
     }
 }

@@ -162,7 +162,10 @@ async fn hello_gets_a_welcome_and_everyone_sees_the_name_in_the_directory() {
     assert_eq!(welcome["rooms"], json!([]));
     assert_eq!(
         welcome["limits"],
-        json!({"name_chars": 32, "text_chars": 2000, "rate": 5.0, "burst": 10, "rooms": 20, "history": 50})
+        json!({
+            "name_chars": 32, "text_chars": 2000, "text_bytes": 4096, "rate": 5.0, "burst": 10,
+            "rooms": 20, "history": 50, "history_bytes": 131072, "room_members": 1000
+        })
     );
     let directory = next_of(&mut watcher, "directory").await;
     assert_eq!(directory["users"], json!(["Ada"]));
