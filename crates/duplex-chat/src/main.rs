@@ -75,9 +75,29 @@ struct Args {
     /// Do not offer permessage-deflate (RFC 7692).
     #[arg(long)]
     no_deflate: bool,
-    /// Seconds to wait for sessions to close on shutdown.
+    /// Seconds to wait for sessions to close on shutdown; then they are dropped.
     #[arg(long, default_value_t = 5)]
     shutdown_grace: u64,
+    /// Another origin whose pages may open sessions (for example
+    /// https://chat.example.com), besides this server's own; repeat for more.
+    /// Pages of any other origin get 403 (cross-site WebSocket hijacking).
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    allowed_origins: Vec<String>,
+    /// Seconds queued output may wait for a peer that reads none of it; then it is dropped.
+    #[arg(long, default_value_t = 20)]
+    write_timeout: u64,
+    /// WebSocket sessions open at once; one more gets 503.
+    #[arg(long, default_value_t = 10_000)]
+    max_sessions: usize,
+    /// WebSocket sessions open at once from one address (0: no limit); one more gets 429.
+    #[arg(long, default_value_t = 1_000)]
+    max_sessions_per_ip: usize,
+    /// WebSocket handshakes per second from one address (0: no limit); past it, 429.
+    #[arg(long, default_value_t = 50)]
+    handshake_rate: u32,
+    /// WebSocket handshakes from one address in a burst.
+    #[arg(long, default_value_t = 1_000)]
+    handshake_burst: u32,
 }
 
 #[tokio::main]
@@ -95,7 +115,14 @@ async fn main() -> std::io::Result<()> {
         .timeout(Duration::from_secs(args.timeout))
         .max_frame_size(args.max_frame_size)
         .max_message_size(args.max_message_size)
-        .masking(args.masking);
+        .masking(args.masking)
+        .allowed_origins(args.allowed_origins)
+        .write_timeout(Duration::from_secs(args.write_timeout.max(1)))
+        .max_sessions(args.max_sessions)
+        .max_sessions_per_ip((args.max_sessions_per_ip > 0).then_some(args.max_sessions_per_ip))
+        .handshake_rate(
+            (args.handshake_rate > 0).then_some((args.handshake_rate, args.handshake_burst.max(1))),
+        );
     let websockets = if args.no_deflate {
         websockets
     } else {

@@ -375,3 +375,44 @@ mod rfc6455_7_4_1_going_away {
             .expect("serve returned an error");
     }
 }
+
+/// The status of an upgrade to `path` from a page of `origin`.
+async fn upgrade_status(addr: SocketAddr, path: &str, origin: &str) -> u16 {
+    use tokio_tungstenite::tungstenite::{Error as WsError, client::IntoClientRequest};
+    let mut request = format!("ws://{addr}{path}")
+        .into_client_request()
+        .expect("request");
+    request
+        .headers_mut()
+        .insert("Origin", origin.parse().expect("origin header"));
+    let tcp = within("TCP connect", TcpStream::connect(addr))
+        .await
+        .expect("connect to the test server");
+    match within(
+        "the WebSocket handshake",
+        tokio_tungstenite::client_async(request, tcp),
+    )
+    .await
+    {
+        Ok(_) => 101,
+        Err(WsError::Http(response)) => response.status().as_u16(),
+        Err(err) => panic!("handshake failed without an HTTP answer: {err}"),
+    }
+}
+
+#[tokio::test]
+async fn rfc6455_10_2_pages_of_other_sites_get_403_on_every_websocket_route() {
+    let (addr, _stop, _serve) = start(WebSockets::default()).await;
+    for path in ["/chat", "/chat/plain", "/echo", "/mirror"] {
+        assert_eq!(
+            upgrade_status(addr, path, "https://evil.example").await,
+            403,
+            "a foreign page on {path}"
+        );
+        assert_eq!(
+            upgrade_status(addr, path, &format!("http://{addr}")).await,
+            101,
+            "the chat's own page on {path}"
+        );
+    }
+}
