@@ -2,8 +2,9 @@
 //! the protocol, the timers and the user's handler together, the way hyper's
 //! HTTP/1 dispatcher drives I/O and a service in one task.
 //!
-//! Each poll runs rounds of: poll the handler, then (under the lock) fire
-//! timers, read and feed the protocol, and write everything queued. Replies
+//! Each poll runs rounds of: watch the shutdown, then (under the lock) fire
+//! timers, read and feed the protocol, poll the handler, and (under the
+//! lock again) write everything queued and watch that the peer takes it. Replies
 //! that the handler produces for one read leave in one write (corking),
 //! without waiting for anything later. Rounds repeat while they make progress,
 //! at most [`MAX_ROUNDS`] times before yielding to other tasks.
@@ -230,9 +231,8 @@ impl Task {
     }
 
     /// The first half of a round, under the lock: timers, and reading into
-    /// the protocol. True if the round must be
-    /// run again whatever the handler does (reads were cut short, the
-    /// state changed).
+    /// the protocol. True if the round must be run again whatever the
+    /// handler does (reads were cut short, the state changed).
     fn drive_input(&mut self, inner: &mut Inner, cx: &mut Context<'_>, now: Instant) -> bool {
         let mut again = false;
         if inner.set_driver_waker(cx) {
