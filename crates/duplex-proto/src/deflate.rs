@@ -860,12 +860,20 @@ mod rfc7692 {
                 let (result, produced) = inflate_counting(&bomb, max);
                 let err = result.unwrap_err();
                 assert_eq!(err.close_code().0, 1009, "max {max}");
-                let ProtocolError::MessageTooBig { size, max: reported } = err else {
+                let ProtocolError::MessageTooBig {
+                    size,
+                    max: reported,
+                } = err
+                else {
                     panic!("max {max}: {err:?}");
                 };
                 assert_eq!(reported, max);
                 assert_eq!(size, max + 1, "max {max}: reported size");
-                assert_eq!(produced, max + 1, "max {max}: zlib produced {produced} bytes");
+                assert_eq!(
+                    produced,
+                    max + 1,
+                    "max {max}: zlib produced {produced} bytes"
+                );
             }
         }
 
@@ -886,7 +894,11 @@ mod rfc7692 {
                 let wire = compress_standalone(6, 15, &payload[..len]).unwrap();
                 let max = len as u64;
                 let (ok, _) = inflate_counting(&wire, max);
-                assert_eq!(&ok.unwrap()[..], &payload[..len], "len {len} at its own limit");
+                assert_eq!(
+                    &ok.unwrap()[..],
+                    &payload[..len],
+                    "len {len} at its own limit"
+                );
                 let (err, produced) = inflate_counting(&wire, max - 1);
                 let err = err.unwrap_err();
                 assert!(
@@ -911,7 +923,9 @@ mod rfc7692 {
             let (rsv, wire) = sender
                 .encode(OpCode::Binary, Bytes::from(vec![b'z'; 10_001]))
                 .unwrap();
-            let err = receiver.decode(OpCode::Binary, rsv, wire, 10_000).unwrap_err();
+            let err = receiver
+                .decode(OpCode::Binary, rsv, wire, 10_000)
+                .unwrap_err();
             assert_eq!(err.close_code().0, 1009);
         }
 
