@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 
 import {
+  assertReceivedExactly,
   checkPrerequisites,
   freePort,
   launchBrowser,
@@ -87,12 +88,18 @@ describe('the chat page', () => {
     await say(ada, 'See https://example.com/docs for the details.');
     await waitForMessage(bob, 'for the details');
 
-    assert.deepEqual(await messageTexts(bob), await messageTexts(ada));
-    assert.deepEqual(await messageTexts(ada), [
+    const said = [
       'Hello from Ada 👋',
       'Hi Ada!\nTwo lines from Bob.',
       'See https://example.com/docs for the details.',
-    ]);
+    ];
+    assert.deepEqual(await messageTexts(bob), await messageTexts(ada));
+    assert.deepEqual(await messageTexts(ada), said);
+    // The page drops repeated ids, so what it shows cannot tell a message
+    // delivered twice (to its sender, say) from one delivered once: the
+    // frames can. Each arrived once on each socket, the sender's included.
+    await assertReceivedExactly(ada, 'message', said);
+    await assertReceivedExactly(bob, 'message', said);
     // The link is a link, and the text was not taken as HTML.
     const link = ada.locator(`${sel.messages} .msg .text a`);
     assert.equal(await link.getAttribute('href'), 'https://example.com/docs');
@@ -112,6 +119,8 @@ describe('the chat page', () => {
     await say(cyd, 'Anyone in random?');
     await waitForMessage(cyd, 'Anyone in random?');
     assert.ok(!(await ada.locator('body').innerText()).includes('Anyone in random?'));
+    await assertReceivedExactly(cyd, 'message', ['Anyone in random?']);
+    await assertReceivedExactly(ada, 'message', said);
 
     await screenshot(ada, 'chat-ada');
     await screenshot(bob, 'chat-bob');
@@ -166,11 +175,17 @@ describe('the chat page', () => {
     await say(bob, 'Got it 👍');
     await waitForMessage(ada, 'Got it 👍');
 
-    // Cyd sees nothing of it.
+    // Each end got each direct message once (its own back included).
+    const dms = ['psst, Bob: just between us', 'Got it 👍'];
+    await assertReceivedExactly(ada, 'dm', dms);
+    await assertReceivedExactly(bob, 'dm', dms);
+
+    // Cyd sees nothing of it, not even a frame.
     await cyd.waitForTimeout(300);
     const cydText = await cyd.locator('body').innerText();
     assert.ok(!cydText.includes('just between us') && !cydText.includes('Got it'));
     assert.equal(await cyd.locator(`${sel.dmList} li`).count(), 0);
+    await assertReceivedExactly(cyd, 'dm', []);
 
     await screenshot(bob, 'dm-bob');
     assertNoProblems(ada, bob, cyd);
@@ -258,8 +273,11 @@ test('the page reconnects by itself after the server restarts, and can send agai
       await waitForMessage(page, `after restart ${round}`);
       await screenshot(page, `restart-${round}-reconnected`);
     }
-    // What was shown before the restarts is still there.
-    assert.deepEqual(await messageTexts(page), ['before the restart', 'after restart 1', 'after restart 2']);
+    // What was shown before the restarts is still there, and each message
+    // came back once over the three connections.
+    const said = ['before the restart', 'after restart 1', 'after restart 2'];
+    assert.deepEqual(await messageTexts(page), said);
+    await assertReceivedExactly(page, 'message', said);
     assertNoProblems(page);
   } finally {
     await page.context().close();

@@ -136,6 +136,19 @@ export async function newPage(browser, { width = 1280, height = 800 } = {}) {
   const page = await context.newPage();
   page.setDefaultTimeout(10_000);
   page.problems = [];
+  // Every JSON event the page's WebSockets received, in order, counted
+  // before the page's own de-duplication can hide a repeat.
+  page.events = [];
+  page.on('websocket', (ws) => {
+    ws.on('framereceived', ({ payload }) => {
+      if (typeof payload !== 'string') return;
+      try {
+        page.events.push(JSON.parse(payload));
+      } catch {
+        // Not JSON: a socket other than /chat's.
+      }
+    });
+  });
   page.on('pageerror', (err) => page.problems.push(`page error: ${err.message}`));
   page.on('console', (msg) => {
     if (msg.type() !== 'error') return;
@@ -197,4 +210,33 @@ export async function messageTexts(page) {
 
 export async function waitForMessage(page, text, timeout = 10_000) {
   await page.locator(`${sel.messages} .msg .text`, { hasText: text }).waitFor({ timeout });
+}
+
+// ------------------------------------------------------------ frames received
+
+/** The `type` events the page received whose fields include `fields`. */
+export function eventsReceived(page, type, fields = {}) {
+  return page.events.filter(
+    (e) => e.type === type && Object.entries(fields).every(([k, v]) => e[k] === v),
+  );
+}
+
+/**
+ * Checks that the page received, as `type` events, exactly the texts given,
+ * each once and in that order, and no other event of that type: waits for
+ * the last, then a quiet spell (a repeat sent right after arrives within
+ * it on loopback), then counts the frames.
+ */
+export async function assertReceivedExactly(page, type, texts, { quiet = 300, timeout = 10_000 } = {}) {
+  const deadline = Date.now() + timeout;
+  const seenAll = () => texts.every((text) => eventsReceived(page, type, { text }).length > 0);
+  while (!seenAll()) {
+    if (Date.now() > deadline) break;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  await new Promise((r) => setTimeout(r, quiet));
+  const got = eventsReceived(page, type).map((e) => e.text);
+  if (JSON.stringify(got) !== JSON.stringify(texts)) {
+    throw new Error(`${type} frames received: ${JSON.stringify(got)}, expected each of ${JSON.stringify(texts)} exactly once`);
+  }
 }

@@ -56,6 +56,17 @@ async def echo_greets_and_closes_on_bye(base):
         assert close.reason == "Client said BYE", close.reason
 
 
+async def lines_until(ws, marker):
+    """Every text frame up to and including the first that ends with
+    `marker`: nothing is skipped, so a repeated delivery is counted."""
+    lines = []
+    while True:
+        line = await asyncio.wait_for(ws.recv(), 5)
+        lines.append(line)
+        if line.endswith(marker):
+            return lines
+
+
 @test
 async def chat_counts_users_and_broadcasts_to_everyone(base):
     clients = []
@@ -66,9 +77,15 @@ async def chat_counts_users_and_broadcasts_to_everyone(base):
             greeting = await asyncio.wait_for(ws.recv(), 5)
             assert greeting == f"You are connected! There are {n} users here.", greeting
         await clients[1].send("hello from the middle")
-        lines = [await asyncio.wait_for(ws.recv(), 5) for ws in clients]
-        assert len(set(lines)) == 1, lines
-        assert lines[0].startswith("[user") and lines[0].endswith("]: hello from the middle"), lines
+        # A second line from the same sender comes after the first on every
+        # connection (the hub keeps a publisher's order): what arrives up to
+        # it is everything the first one caused, each exactly once.
+        await clients[1].send("end of test")
+        for i, ws in enumerate(clients):
+            lines = await lines_until(ws, "]: end of test")
+            assert len(lines) == 2, f"client {i}: {lines}"
+            assert lines[0].startswith("[user") and lines[0].endswith("]: hello from the middle"), lines
+            assert lines[1] == lines[0].replace("hello from the middle", "end of test"), lines
     finally:
         for ws in clients:
             await ws.close()
@@ -82,6 +99,23 @@ async def next_of_type(ws, kind):
             return event
 
 
+async def events_until(ws, marker_text):
+    """Every JSON event up to and including the first message or dm whose
+    text is `marker_text`; none is skipped."""
+    events = []
+    while True:
+        event = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        events.append(event)
+        if event["type"] in ("message", "dm") and event.get("text") == marker_text:
+            return events
+
+
+def count(events, kind, **fields):
+    return sum(
+        1 for e in events if e["type"] == kind and all(e.get(k) == v for k, v in fields.items())
+    )
+
+
 @test
 async def json_chat_rooms_and_direct_messages(base):
     ada = await websockets.connect(base + "/chat")
@@ -92,13 +126,25 @@ async def json_chat_rooms_and_direct_messages(base):
             assert (await next_of_type(ws, "welcome"))["name"] == name
             await ws.send(json.dumps({"type": "join", "room": "general"}))
             await next_of_type(ws, "joined")
+        # Ada's room message reaches both, her own echo included, once each:
+        # her next message, which every member gets after it, ends the count.
         await ada.send(json.dumps({"type": "message", "room": "general", "text": "hi all"}))
-        for ws in (ada, grace):
-            event = await next_of_type(ws, "message")
-            assert (event["from"], event["text"]) == ("Ada", "hi all"), event
+        await ada.send(json.dumps({"type": "message", "room": "general", "text": "room marker"}))
+        for who, ws in (("Ada", ada), ("Grace", grace)):
+            events = await events_until(ws, "room marker")
+            assert count(events, "message", text="hi all") == 1, f"{who}: {events}"
+            assert count(events, "message", **{"from": "Ada", "text": "hi all", "room": "general"}) == 1, events
+            assert count(events, "message") == 2, f"{who}: {events}"
+            assert count(events, "dm") == 0, f"{who}: {events}"
+        # Grace's dm goes to Ada and back to Grace, once each, and to nobody
+        # in the room as a message.
         await grace.send(json.dumps({"type": "dm", "to": "Ada", "text": "psst"}))
-        event = await next_of_type(ada, "dm")
-        assert (event["from"], event["text"]) == ("Grace", "psst"), event
+        await grace.send(json.dumps({"type": "dm", "to": "Ada", "text": "dm marker"}))
+        for who, ws in (("Ada", ada), ("Grace", grace)):
+            events = await events_until(ws, "dm marker")
+            assert count(events, "dm", **{"from": "Grace", "to": "Ada", "text": "psst"}) == 1, f"{who}: {events}"
+            assert count(events, "dm") == 2, f"{who}: {events}"
+            assert count(events, "message") == 0, f"{who}: {events}"
         await ada.send(json.dumps({"type": "hello", "name": "x" * 100}))
         assert (await next_of_type(ada, "error"))["code"], "bad input gets an error event"
     finally:
@@ -106,17 +152,35 @@ async def json_chat_rooms_and_direct_messages(base):
         await grace.close()
 
 
+def text_of_bytes(n):
+    """A str whose UTF-8 form is exactly n bytes, with 2-, 3- and 4-byte
+    characters in it wherever it is long enough."""
+    unit = "aü✓𝄞"  # 1 + 2 + 3 + 4 bytes
+    text = unit * (n // 10)
+    text += "a" * (n - len(text.encode()))
+    assert len(text.encode()) == n
+    return text
+
+
+# The payload lengths where RFC 6455 §5.2 changes the length field (7 bits
+# up to 125, 16 bits from 126 to 65535, 64 bits from 65536), on both sides of
+# each edge, and two large ones.
+EDGE_SIZES = [0, 1, 124, 125, 126, 127, 65534, 65535, 65536, 65537, 1 << 20, 16 << 20]
+
+
 @test
-async def mirror_returns_text_and_binary_from_0_bytes_to_16_mib(base):
+async def mirror_returns_text_and_binary_at_every_length_edge_up_to_16_mib(base):
     async with websockets.connect(base + "/mirror", compression=None, max_size=None) as ws:
-        for n in [0, 1, 125, 126, 65535, 65536, 1 << 20, 16 << 20]:
+        for n in EDGE_SIZES:
             data = bytes(i % 251 for i in range(min(n, 4096))) * (n // 4096 + 1)
             data = data[:n]
             await ws.send(data)
-            assert await asyncio.wait_for(ws.recv(), 10) == data, f"binary {n}"
-            text = ("ünï" * (n // 5 + 1))[: max(n // 2, 0)]
+            back = await asyncio.wait_for(ws.recv(), 10)
+            assert isinstance(back, bytes) and back == data, f"binary {n}"
+            text = text_of_bytes(n)
             await ws.send(text)
-            assert await asyncio.wait_for(ws.recv(), 10) == text, f"text {n}"
+            back = await asyncio.wait_for(ws.recv(), 10)
+            assert isinstance(back, str) and back == text, f"text {n} bytes"
 
 
 @test
@@ -128,12 +192,63 @@ async def mirror_reassembles_fragments(base):
         assert await ws.recv() == b"\x00\x01\x02"
 
 
+async def raw_upgrade(base, path):
+    """A hand-made opening handshake; returns the streams after the 101."""
+    host, port = base[len("ws://"):].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+def masked_frame(opcode, payload, key=b"\x11\x22\x33\x44"):
+    assert len(payload) <= 125
+    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + key + masked
+
+
+async def read_frame(reader):
+    """(fin, opcode, payload) of one unmasked server frame."""
+    b0, b1 = await asyncio.wait_for(reader.readexactly(2), 5)
+    assert not b1 & 0x80, "server frames are not masked"
+    n = b1 & 0x7F
+    if n == 126:
+        n = int.from_bytes(await reader.readexactly(2), "big")
+    elif n == 127:
+        n = int.from_bytes(await reader.readexactly(8), "big")
+    return bool(b0 & 0x80), b0 & 0x0F, await asyncio.wait_for(reader.readexactly(n), 5)
+
+
 @test
 async def server_answers_ping_with_same_payload(base):
+    # On the wire: a Pong (opcode 0xA) whose payload is the Ping's, for an
+    # empty, a short and a 125-byte (the largest allowed) payload.
+    reader, writer = await raw_upgrade(base, "/mirror")
+    try:
+        for payload in [b"", b"duplex?", bytes(range(125))]:
+            writer.write(masked_frame(0x9, payload))
+            await writer.drain()
+            fin, opcode, got = await read_frame(reader)
+            assert (fin, opcode) == (True, 0xA), (fin, opcode, got)
+            assert got == payload, (got, payload)
+        writer.write(masked_frame(0x8, (1000).to_bytes(2, "big")))
+        await writer.drain()
+        _, opcode, got = await read_frame(reader)
+        assert opcode == 0x8 and got[:2] == (1000).to_bytes(2, "big"), (opcode, got)
+    finally:
+        writer.close()
+    # Through websockets: the pong it matched to its ping (by payload) comes
+    # back, and its latency is a real round trip within the wait.
     async with websockets.connect(base + "/mirror", compression=None) as ws:
-        pong = await ws.ping(b"duplex?")
-        latency = await asyncio.wait_for(pong, 5)
-        assert latency >= 0
+        started = time.monotonic()
+        latency = await asyncio.wait_for(await ws.ping(b"duplex?"), 5)
+        elapsed = time.monotonic() - started
+        assert 0 < latency <= elapsed < 5, (latency, elapsed)
 
 
 @test

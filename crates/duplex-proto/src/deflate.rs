@@ -843,6 +843,92 @@ mod rfc7692 {
             assert_eq!(err.close_code().0, 1009);
         }
 
+        /// Inflates `payload` with a fresh raw decompressor, returning the
+        /// result and how many bytes zlib produced in all.
+        fn inflate_counting(payload: &[u8], max: u64) -> (Result<Bytes, ProtocolError>, u64) {
+            let mut decompressor = Decompress::new_with_window_bits(false, 15);
+            let result = inflate_message(&mut decompressor, payload, max);
+            (result, decompressor.total_out())
+        }
+
+        #[test]
+        fn bomb_inflation_stops_at_the_limit() {
+            // 50 MiB of zeros in well under 100 KiB: only the limit plus the
+            // one byte that shows it is passed may ever be produced.
+            let bomb = compress_standalone(9, 15, &vec![0u8; 50 << 20]).unwrap();
+            for max in [1u64, 1000, 64 << 10, (64 << 10) + 1, 1 << 20, 3 << 20] {
+                let (result, produced) = inflate_counting(&bomb, max);
+                let err = result.unwrap_err();
+                assert_eq!(err.close_code().0, 1009, "max {max}");
+                let ProtocolError::MessageTooBig {
+                    size,
+                    max: reported,
+                } = err
+                else {
+                    panic!("max {max}: {err:?}");
+                };
+                assert_eq!(reported, max);
+                assert_eq!(size, max + 1, "max {max}: reported size");
+                assert_eq!(
+                    produced,
+                    max + 1,
+                    "max {max}: zlib produced {produced} bytes"
+                );
+            }
+        }
+
+        #[test]
+        fn limit_is_exact_for_messages_around_it() {
+            // Random-looking bytes so the compressed form is not tiny and the
+            // input is fed over several inflate calls.
+            let mut x = 0x2545_f491_u32;
+            let payload: Vec<u8> = (0..300_000)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    b'a' + (x % 4) as u8
+                })
+                .collect();
+            for len in [1usize, 125, 65_535, 65_536, 65_537, 200_000, 300_000] {
+                let wire = compress_standalone(6, 15, &payload[..len]).unwrap();
+                let max = len as u64;
+                let (ok, _) = inflate_counting(&wire, max);
+                assert_eq!(
+                    &ok.unwrap()[..],
+                    &payload[..len],
+                    "len {len} at its own limit"
+                );
+                let (err, produced) = inflate_counting(&wire, max - 1);
+                let err = err.unwrap_err();
+                assert!(
+                    matches!(err, ProtocolError::MessageTooBig { size, max: m } if size == max && m == max - 1),
+                    "len {len} over a limit one byte short: {err:?}"
+                );
+                assert_eq!(produced, max, "len {len}");
+            }
+        }
+
+        #[test]
+        fn limit_holds_with_context_takeover_across_messages() {
+            // The second message's count starts at its own first byte, not at
+            // the stream's: one under the limit each, two in a row pass.
+            let (mut sender, mut receiver) = pair(params(false, 15));
+            let msg = Bytes::from(vec![b'z'; 10_000]);
+            for _ in 0..2 {
+                let (rsv, wire) = sender.encode(OpCode::Binary, msg.clone()).unwrap();
+                let back = receiver.decode(OpCode::Binary, rsv, wire, 10_000).unwrap();
+                assert_eq!(back.len(), 10_000);
+            }
+            let (rsv, wire) = sender
+                .encode(OpCode::Binary, Bytes::from(vec![b'z'; 10_001]))
+                .unwrap();
+            let err = receiver
+                .decode(OpCode::Binary, rsv, wire, 10_000)
+                .unwrap_err();
+            assert_eq!(err.close_code().0, 1009);
+        }
+
         #[test]
         fn corrupt_data_fails_with_1007() {
             let mut receiver = DeflateExtension::new(Deflate::default(), params(false, 15));

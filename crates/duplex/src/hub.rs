@@ -365,7 +365,11 @@ impl HubInner {
                 .try_send(message.clone())
                 .map(|()| message.len()),
             encoding => match frames.get(encoding) {
-                Some(bytes) => member.sender.try_send_encoded(bytes).map(|()| bytes.len()),
+                Some(bytes) => {
+                    #[cfg(test)]
+                    tests::note_queued_frame(bytes);
+                    member.sender.try_send_encoded(bytes).map(|()| bytes.len())
+                }
                 None => member
                     .sender
                     .try_send(message.clone())
@@ -549,6 +553,22 @@ impl fmt::Debug for Membership {
 mod tests {
     use super::*;
     use crate::session::Sender;
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// (address, length) of every pre-encoded frame `offer` handed to a
+        /// subscriber on this thread; the in-memory backplane delivers on
+        /// the publishing thread, so a test sees its own publishes only.
+        static QUEUED_FRAMES: RefCell<Vec<(usize, usize)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn note_queued_frame(frame: &Bytes) {
+        QUEUED_FRAMES.with(|q| q.borrow_mut().push((frame.as_ptr() as usize, frame.len())));
+    }
+
+    fn take_queued_frames() -> Vec<(usize, usize)> {
+        QUEUED_FRAMES.with(|q| std::mem::take(&mut *q.borrow_mut()))
+    }
 
     fn texts(sender: &Sender) -> Vec<String> {
         sender
@@ -621,8 +641,9 @@ mod tests {
     }
 
     /// Publishes 50 messages to a subscriber whose buffer holds 100 bytes
-    /// and to one with room for all; returns (stalled, healthy).
-    fn publish_to_stalled_and_healthy(hub: &Hub) -> (Sender, Sender) {
+    /// and to one with room for all; returns (stalled, healthy) and their
+    /// memberships, which keep them in topic "t".
+    fn publish_to_stalled_and_healthy(hub: &Hub) -> (Sender, Sender, [Membership; 2]) {
         let stalled = Sender::detached(100);
         let healthy = Sender::detached(1 << 20);
         let (ms, mh) = (hub.register(&stalled), hub.register(&healthy));
@@ -631,17 +652,24 @@ mod tests {
         for i in 0..50 {
             hub.publish("t", format!("message number {i:03}"));
         }
-        (stalled, healthy)
+        (stalled, healthy, [ms, mh])
     }
 
     #[test]
     fn a_stalled_subscriber_is_dropped_for_while_others_keep_receiving() {
-        let (stalled, healthy) = publish_to_stalled_and_healthy(&Hub::new());
-        assert_eq!(texts(&healthy).len(), 50);
-        // The stalled one took messages until its buffer passed 100 bytes.
-        let got = texts(&stalled);
-        assert!(got.len() < 10, "{} delivered", got.len());
+        let hub = Hub::new();
+        let (stalled, healthy, _memberships) = publish_to_stalled_and_healthy(&hub);
+        let expected: Vec<String> = (0..50).map(|i| format!("message number {i:03}")).collect();
+        assert_eq!(texts(&healthy), expected);
+        // Each message is a 20-byte frame (2-byte header, 18-byte text): the
+        // stalled one took messages while its queue was under 100 bytes, so
+        // the first five and nothing after them.
+        assert_eq!(texts(&stalled), expected[..5]);
         assert!(!stalled.is_closed());
+        // Dropped for, not disconnected: with room again it gets the next.
+        hub.publish("t", "after the stall");
+        assert_eq!(texts(&stalled), ["after the stall"]);
+        assert_eq!(texts(&healthy), ["after the stall"]);
     }
 
     #[test]
@@ -649,16 +677,20 @@ mod tests {
         let hub = Hub::builder()
             .slow_consumer(SlowConsumer::Close(CloseCode::TRY_AGAIN_LATER))
             .build();
-        let (stalled, healthy) = publish_to_stalled_and_healthy(&hub);
+        let (stalled, healthy, _memberships) = publish_to_stalled_and_healthy(&hub);
         assert_eq!(texts(&healthy).len(), 50);
         assert!(stalled.is_closed());
+        // The five messages that fitted, then the Close and nothing else.
         let frames = stalled.take_written();
-        let close = frames.last().unwrap();
+        assert_eq!(frames.len(), 6, "{frames:?}");
+        assert!(frames[..5].iter().all(|f| f.opcode == OpCode::Text));
+        let close = &frames[5];
         assert_eq!(close.opcode, OpCode::Close);
         assert_eq!(
             u16::from_be_bytes([close.payload[0], close.payload[1]]),
             1013
         );
+        assert_eq!(&close.payload[2..], b"Too slow to keep up");
     }
 
     #[test]
@@ -698,15 +730,25 @@ mod tests {
         let senders: Vec<Sender> = (0..3).map(|_| Sender::detached(1 << 20)).collect();
         let memberships: Vec<Membership> = senders.iter().map(|s| hub.register(s)).collect();
         memberships.iter().for_each(|m| m.join("t"));
-        let message = Message::binary(vec![7u8; 10_000]);
-        let mut frames = EncodedOnce::new(&message);
-        let first = frames.get(&Encoding::Plain).unwrap().clone();
-        let second = frames.get(&Encoding::Plain).unwrap().clone();
-        // The same allocation: encoded once, shared by reference.
-        assert_eq!(first.as_ptr(), second.as_ptr());
-        hub.publish("t", message);
-        for s in &senders {
-            assert_eq!(s.take_written()[0].payload.len(), 10_000);
+        take_queued_frames();
+        for round in 0..2u8 {
+            hub.publish("t", Message::binary(vec![round; 10_000]));
+            // Through `deliver`: every subscriber was handed one frame, and
+            // all of them the same allocation (framed once, shared by
+            // reference), header included.
+            let queued = take_queued_frames();
+            assert_eq!(queued.len(), senders.len(), "round {round}: {queued:?}");
+            assert!(
+                queued.iter().all(|q| *q == queued[0]),
+                "round {round}: one frame for all, got {queued:?}"
+            );
+            assert_eq!(queued[0].1, 10_000 + 4, "a 16-bit length header");
+            for s in &senders {
+                let written = s.take_written();
+                assert_eq!(written.len(), 1);
+                assert_eq!(written[0].opcode, OpCode::Binary);
+                assert_eq!(&written[0].payload[..], &[round; 10_000][..]);
+            }
         }
     }
 

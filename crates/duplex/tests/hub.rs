@@ -84,25 +84,45 @@ async fn fan_out_to_1000_clients_arrives_complete_and_in_order() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_stops_reading_is_closed_while_the_others_get_everything() {
-    let hub = Hub::builder()
-        .slow_consumer(SlowConsumer::Close(CloseCode::TRY_AGAIN_LATER))
-        .build();
-    let websockets = WebSockets::default()
-        .outgoing_buffer(64 << 10)
-        .close_timeout(Duration::from_millis(300));
-    let server = Server::start(room_app(&hub, websockets)).await;
-    // Connected with a tiny receive window, then never reads again.
-    let stalled = stalled_client(server.addr).await;
-    let mut healthy = ws_connect(server.addr, "/room").await;
-    until("2 registered sessions", || hub.session_count() == 2).await;
+/// How long a session may take to leave the hub once it is closed: the
+/// close timeout and the wait for the peer's FIN are each a few hundred ms
+/// to 2 s, and a loaded machine may stretch them; an event ends the wait
+/// as soon as it happens, so the bound only matters when something is wrong.
+const LEAVE_WAIT: Duration = Duration::from_secs(30);
 
-    let payload = vec![b'x'; 32 << 10];
-    let count = 200; // 6.25 MiB: far more than the stalled socket and outbox hold
-    // The healthy client acknowledges each message, and the publisher waits
-    // for it: a healthy reader that merely lags on a loaded machine must not
-    // be taken for a slow consumer (its outbox holds only two messages).
+/// Like [`room_app`], and each handler reports on `ended` once its session
+/// has left the hub.
+fn reporting_room_app(
+    hub: &Hub,
+    websockets: WebSockets,
+    ended: tokio::sync::mpsc::UnboundedSender<()>,
+) -> App {
+    let hub = hub.clone();
+    App::new()
+        .install(websockets)
+        .web_socket("/room", move |mut session: Session| {
+            let (hub, ended) = (hub.clone(), ended.clone());
+            async move {
+                {
+                    let membership = hub.register(&session.sender());
+                    membership.join("room");
+                    while let Ok(Some(_)) = session.recv().await {}
+                }
+                let _ = ended.send(());
+            }
+        })
+}
+
+/// Publishes `count` messages of 32 KiB to "room", each only once the
+/// healthy client has read the one before (a healthy reader that merely
+/// lags on a loaded machine must not be taken for a slow consumer: its
+/// outbox holds two messages), and checks that it got all of them. Returns
+/// the healthy client, still connected.
+async fn publish_past_a_stalled_client(
+    hub: &Hub,
+    mut healthy: common::Ws,
+    count: usize,
+) -> common::Ws {
     let (ack, mut acks) = tokio::sync::mpsc::unbounded_channel::<()>();
     let reader = tokio::spawn(async move {
         let mut got = 0;
@@ -117,20 +137,108 @@ async fn a_client_that_stops_reading_is_closed_while_the_others_get_everything()
                 other => panic!("healthy client lost its connection: {other:?}"),
             }
         }
-        got
+        (got, healthy)
     });
+    let payload = vec![b'x'; 32 << 10];
     for _ in 0..count {
         hub.publish("room", payload.clone());
-        // The healthy reader keeps up; the stalled one cannot.
         within("the healthy client's acknowledgement", acks.recv()).await;
     }
-    assert_eq!(within("the healthy reader", reader).await.unwrap(), count);
-    // The stalled session was closed (1013), dropped after the close
-    // timeout, and left the registry.
-    until("the stalled session to leave the hub", || {
-        hub.session_count() == 1
-    })
+    let (got, healthy) = within("the healthy reader", reader).await.unwrap();
+    assert_eq!(got, count);
+    healthy
+}
+
+/// 200 messages of 32 KiB: 6.25 MiB, more than the stalled client's outbox
+/// (64 KiB) and both kernel buffers (at most 4 MiB for sending, by the
+/// default tcp_wmem, and 4 KiB for receiving) hold.
+const PUBLISHED: usize = 200;
+
+fn slow_consumer_hub() -> Hub {
+    Hub::builder()
+        .slow_consumer(SlowConsumer::Close(CloseCode::TRY_AGAIN_LATER))
+        .build()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_gets_1013_while_the_others_get_everything() {
+    let hub = slow_consumer_hub();
+    // Long enough for the stalled client to drain its backlog and answer.
+    let websockets = WebSockets::default()
+        .outgoing_buffer(64 << 10)
+        .close_timeout(Duration::from_secs(20));
+    let (ended, mut endings) = tokio::sync::mpsc::unbounded_channel();
+    let server = Server::start(reporting_room_app(&hub, websockets, ended)).await;
+    // Connected with a tiny receive window; reads nothing until the end.
+    let stalled = stalled_client(server.addr).await;
+    let healthy = ws_connect(server.addr, "/room").await;
+    until("2 registered sessions", || hub.session_count() == 2).await;
+
+    let _healthy = publish_past_a_stalled_client(&hub, healthy, PUBLISHED).await;
+
+    // Now it reads: the messages that were queued before the hub gave up on
+    // it, whole and in order, then the Close with 1013 (tungstenite answers
+    // it), then the end of the connection.
+    let mut stalled = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        stalled,
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        Some(common::ws_config()),
+    )
     .await;
+    let mut before_close = 0;
+    let close = loop {
+        match within("the stalled client's backlog", stalled.next()).await {
+            Some(Ok(WsMessage::Binary(data))) => {
+                assert_eq!(data.len(), 32 << 10);
+                before_close += 1;
+            }
+            Some(Ok(WsMessage::Close(frame))) => break frame,
+            other => panic!("the stalled client did not get a Close: {other:?}"),
+        }
+    };
+    let close = close.expect("a Close with a code");
+    assert_eq!(u16::from(close.code), 1013, "{close:?}");
+    assert_eq!(close.reason.as_str(), "Too slow to keep up");
+    // The first message found an empty outbox, so it was queued; the hub
+    // closed the session long before the last.
+    assert!(
+        (1..PUBLISHED).contains(&before_close),
+        "{before_close} messages before the Close"
+    );
+    assert!(
+        within("the end of the stalled connection", stalled.next())
+            .await
+            .is_none_or(|r| r.is_err()),
+        "nothing after the Close"
+    );
+    tokio::time::timeout(LEAVE_WAIT, endings.recv())
+        .await
+        .expect("the stalled session to leave the hub")
+        .expect("a handler's report");
+    assert_eq!(hub.session_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_again_is_dropped_after_the_close_timeout() {
+    let hub = slow_consumer_hub();
+    let websockets = WebSockets::default()
+        .outgoing_buffer(64 << 10)
+        .close_timeout(Duration::from_millis(300));
+    let (ended, mut endings) = tokio::sync::mpsc::unbounded_channel();
+    let server = Server::start(reporting_room_app(&hub, websockets, ended)).await;
+    let stalled = stalled_client(server.addr).await;
+    let healthy = ws_connect(server.addr, "/room").await;
+    until("2 registered sessions", || hub.session_count() == 2).await;
+
+    let _healthy = publish_past_a_stalled_client(&hub, healthy, PUBLISHED).await;
+
+    // Its Close cannot be written, so it is never answered: the session
+    // ends on the close timeout and leaves the registry.
+    tokio::time::timeout(LEAVE_WAIT, endings.recv())
+        .await
+        .expect("the stalled session to leave the hub")
+        .expect("a handler's report");
+    assert_eq!(hub.session_count(), 1);
     drop(stalled);
 }
 

@@ -7,14 +7,21 @@ use common::{RawClient, Server, upgrade_request};
 use duplex::{App, Deflate, Session, WebSockets};
 use flate2::{Compress, Compression, FlushCompress};
 
-/// Peak resident memory of this process, from /proc (kB).
-fn peak_rss_kib() -> u64 {
+/// A field of /proc/self/status in KiB (`VmHWM`: the peak resident set since
+/// the last reset; `VmRSS`: the resident set now).
+fn status_kib(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/self/status")
+        .unwrap_or_else(|| panic!("{field} in /proc/self/status"))
+}
+
+/// Resets `VmHWM` to the current resident set (proc(5), clear_refs "5"), so
+/// each sample's peak is its own.
+fn reset_peak_rss() {
+    std::fs::write("/proc/self/clear_refs", "5").expect("write 5 to /proc/self/clear_refs");
 }
 
 /// `zeros` zero bytes as one permessage-deflate payload (tail removed),
@@ -67,34 +74,57 @@ async fn rfc7692_decompression_bomb_is_refused_with_1009_and_memory_stays_bounde
         "the bomb is small on the wire: {} bytes",
         bomb.len()
     );
-    let before = peak_rss_kib();
-
     let request = upgrade_request(
         "/mirror",
         "Sec-WebSocket-Extensions: permessage-deflate\r\n",
     );
-    let (response, mut client) = RawClient::request(server.addr, request).await;
-    assert_eq!(response.status, 101);
-    assert_eq!(
-        response.header("Sec-WebSocket-Extensions"),
-        Some("permessage-deflate")
-    );
+    let connect = || async {
+        let (response, client) = RawClient::request(server.addr, request.clone()).await;
+        assert_eq!(response.status, 101);
+        assert_eq!(
+            response.header("Sec-WebSocket-Extensions"),
+            Some("permessage-deflate")
+        );
+        client
+    };
     // A compressed binary message: FIN, RSV1, opcode 2.
-    client
-        .write(&common::encode_frame(
-            true,
-            0x40,
-            0x2,
-            &bomb,
-            Some([1, 2, 3, 4]),
-        ))
-        .await;
-    let (code, _) = client.read_close().await;
-    assert_eq!(code, 1009);
+    let compressed_binary =
+        |payload: &[u8]| common::encode_frame(true, 0x40, 0x2, payload, Some([1, 2, 3, 4]));
 
-    let grown_mib = (peak_rss_kib().saturating_sub(before)) / 1024;
+    // Warm-up: one message just under the limit, inflated and echoed, so the
+    // allocator already holds what a legitimate message costs and the
+    // samples below measure only what the bomb adds.
+    let mut client = connect().await;
+    client
+        .write(&compressed_binary(&compressed_zeros((1 << 20) - 1)))
+        .await;
+    let echo = client.read_frame().await;
+    assert_eq!(echo.opcode, 0x2, "the warm-up message comes back: {echo:?}");
+    client.send_close(1000, "").await;
+    assert_eq!(client.read_close().await.0, 1000);
+
+    // Several samples, each from a fresh peak: the inflated output may reach
+    // the 1 MiB limit (plus the buffer's growth), so about 2 MiB are measured;
+    // inflating 20 MiB (a limit 20 times too loose) cannot fit under the
+    // bound in any sample. The smallest sample is judged, so a burst of
+    // allocator noise in one of them does not fail the test.
+    const SAMPLES: usize = 3;
+    const BOUND_KIB: u64 = 8 << 10;
+    let baseline = status_kib("VmRSS");
+    let mut growth_kib = Vec::new();
+    for _ in 0..SAMPLES {
+        let mut client = connect().await;
+        reset_peak_rss();
+        client.write(&compressed_binary(&bomb)).await;
+        let (code, _) = client.read_close().await;
+        assert_eq!(code, 1009);
+        growth_kib.push(status_kib("VmHWM").saturating_sub(baseline));
+    }
+    let least = *growth_kib.iter().min().unwrap();
     assert!(
-        grown_mib < 32,
-        "peak memory grew by {grown_mib} MiB for a 256 MiB bomb against a 1 MiB limit"
+        least < BOUND_KIB,
+        "peak memory grew by {growth_kib:?} KiB (per sample, over {baseline} KiB) for a 256 MiB bomb \
+         against a 1 MiB limit; the bound is {BOUND_KIB} KiB"
     );
+    eprintln!("bomb: peak growth per sample {growth_kib:?} KiB over a baseline of {baseline} KiB");
 }
