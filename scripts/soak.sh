@@ -21,13 +21,18 @@ cargo build --release --locked --quiet -p duplex-bench --bin soak
 # Thousands of sockets held at once need more descriptors than 1024.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 65536 2>/dev/null || true
 
-args=()
+# Every peer comes from 127.0.0.1, thousands at once: the per-address
+# limits (1,000 sessions, 50 handshakes a second) would refuse them.
+args=(--server-arg=--max-sessions-per-ip=0 --server-arg=--handshake-rate=0
+      --server-arg=--max-sessions=100000)
 if [[ "${1:-}" == "--ci" ]]; then
     shift
-    # Pings every second, a second to answer: the peers that never answer
-    # are dropped within the phase's settle time.
-    args=(--sessions 500 --settle-secs 15 --time-limit-secs 60
-          --server-arg=--ping-period=1 --server-arg=--timeout=1)
+    # Pings every second, a second to answer, two seconds for a peer that
+    # reads nothing: the peers that never answer or never read are dropped
+    # within the phase's settle time.
+    args+=(--sessions 500 --settle-secs 15 --time-limit-secs 60
+           --server-arg=--ping-period=1 --server-arg=--timeout=1
+           --server-arg=--write-timeout=2)
 fi
 mkdir -p "$CARGO_TARGET_DIR/soak"
 exec nice -n 10 "$CARGO_TARGET_DIR/release/soak" \
