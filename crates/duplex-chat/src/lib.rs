@@ -5,6 +5,8 @@
 //!
 //! The binary serves [`app_with`]; tests mount it on a free port.
 
+#![deny(unsafe_code)]
+
 use std::{
     sync::{
         Arc, OnceLock,
@@ -22,6 +24,7 @@ use duplex::{App, CloseCode, CloseReason, Error, Hub, Message, Session, WebSocke
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 mod chat;
+pub mod memory;
 pub mod protocol;
 
 pub use chat::{Chat, ChatOptions, DIRECTORY_MAX, REPLACED};

@@ -2,6 +2,8 @@
 //! protocol on `/chat`, the plain-text chat on `/chat/plain`, `/echo`,
 //! `/mirror` and Prometheus metrics on `/metrics`.
 
+#![forbid(unsafe_code)]
+
 use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
@@ -148,6 +150,9 @@ async fn main() -> std::io::Result<()> {
         max_rooms_per_user: args.max_rooms.max(1),
         max_idle_rooms: args.max_idle_rooms,
     };
+    tokio::spawn(duplex_chat::memory::release_after_sessions_end(
+        websockets.clone(),
+    ));
     duplex_chat::app_with(websockets, options)
         .shutdown_grace(Duration::from_secs(args.shutdown_grace))
         .serve(listener)

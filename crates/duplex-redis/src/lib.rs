@@ -82,6 +82,8 @@
 //!   overall limit). Either way, once it returns, nothing published is
 //!   missed by the subscription.
 
+#![forbid(unsafe_code)]
+
 use std::{
     fmt,
     future::Future,

@@ -81,6 +81,11 @@ struct Args {
     /// How far above the baseline the server's resident memory may end.
     #[arg(long, default_value_t = 8.0)]
     rss_bound_mib: f64,
+    /// How long, after the last session has ended, the server's memory may
+    /// take to come back within the bound (it gives freed memory back to
+    /// the system every few seconds).
+    #[arg(long, default_value_t = 12.0)]
+    memory_settle_secs: f64,
     /// The whole run must end within this many seconds.
     #[arg(long, default_value_t = 1800.0)]
     time_limit_secs: f64,
@@ -336,7 +341,18 @@ async fn run(args: Args) -> Result<bool, String> {
     }
     let final_count = sessions(target.addr).await?;
     settle_allocator().await;
-    let after = rss_kib(&target);
+    // The server gives freed memory back a few seconds after its sessions
+    // end (duplex-chat trims every 5 s after a fall): wait for it, within
+    // a bound.
+    let mut after = rss_kib(&target);
+    let settle_until = Instant::now() + Duration::from_secs_f64(args.memory_settle_secs);
+    while let (Some(base), Some(now)) = (baseline, after)
+        && now.saturating_sub(base) as f64 / 1024.0 > args.rss_bound_mib
+        && Instant::now() < settle_until
+    {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        after = rss_kib(&target);
+    }
     let after_fds = fd_count(&target);
     let hwm = hwm_kib(&target);
     let elapsed = started.elapsed();
