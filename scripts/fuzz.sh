@@ -9,7 +9,8 @@
 #
 # Installs cargo-fuzz when it is missing. Exits non-zero when a target
 # crashes (the input is left in fuzz/artifacts/TARGET/) or fails to build.
-# New corpus entries go to fuzz/corpus/TARGET (not committed); the seeds in
+# The corpus grows in $CARGO_TARGET_DIR/fuzz/corpus/TARGET, outside the
+# clone, so each CI run starts from what the last one found; the seeds in
 # fuzz/seeds/TARGET are read too. Runs at nice 10: fuzzing takes a core.
 set -uo pipefail
 
@@ -42,26 +43,27 @@ build() {
 # Runs one target for $2 seconds; prints libFuzzer's closing statistics.
 run() {
     local target=$1 seconds=$2 log status
-    mkdir -p "fuzz/corpus/$target" "fuzz/seeds/$target" "fuzz/artifacts/$target"
+    local corpus="$FUZZ_TARGET_DIR/corpus/$target"
+    mkdir -p "$corpus" "fuzz/seeds/$target" "fuzz/artifacts/$target"
     log=$(mktemp)
     # Frames with payloads past the small limits need room to be found.
     local max_len=4096
     case $target in frame_decode_*) max_len=16384 ;; esac
     nice -n 10 cargo fuzz run -s none --target-dir "$FUZZ_TARGET_DIR" "$target" \
-        "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
+        "$corpus" "fuzz/seeds/$target" -- \
         -max_total_time="$seconds" -max_len="$max_len" -timeout=10 -rss_limit_mb=2048 \
         -print_final_stats=1 >"$log" 2>&1
     status=$?
     local done_line execs
     done_line=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -1)
     execs=$(grep -E '^stat::number_of_executed_units:' "$log" | awk '{print $2}')
-    local corpus
-    corpus=$(find "fuzz/corpus/$target" -type f | wc -l)
+    local files
+    files=$(find "$corpus" -type f | wc -l)
     if ((status != 0)); then
         tail -60 "$log"
         echo "FAILED: $target crashed or failed (exit $status); input in fuzz/artifacts/$target/"
     else
-        echo "$target: ${seconds}s, ${execs:-?} executions, corpus $corpus files; ${done_line:-}"
+        echo "$target: ${seconds}s, ${execs:-?} executions, corpus $files files; ${done_line:-}"
     fi
     rm -f "$log"
     return $status
