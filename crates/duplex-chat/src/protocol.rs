@@ -327,8 +327,10 @@ pub fn check_name(raw: &str) -> Result<String, Problem> {
 /// # Errors
 /// `invalid_room`.
 pub fn check_room(raw: &str) -> Result<String, Problem> {
-    check_label(raw, "room name")
-        .map(|r| r.to_lowercase())
+    // Lowercased before the checks: lowercasing can add characters ("İ"
+    // becomes "i" and a combining dot), and the name kept must itself obey
+    // the rules.
+    check_label(&raw.to_lowercase(), "room name")
         .map_err(|m| Problem::new(ErrorCode::InvalidRoom, m))
 }
 
@@ -641,6 +643,24 @@ mod tests {
         }
         assert_eq!(check_room(" Random Stuff "), Ok("random stuff".into()));
         assert_eq!(check_room("#x").unwrap_err().code, ErrorCode::InvalidRoom);
+    }
+
+    /// Found by the chat_request fuzz target: "İ" lowercases to "i" and
+    /// U+0307, which a room name may not hold, and 32 of them to 64
+    /// characters. The room kept must pass its own check.
+    #[test]
+    fn lowercased_room_names_follow_the_rules_too() {
+        assert_eq!(
+            check_room("İ").unwrap_err().code,
+            ErrorCode::InvalidRoom,
+            "{:?}",
+            check_room("İ")
+        );
+        assert!(check_room(&"İ".repeat(32)).is_err());
+        for ok in ["Ärger", "ΣΟΦΊΑ", "Lobby 2"] {
+            let room = check_room(ok).unwrap();
+            assert_eq!(check_room(&room), Ok(room.clone()), "{ok:?}");
+        }
     }
 
     #[test]

@@ -1,0 +1,111 @@
+//! duplex-chat's request parser and input checks on arbitrary text.
+//!
+//! Checks: a parsed request is the JSON object it came from; a refusal has
+//! one of the parser's three codes; a name, room or text the checks accept
+//! keeps to the rules of PROTOCOL.md and is accepted again unchanged.
+#![no_main]
+
+use duplex_chat::protocol::{
+    self, ErrorCode, MAX_NAME_CHARS, Request, check_name, check_room, check_text,
+};
+
+const MAX_TEXT_CHARS: usize = 2000;
+
+fn check_label(label: &str) {
+    let chars = label.chars().count();
+    assert!((1..=MAX_NAME_CHARS).contains(&chars), "{label:?}");
+    assert_eq!(label.trim(), label);
+    assert!(!label.contains("  "), "{label:?}");
+    assert!(
+        label
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_' | '.')),
+        "{label:?}"
+    );
+}
+
+fn checks(raw: &str) {
+    if let Ok(name) = check_name(raw) {
+        check_label(&name);
+        assert_eq!(check_name(&name).as_deref(), Ok(name.as_str()));
+    }
+    if let Ok(room) = check_room(raw) {
+        check_label(&room);
+        assert_eq!(room.to_lowercase(), room);
+        assert_eq!(check_room(&room).as_deref(), Ok(room.as_str()));
+    }
+    match check_text(raw, MAX_TEXT_CHARS) {
+        Ok(text) => {
+            assert!(!text.trim().is_empty());
+            assert_eq!(text.trim_end(), text);
+            assert!(text.chars().count() <= MAX_TEXT_CHARS);
+            assert!(
+                !text
+                    .chars()
+                    .any(|c| c.is_control() && c != '\n' && c != '\t'),
+                "{text:?}"
+            );
+            assert_eq!(
+                check_text(&text, MAX_TEXT_CHARS).as_deref(),
+                Ok(text.as_str())
+            );
+        }
+        Err(problem) => assert!(matches!(
+            problem.code,
+            ErrorCode::InvalidText | ErrorCode::TextTooLong
+        )),
+    }
+}
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    checks(text);
+    let request = match protocol::parse(text) {
+        Ok(request) => request,
+        Err(problem) => {
+            assert!(
+                matches!(
+                    problem.code,
+                    ErrorCode::BadJson | ErrorCode::UnknownType | ErrorCode::BadRequest
+                ),
+                "{problem:?}"
+            );
+            return;
+        }
+    };
+    let value: serde_json::Value = serde_json::from_str(text).expect("parsed, so JSON");
+    let object = value.as_object().expect("parsed, so an object");
+    assert_eq!(
+        object.get("type").and_then(|t| t.as_str()),
+        Some(request.kind())
+    );
+    let field = |name: &str| object.get(name).and_then(|v| v.as_str());
+    match &request {
+        Request::Hello { name, token } => {
+            assert_eq!(field("name"), Some(name.as_str()));
+            assert_eq!(field("token"), token.as_deref());
+            checks(name);
+        }
+        Request::Join { room } | Request::Leave { room } => {
+            assert_eq!(field("room"), Some(room.as_str()));
+            checks(room);
+        }
+        Request::Message { room, text } => {
+            assert_eq!(field("room"), Some(room.as_str()));
+            assert_eq!(field("text"), Some(text.as_str()));
+            checks(room);
+            checks(text);
+        }
+        Request::Dm { to, text } => {
+            assert_eq!(field("to"), Some(to.as_str()));
+            assert_eq!(field("text"), Some(text.as_str()));
+            checks(to);
+            checks(text);
+        }
+        Request::Ping { id } => {
+            assert_eq!(object.get("id").and_then(|v| v.as_u64()), *id);
+        }
+    }
+});
