@@ -530,8 +530,14 @@ impl Task {
         if deadline <= now {
             return true;
         }
-        if self.sleep_deadline == Some(deadline) {
-            // Armed for this deadline and polled with this task's waker.
+        if self
+            .sleep_deadline
+            .is_some_and(|armed| armed > now && armed <= deadline)
+        {
+            // Armed, with this task's waker, for this deadline or an
+            // earlier one, which re-arms it when it fires. Not resetting it
+            // for a later one matters: the write deadline moves on with
+            // every write, and each reset takes the timer wheel's lock.
             return false;
         }
         self.sleep_deadline = Some(deadline);

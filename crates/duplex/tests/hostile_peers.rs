@@ -2,8 +2,9 @@
 //! sockets at the shipped defaults: memory stays bounded and the
 //! connection is dropped within the documented time.
 //!
-//! Memory is the peak resident set of this test process (nextest runs each
-//! test in a process of its own).
+//! Memory is the growth of the peak resident set of this test process over
+//! its resident set when the attack starts (nextest runs each test in a
+//! process of its own).
 
 mod common;
 
@@ -12,7 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BINARY, MASK, PING, Server, encode_frame, reports, upgrade_request};
+use common::{
+    BINARY, MASK, PING, Server, encode_frame, reports, reset_peak_rss, status_kib, upgrade_request,
+};
 use duplex::{App, CloseCode, Deflate, Session, WebSockets};
 use flate2::{Compress, Compression, FlushCompress};
 use tokio::{
@@ -24,16 +27,6 @@ use tokio::{
 /// seen on a loaded machine.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 const SLACK: Duration = Duration::from_secs(10);
-
-/// Peak resident memory of this process (KiB).
-fn peak_rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/self/status")
-}
 
 /// Upgrades a connection whose receive window is about 4 KiB, and
 /// returns it positioned after the 101.
@@ -84,12 +77,13 @@ async fn rfc6455_5_5_2_a_ping_flood_whose_pongs_are_never_read_holds_bounded_mem
     let (app, mut endings) = common::observed_mirror_app(WebSockets::default());
     let server = Server::start(app).await;
     let mut stream = small_window_upgrade(server.addr, "/mirror", "").await;
-    let before = peak_rss_kib();
+    reset_peak_rss();
+    let before = status_kib("VmHWM");
     // 64 KiB of Pings with the largest payload a control frame may have:
     // each one asks for a 127-byte Pong that the peer never reads.
     let burst = encode_frame(true, 0, PING, &[b'p'; 125], Some(MASK)).repeat(500);
     let dropped = write_until_dropped(&mut stream, &burst, WRITE_TIMEOUT + SLACK).await;
-    let grown = peak_rss_kib().saturating_sub(before);
+    let grown = status_kib("VmHWM").saturating_sub(before);
     eprintln!("memory grew by {grown} KiB; dropped after {dropped:?}");
     assert!(
         grown < 8 * 1024,
@@ -190,10 +184,11 @@ async fn rfc7692_small_compressed_messages_in_one_read_inflate_no_further_than_t
         "{MESSAGES} messages of {INFLATED} bytes fit in {} bytes on the wire",
         burst.len()
     );
-    let before = peak_rss_kib();
+    reset_peak_rss();
+    let before = status_kib("VmHWM");
     stream.write_all(&burst).await.expect("write the messages");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let grown = peak_rss_kib().saturating_sub(before);
+    let grown = status_kib("VmHWM").saturating_sub(before);
     eprintln!("memory grew by {grown} KiB");
     // The inbox bound (1 MiB) plus the message that crossed it, and
     // allocator slack; without the bound, one 64 KiB read inflates to

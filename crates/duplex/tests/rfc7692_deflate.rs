@@ -3,26 +3,9 @@
 
 mod common;
 
-use common::{RawClient, Server, upgrade_request};
+use common::{RawClient, Server, reset_peak_rss, status_kib, upgrade_request};
 use duplex::{App, Deflate, Session, WebSockets};
 use flate2::{Compress, Compression, FlushCompress};
-
-/// A field of /proc/self/status in KiB (`VmHWM`: the peak resident set since
-/// the last reset; `VmRSS`: the resident set now).
-fn status_kib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{field} in /proc/self/status"))
-}
-
-/// Resets `VmHWM` to the current resident set (proc(5), clear_refs "5"), so
-/// each sample's peak is its own.
-fn reset_peak_rss() {
-    std::fs::write("/proc/self/clear_refs", "5").expect("write 5 to /proc/self/clear_refs");
-}
 
 /// `zeros` zero bytes as one permessage-deflate payload (tail removed),
 /// compressed a chunk at a time so the test never holds the inflated size.

@@ -548,3 +548,22 @@ pub(crate) async fn ws_expect_close(ws: &mut Ws) -> (u16, String) {
 pub(crate) fn ws_text(text: &str) -> WsMessage {
     WsMessage::text(text)
 }
+
+// ---------------------------------------------------------------- memory
+
+/// A field of /proc/self/status in KiB (`VmHWM`: the peak resident set since
+/// the last [`reset_peak_rss`]; `VmRSS`: the resident set now).
+pub(crate) fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/self/status"))
+}
+
+/// Resets `VmHWM` to the current resident set (proc(5), clear_refs "5"), so
+/// that a peak read afterwards is the growth from now.
+pub(crate) fn reset_peak_rss() {
+    std::fs::write("/proc/self/clear_refs", "5").expect("write 5 to /proc/self/clear_refs");
+}
