@@ -5,7 +5,7 @@
 //! above its baseline after every one of them had ended, and `malloc_trim`
 //! brought it back to within 1 MiB. Trimming walks the allocator's free
 //! lists under its locks, so it runs only after the number of sessions has
-//! fallen, at most once per [`CHECK`].
+//! fallen, and at most once every five seconds.
 
 use std::time::Duration;
 
@@ -18,8 +18,9 @@ const CHECK: Duration = Duration::from_secs(5);
 /// (or reached zero) for another.
 const FALL: usize = 64;
 
-/// Trims whenever the sessions of `websockets` have fallen by [`FALL`] or to
-/// zero since the last look; runs until the runtime stops.
+/// Trims whenever the sessions of `websockets` have fallen by 64 or to zero
+/// since the last trim, looking every five seconds; runs until the runtime
+/// stops.
 pub async fn release_after_sessions_end(websockets: WebSockets) {
     let mut interval = tokio::time::interval(CHECK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
