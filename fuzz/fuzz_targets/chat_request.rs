@@ -10,6 +10,7 @@ use duplex_chat::protocol::{
 };
 
 const MAX_TEXT_CHARS: usize = 2000;
+const MAX_TEXT_BYTES: usize = 4096;
 
 fn check_label(label: &str) {
     let chars = label.chars().count();
@@ -34,11 +35,12 @@ fn checks(raw: &str) {
         assert_eq!(room.to_lowercase(), room);
         assert_eq!(check_room(&room).as_deref(), Ok(room.as_str()));
     }
-    match check_text(raw, MAX_TEXT_CHARS) {
+    match check_text(raw, MAX_TEXT_CHARS, MAX_TEXT_BYTES) {
         Ok(text) => {
             assert!(!text.trim().is_empty());
             assert_eq!(text.trim_end(), text);
             assert!(text.chars().count() <= MAX_TEXT_CHARS);
+            assert!(text.len() <= MAX_TEXT_BYTES);
             assert!(
                 !text
                     .chars()
@@ -46,7 +48,7 @@ fn checks(raw: &str) {
                 "{text:?}"
             );
             assert_eq!(
-                check_text(&text, MAX_TEXT_CHARS).as_deref(),
+                check_text(&text, MAX_TEXT_CHARS, MAX_TEXT_BYTES).as_deref(),
                 Ok(text.as_str())
             );
         }
