@@ -5,88 +5,16 @@
 //!
 //! Every wait is bounded by [`WAIT`]; all traffic goes to 127.0.0.1.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+mod common;
 
-use duplex::WebSockets;
+use std::time::Duration;
+
+use common::*;
 use duplex_chat::ChatOptions;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::oneshot,
-};
-use tokio_tungstenite::{WebSocketStream, tungstenite::Message};
+use tokio_tungstenite::tungstenite::Message;
 
-const WAIT: Duration = Duration::from_secs(3);
-/// How long a client must stay quiet to count as having received nothing.
-const QUIET: Duration = Duration::from_millis(300);
-
-type Ws = WebSocketStream<TcpStream>;
-
-async fn within<F: Future>(what: &str, fut: F) -> F::Output {
-    match tokio::time::timeout(WAIT, fut).await {
-        Ok(out) => out,
-        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
-    }
-}
-
-struct Server {
-    addr: SocketAddr,
-    _stop: oneshot::Sender<()>,
-}
-
-async fn start(options: ChatOptions) -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("local_addr");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let app = duplex_chat::app_with(WebSockets::default(), options)
-        .shutdown_grace(Duration::from_secs(1));
-    tokio::spawn(app.serve_with_shutdown(listener, async move {
-        let _ = stopped.await;
-    }));
-    Server { addr, _stop: stop }
-}
-
-async fn connect(server: &Server) -> Ws {
-    let tcp = within("TCP connect", TcpStream::connect(server.addr))
-        .await
-        .expect("connect");
-    let url = format!("ws://{}/chat", server.addr);
-    let (mut ws, _) = within("the handshake", tokio_tungstenite::client_async(url, tcp))
-        .await
-        .expect("handshake");
-    // Every connection is greeted with the directory.
-    let first = next_raw(&mut ws).await;
-    assert_eq!(first["type"], "directory", "{first}");
-    ws
-}
-
-/// The next JSON message, directory updates included.
-async fn next_raw(ws: &mut Ws) -> Value {
-    loop {
-        let message = within("a message from the server", ws.next())
-            .await
-            .expect("the connection ended")
-            .expect("a WebSocket error");
-        match message {
-            Message::Text(text) => return serde_json::from_str(text.as_str()).expect("JSON"),
-            Message::Ping(_) | Message::Pong(_) => {}
-            other => panic!("expected a JSON text message, got {other:?}"),
-        }
-    }
-}
-
-/// The next JSON message that is not a directory update.
-async fn next(ws: &mut Ws) -> Value {
-    loop {
-        let event = next_raw(ws).await;
-        if event["type"] != "directory" {
-            return event;
-        }
-    }
-}
-
-/// The next message of this type, skipping others.
 async fn next_of(ws: &mut Ws, kind: &str) -> Value {
     loop {
         let event = next_raw(ws).await;
@@ -96,37 +24,8 @@ async fn next_of(ws: &mut Ws, kind: &str) -> Value {
     }
 }
 
-/// Asserts that nothing but directory updates arrives for a while.
-async fn quiet(ws: &mut Ws, who: &str) {
-    let deadline = tokio::time::Instant::now() + QUIET;
-    loop {
-        match tokio::time::timeout_at(deadline, ws.next()).await {
-            Err(_) => return,
-            Ok(Some(Ok(Message::Text(text)))) => {
-                let event: Value = serde_json::from_str(text.as_str()).expect("JSON");
-                assert_eq!(event["type"], "directory", "{who} got {event}");
-            }
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
-            Ok(other) => panic!("{who}: unexpected {other:?}"),
-        }
-    }
-}
-
-async fn send(ws: &mut Ws, value: Value) {
-    within("a send", ws.send(Message::text(value.to_string())))
-        .await
-        .expect("send");
-}
-
 async fn send_raw(ws: &mut Ws, message: Message) {
     within("a send", ws.send(message)).await.expect("send");
-}
-
-async fn hello(ws: &mut Ws, name: &str) -> Value {
-    send(ws, json!({"type": "hello", "name": name})).await;
-    let welcome = next(ws).await;
-    assert_eq!(welcome["type"], "welcome", "{welcome}");
-    welcome
 }
 
 async fn join(ws: &mut Ws, room: &str) -> Value {
@@ -134,20 +33,6 @@ async fn join(ws: &mut Ws, room: &str) -> Value {
     let joined = next(ws).await;
     assert_eq!(joined["type"], "joined", "{joined}");
     joined
-}
-
-async fn expect_error(ws: &mut Ws, code: &str) -> Value {
-    let event = next(ws).await;
-    assert_eq!(event["type"], "error", "expected error {code}, got {event}");
-    assert_eq!(event["code"], code, "{event}");
-    assert!(event["message"].as_str().is_some_and(|m| !m.is_empty()));
-    event
-}
-
-/// The connection is still usable: a ping gets its pong.
-async fn still_open(ws: &mut Ws) {
-    send(ws, json!({"type": "ping", "id": 7})).await;
-    assert_eq!(next(ws).await, json!({"type": "pong", "id": 7}));
 }
 
 #[tokio::test]
