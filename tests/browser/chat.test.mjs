@@ -285,7 +285,18 @@ test('the page reconnects by itself after the server restarts, and can send agai
   }
 });
 
-test('Chromium negotiates permessage-deflate with /echo and round-trips a message', async () => {
+// Messages the server inflated ("received") or compressed ("sent"), from
+// its /metrics.
+async function encodedMessages(server) {
+  const text = await (await fetch(`${server.url}/metrics`)).text();
+  const count = (direction) => {
+    const m = text.match(new RegExp(`duplex_extension_encoded_messages_total\\{direction="${direction}"\\} (\\d+)`));
+    return m ? Number(m[1]) : 0;
+  };
+  return { received: count('received'), sent: count('sent') };
+}
+
+test('Chromium negotiates permessage-deflate (no context takeover) with /echo and /chat and exchanges compressed messages', async () => {
   const server = await startServer(await freePort(), { log: 'server-deflate' });
   const page = await newPage(browser);
   try {
@@ -306,10 +317,26 @@ test('Chromium negotiates permessage-deflate with /echo and round-trips a messag
       };
       ws.onerror = () => {};
     }), name);
-    assert.match(result.extensions, /permessage-deflate/);
+    // RFC 7692 §7.1.1: the shipped policy keeps no context either way,
+    // and Chromium accepts being asked for client_no_context_takeover.
+    assert.equal(result.extensions, 'permessage-deflate; server_no_context_takeover; client_no_context_takeover');
     assert.deepEqual(result.got, ['Please enter your name', `Hi, ${name}!`]);
     assert.equal(result.code, 1000);
     assert.equal(result.reason, 'Client said BYE');
+    const afterEcho = await encodedMessages(server);
+    // Chromium compressed the name (and "bye"); our longer greeting went out compressed.
+    assert.ok(afterEcho.received >= 2, `inflated from Chromium: ${JSON.stringify(afterEcho)}`);
+    assert.ok(afterEcho.sent >= 1, `compressed to Chromium: ${JSON.stringify(afterEcho)}`);
+
+    // The page's own /chat socket: what Chromium sends arrives compressed
+    // and is understood, and the room's messages (compressed once by the
+    // hub) are shown.
+    await signIn(page, server.url, 'Deflater');
+    const line = 'compressible '.repeat(20).trim();
+    await say(page, line);
+    await waitForMessage(page, line);
+    const afterChat = await encodedMessages(server);
+    assert.ok(afterChat.received > afterEcho.received, `inflated from the chat page: ${JSON.stringify(afterChat)}`);
     assertNoProblems(page);
   } finally {
     await page.context().close();

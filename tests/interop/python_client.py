@@ -308,6 +308,29 @@ async def mirror_round_trips_compressed_messages_in_every_configuration(base):
 
 
 @test
+async def rfc7692_7_1_1_default_policy_keeps_no_context_and_websockets_follows_it(base):
+    # Offered as Chromium does (a bare client_max_window_bits), and with
+    # websockets' own default offer: the shipped policy answers with both
+    # no-context-takeover flags, websockets accepts them, and compressed
+    # messages (several in a row, which context takeover would have
+    # referenced) round-trip on /echo and /chat.
+    expected = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+    for offers in ([ClientPerMessageDeflateFactory(client_max_window_bits=True)], None):
+        kwargs = {"extensions": offers, "compression": None} if offers else {}
+        async with websockets.connect(base + "/mirror", **kwargs) as ws:
+            answer = ws.response.headers["Sec-WebSocket-Extensions"]
+            assert answer == expected, answer
+            for i in range(5):
+                text = f"the same compressible line, again and again ({i}) " * 40
+                await ws.send(text)
+                assert await asyncio.wait_for(ws.recv(), 10) == text
+    async with websockets.connect(base + "/chat") as ws:
+        assert ws.response.headers["Sec-WebSocket-Extensions"] == expected
+        await ws.send(json.dumps({"type": "hello", "name": "Deflate Tester"}))
+        assert (await next_of_type(ws, "welcome"))["name"] == "Deflate Tester"
+
+
+@test
 async def first_acceptable_offer_wins(base):
     offers = [
         ClientPerMessageDeflateFactory(server_max_window_bits=12, client_max_window_bits=12),

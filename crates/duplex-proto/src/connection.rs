@@ -7,7 +7,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use crate::{
     close::{CloseCode, CloseReason},
     error::ProtocolError,
-    extension::{Extension, SharedEncoding},
+    extension::{EncodedMessage, Extension, Extensions, SharedEncoding},
     frame::{Frame, FrameHeader, MAX_CONTROL_PAYLOAD, OpCode, Rsv},
     mask::apply_mask,
     message::{Message, Utf8Bytes},
@@ -62,9 +62,12 @@ pub struct Config {
     pub close_timeout: Duration,
     /// Input stops being consumed while this many payload bytes of events
     /// wait in [`Connection::poll_event`]: the rest stays in the caller's
-    /// buffer. Decompressed bytes count, so one read of small compressed
-    /// messages cannot inflate past it (one message still may, up to
-    /// `max_message_size`).
+    /// buffer. Decompressed bytes count when the connection runs its
+    /// extensions itself, so one read of small compressed messages cannot
+    /// inflate past it (one message still may, up to `max_message_size`);
+    /// with [detached](Connection::detach_extensions) extensions the
+    /// messages wait compressed and are inflated one at a time as they are
+    /// taken.
     pub max_pending_bytes: usize,
     /// Input stops being consumed while this many events wait, whatever
     /// their size.
@@ -105,6 +108,11 @@ pub enum Event {
     Message(Message),
     /// A frame as it arrived ([`Mode::Frames`]).
     Frame(Frame),
+    /// A whole message that extensions transformed, still encoded: only
+    /// after [`Connection::detach_extensions`]. Decode it with
+    /// [`Extensions::decode`]; if that fails, hand the error to
+    /// [`Connection::fail_with`].
+    Encoded(EncodedMessage),
 }
 
 /// How a connection ended.
@@ -267,8 +275,14 @@ pub struct Connection {
     /// The RSV bits of the first frame of the message being received: the
     /// extensions that transformed it.
     receiving_rsv: Rsv,
-    /// Negotiated extensions, in the order they were installed.
-    extensions: Vec<Box<dyn Extension>>,
+    /// Negotiated extensions, in the order they were installed, when the
+    /// connection runs them itself.
+    extensions: Extensions,
+    /// The caller runs the extensions: marked messages are handed over
+    /// encoded.
+    extensions_detached: bool,
+    /// How outgoing data is framed, fixed when the extensions are set.
+    encoding: Encoding,
     /// Whether a fragmented message is being sent with `send_frame`.
     sending_fragmented: bool,
     events: VecDeque<Event>,
@@ -293,6 +307,11 @@ impl Connection {
         {
             timers.set(Timer::Ping, now + period);
         }
+        let encoding = if config.mask_outgoing {
+            Encoding::Unique
+        } else {
+            Encoding::Plain
+        };
         Connection {
             config,
             state: State::Open,
@@ -301,7 +320,9 @@ impl Connection {
             utf8: Utf8Validator::new(),
             receiving_text: false,
             receiving_rsv: Rsv::NONE,
-            extensions: Vec::new(),
+            extensions: Extensions::default(),
+            extensions_detached: false,
+            encoding,
             sending_fragmented: false,
             events: VecDeque::new(),
             event_bytes: 0,
@@ -317,30 +338,42 @@ impl Connection {
     /// installation order; their RSV bits become legal on data frames.
     /// Extensions apply in [`Mode::Messages`] only.
     pub fn set_extensions(&mut self, extensions: Vec<Box<dyn Extension>>) {
-        self.config.extension_rsv = extensions
-            .iter()
-            .fold(Rsv::NONE, |acc, e| acc.union(e.rsv()));
+        let extensions = Extensions::new(extensions);
+        self.config.extension_rsv = extensions.rsv();
+        self.encoding = if self.config.mask_outgoing {
+            Encoding::Unique
+        } else if extensions.is_empty() {
+            Encoding::Plain
+        } else {
+            extensions
+                .shared_encoding()
+                .map_or(Encoding::Unique, Encoding::Shared)
+        };
         self.extensions = extensions;
     }
 
-    /// The negotiated extensions.
+    /// Takes the extensions out, for the caller to run: from now on a
+    /// message they marked arrives as [`Event::Encoded`] (its bytes count
+    /// against `max_pending_bytes` as they arrived) and an encoded message
+    /// goes out with [`send_data`](Self::send_data). Their RSV bits stay
+    /// legal and [`encoding`](Self::encoding) stays as it was.
+    ///
+    /// This is for a caller that shares the connection behind a lock: the
+    /// lock need not be held while a message is compressed or inflated.
+    pub fn detach_extensions(&mut self) -> Extensions {
+        self.extensions_detached = true;
+        std::mem::take(&mut self.extensions)
+    }
+
+    /// The extensions the connection runs itself (none once detached).
     pub fn extensions(&self) -> impl Iterator<Item = &dyn Extension> {
-        self.extensions.iter().map(|e| &**e)
+        self.extensions.iter()
     }
 
     /// How this connection frames outgoing messages, so that a message sent
     /// to many connections is encoded once per distinct encoding.
     pub fn encoding(&self) -> Encoding {
-        if self.config.mask_outgoing {
-            return Encoding::Unique;
-        }
-        match self.extensions.as_slice() {
-            [] => Encoding::Plain,
-            [only] => only
-                .shared_encoding()
-                .map_or(Encoding::Unique, Encoding::Shared),
-            _ => Encoding::Unique,
-        }
+        self.encoding.clone()
     }
 
     // ---- getters ----
@@ -498,25 +531,52 @@ impl Connection {
         if self.sending_fragmented {
             return Err(SendError::InvalidFragment);
         }
-        let (opcode, mut payload) = match message {
+        let (opcode, payload) = match message {
             Message::Text(t) => (OpCode::Text, t.into_bytes()),
             Message::Binary(b) => (OpCode::Binary, b),
         };
-        let mut rsv = Rsv::NONE;
-        for extension in &mut self.extensions {
-            match extension.encode(opcode, payload) {
-                Ok((bits, encoded)) => {
-                    rsv = rsv.union(bits);
-                    payload = encoded;
-                }
-                Err(err) => {
-                    self.fail(err);
-                    return Err(SendError::Closed);
-                }
+        match self.extensions.encode(opcode, payload) {
+            Ok((rsv, payload)) => {
+                self.queue_frame(true, rsv, opcode, payload);
+                Ok(())
             }
+            Err(err) => {
+                self.fail(err);
+                Err(SendError::Closed)
+            }
+        }
+    }
+
+    /// Queues a whole data message as one frame, its payload already
+    /// transformed by the caller's [`Extensions`] (see
+    /// [`detach_extensions`](Self::detach_extensions)) with `rsv` the bits
+    /// they returned.
+    ///
+    /// # Errors
+    /// As [`send_message`](Self::send_message); [`SendError::InvalidFragment`]
+    /// for a control or continuation opcode too.
+    pub fn send_data(&mut self, opcode: OpCode, rsv: Rsv, payload: Bytes) -> Result<(), SendError> {
+        if !self.can_send() {
+            return Err(SendError::Closed);
+        }
+        if self.sending_fragmented || !matches!(opcode, OpCode::Text | OpCode::Binary) {
+            return Err(SendError::InvalidFragment);
         }
         self.queue_frame(true, rsv, opcode, payload);
         Ok(())
+    }
+
+    /// Fails the connection with `err`, found by the caller: the decoding of
+    /// an [`Event::Encoded`] failed (§7.1.7). The Close carries the error's
+    /// code; events not yet taken are dropped, since they came after the
+    /// message that broke the rules.
+    pub fn fail_with(&mut self, err: ProtocolError) {
+        self.events.clear();
+        self.event_bytes = 0;
+        self.deferred_failure = None;
+        if !self.is_closed() {
+            self.fail(err);
+        }
     }
 
     /// Queues one frame as given: a fragment, a control frame, RSV bits of a
@@ -852,41 +912,30 @@ impl Connection {
                 assembly.data.freeze()
             }
         };
-        let message_payload = if transformed {
-            let decoded = self.decode_extensions(message_payload)?;
-            if text && simdutf8::basic::from_utf8(&decoded).is_err() {
-                return Err(ProtocolError::InvalidUtf8);
+        if transformed {
+            let encoded = EncodedMessage {
+                opcode: if text { OpCode::Text } else { OpCode::Binary },
+                rsv: self.receiving_rsv,
+                payload: message_payload,
+            };
+            if self.extensions_detached {
+                self.push_event(Event::Encoded(encoded));
+            } else {
+                let max = self.config.max_message_size;
+                let message = self.extensions.decode(encoded, max)?;
+                self.push_event(Event::Message(message));
             }
-            decoded
-        } else {
-            message_payload
-        };
+            return Ok(());
+        }
         let message = if text {
-            // Either the validator accepted every byte of this payload and
-            // `finish` passed above, or the decoded text was checked whole.
+            // The validator accepted every byte of this payload and
+            // `finish` passed above.
             Message::Text(Utf8Bytes::from_validated(message_payload))
         } else {
             Message::Binary(message_payload)
         };
         self.push_event(Event::Message(message));
         Ok(())
-    }
-
-    /// Undoes the extensions that marked the message, last applied first.
-    fn decode_extensions(&mut self, mut payload: Bytes) -> Result<Bytes, ProtocolError> {
-        let rsv = self.receiving_rsv;
-        let opcode = if self.receiving_text {
-            OpCode::Text
-        } else {
-            OpCode::Binary
-        };
-        let max = self.config.max_message_size;
-        for extension in self.extensions.iter_mut().rev() {
-            if rsv.0 & extension.rsv().0 != 0 {
-                payload = extension.decode(opcode, rsv, payload, max)?;
-            }
-        }
-        Ok(payload)
     }
 
     /// Keeps the fragmentation state of a raw connection, which hands over
@@ -1000,6 +1049,7 @@ fn event_len(event: &Event) -> usize {
     match event {
         Event::Message(m) => m.len(),
         Event::Frame(f) => f.payload.len(),
+        Event::Encoded(m) => m.payload.len(),
     }
 }
 

@@ -1,7 +1,16 @@
 //! permessage-deflate (RFC 7692): negotiation of all four parameters and
 //! per-message compression with raw DEFLATE (flate2 on zlib-rs).
+//!
+//! Memory is the cost that matters: zlib's deflate state is about 300 KiB
+//! (window, chain and a fixed 128 KiB hash table) and its inflate state
+//! about 40 KiB. By default the server compresses every message alone
+//! (`server_no_context_takeover`) and asks the client to do the same
+//! (`client_no_context_takeover`), so neither state needs to outlive a
+//! message: each worker thread keeps one compressor per level and window
+//! and one decompressor, reset after every message, and a connection holds
+//! none. Context takeover is an opt-in that keeps both per connection.
 
-use std::sync::Arc;
+use std::{cell::RefCell, sync::Arc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
@@ -42,20 +51,26 @@ pub struct Deflate {
     client_no_context_takeover: bool,
     server_max_window_bits: u8,
     client_max_window_bits: u8,
+    release_compressor_after: Option<Duration>,
 }
 
 impl Default for Deflate {
-    /// Level 6 (zlib's default), compress messages over 32 bytes, keep both
-    /// contexts, windows of 15 bits.
+    /// Level 6 (zlib's default), compress messages over 32 bytes, windows
+    /// of 15 bits, and no context kept in either direction: the response
+    /// carries `server_no_context_takeover` and `client_no_context_takeover`
+    /// (RFC 7692 §7.1.1), so that a connection holds no zlib state between
+    /// messages. With context takeover turned on, an idle connection's
+    /// compressor is released after 10 s.
     fn default() -> Self {
         Deflate {
             level: 6,
             threshold: 32,
             predicate: None,
-            server_no_context_takeover: false,
-            client_no_context_takeover: false,
+            server_no_context_takeover: true,
+            client_no_context_takeover: true,
             server_max_window_bits: 15,
             client_max_window_bits: 15,
+            release_compressor_after: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -76,6 +91,7 @@ impl std::fmt::Debug for Deflate {
             )
             .field("server_max_window_bits", &self.server_max_window_bits)
             .field("client_max_window_bits", &self.client_max_window_bits)
+            .field("release_compressor_after", &self.release_compressor_after)
             .finish()
     }
 }
@@ -107,20 +123,41 @@ impl Deflate {
         self
     }
 
-    /// Resets the server's compressor after every message, even when the
-    /// client did not ask: less memory between messages, worse ratio, and
-    /// messages can be compressed once for many connections. Default false.
+    /// Compresses every message alone, even when the client did not ask,
+    /// and says so in the response. Default **true**: the connection keeps
+    /// no compressor between messages (a worker thread's is used and reset),
+    /// and a message broadcast to many connections is compressed once for
+    /// all. `false` keeps a compressor per connection while it sends
+    /// (about 300 KiB with a 15-bit window, zlib's fixed hash table being
+    /// 128 KiB of it), for a better ratio on streams of similar messages;
+    /// see [`release_compressor_after`](Self::release_compressor_after).
+    /// A client's `server_no_context_takeover` is always honoured.
     #[must_use]
     pub fn server_no_context_takeover(mut self, on: bool) -> Self {
         self.server_no_context_takeover = on;
         self
     }
 
-    /// Asks the client to reset its compressor after every message, so the
-    /// server need not keep an inflate window between messages. Default false.
+    /// Asks the client to compress every message alone
+    /// (`client_no_context_takeover` in the response, which §7.1.1.2 lets a
+    /// server add), so that no inflate window is kept between messages.
+    /// Default **true**. `false` lets a client that does not offer it keep
+    /// its context, and the server then holds an inflate state per
+    /// connection (about 40 KiB) for the connection's life.
     #[must_use]
     pub fn client_no_context_takeover(mut self, on: bool) -> Self {
         self.client_no_context_takeover = on;
+        self
+    }
+
+    /// With server context takeover, releases a connection's compressor once
+    /// it has sent nothing for `after` (its next message starts from an
+    /// empty window, which is always allowed); `None` keeps it for the
+    /// connection's life. Default 10 s. Without context takeover there is
+    /// nothing to release.
+    #[must_use]
+    pub fn release_compressor_after(mut self, after: Option<Duration>) -> Self {
+        self.release_compressor_after = after;
         self
     }
 
@@ -253,9 +290,12 @@ impl ExtensionFactory for Deflate {
 pub struct DeflateExtension {
     config: Deflate,
     params: DeflateParams,
-    /// Created on the first compressed message: zlib's deflate state is
-    /// about 256 KiB, too much to hold for connections that never need it.
+    /// With server context takeover only, created on the first compressed
+    /// message (zlib's deflate state is about 300 KiB, too much to hold for
+    /// connections that never need it) and dropped when idle. Without, the
+    /// worker thread's compressor is used.
     compressor: Option<Compress>,
+    /// With client context takeover only; otherwise the thread's.
     decompressor: Option<Decompress>,
 }
 
@@ -333,16 +373,13 @@ impl Extension for DeflateExtension {
         }
         let level = self.config.level;
         let bits = self.params.server_max_window_bits;
+        if self.params.server_no_context_takeover {
+            return Ok((Rsv::RSV1, compress_standalone(level, bits, &payload)?));
+        }
         let compressor = self.compressor.get_or_insert_with(|| {
             Compress::new_with_window_bits(Compression::new(level), false, bits)
         });
-        let compressed = compress_message(compressor, &payload)?;
-        if self.params.server_no_context_takeover {
-            // Drop the state: it is rebuilt for the next message anyway, and
-            // holding it would cost its whole window between messages.
-            self.compressor = None;
-        }
-        Ok((Rsv::RSV1, compressed))
+        Ok((Rsv::RSV1, compress_message(compressor, &payload)?))
     }
 
     fn decode(
@@ -355,17 +392,73 @@ impl Extension for DeflateExtension {
         if !rsv.contains(Rsv::RSV1) {
             return Ok(payload);
         }
+        if self.params.client_no_context_takeover {
+            return with_thread_decompressor(|d| inflate_message(d, &payload, max_size));
+        }
         // A 15-bit window inflates anything a smaller one produced, and 8
         // (which zlib cannot inflate raw) never reaches it.
         let decompressor = self
             .decompressor
             .get_or_insert_with(|| Decompress::new_with_window_bits(false, 15));
-        let out = inflate_message(decompressor, &payload, max_size)?;
-        if self.params.client_no_context_takeover {
-            self.decompressor = None;
-        }
-        Ok(out)
+        inflate_message(decompressor, &payload, max_size)
     }
+
+    fn idle_timeout(&self) -> Option<Duration> {
+        if self.params.server_no_context_takeover {
+            return None;
+        }
+        self.config.release_compressor_after
+    }
+
+    fn release_idle(&mut self) {
+        self.compressor = None;
+    }
+}
+
+thread_local! {
+    /// The thread's compressors for messages compressed alone, one per
+    /// level and window (few: one configuration rarely yields more than
+    /// two), each reset after use.
+    static COMPRESSORS: RefCell<Vec<(u32, u8, Compress)>> = const { RefCell::new(Vec::new()) };
+    /// The thread's decompressor for messages compressed alone; a 15-bit
+    /// window inflates what any smaller one produced.
+    static DECOMPRESSOR: RefCell<Option<Decompress>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with the thread's compressor for `level` and `window_bits`,
+/// then resets it so that the next message starts from an empty window.
+fn with_thread_compressor<R>(level: u32, window_bits: u8, f: impl FnOnce(&mut Compress) -> R) -> R {
+    COMPRESSORS.with(|cell| {
+        // `f` compresses and never comes back here, so the borrow is free.
+        let mut compressors = cell.borrow_mut();
+        let index = match compressors
+            .iter()
+            .position(|(l, b, _)| *l == level && *b == window_bits)
+        {
+            Some(index) => index,
+            None => {
+                let compressor =
+                    Compress::new_with_window_bits(Compression::new(level), false, window_bits);
+                compressors.push((level, window_bits, compressor));
+                compressors.len() - 1
+            }
+        };
+        let compressor = &mut compressors[index].2;
+        let result = f(compressor);
+        compressor.reset();
+        result
+    })
+}
+
+/// Runs `f` with the thread's decompressor, then resets it.
+fn with_thread_decompressor<R>(f: impl FnOnce(&mut Decompress) -> R) -> R {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let decompressor = slot.get_or_insert_with(|| Decompress::new_with_window_bits(false, 15));
+        let result = f(decompressor);
+        decompressor.reset(false);
+        result
+    })
 }
 
 /// Compresses a whole message with a sync flush and removes the trailing
@@ -404,17 +497,17 @@ pub(crate) fn compress_message(
 /// Compresses `payload` as a standalone message (no context before or
 /// after), for sending the same bytes to many connections whose server
 /// context is not kept.
+///
+/// It uses the calling thread's compressor for that level and window, so
+/// nothing is allocated after the first call.
 pub fn compress_standalone(
     level: u32,
     window_bits: u8,
     payload: &[u8],
 ) -> Result<Bytes, ProtocolError> {
-    let mut compressor = Compress::new_with_window_bits(
-        Compression::new(level.min(9)),
-        false,
-        window_bits.clamp(9, 15),
-    );
-    compress_message(&mut compressor, payload)
+    with_thread_compressor(level.min(9), window_bits.clamp(9, 15), |c| {
+        compress_message(c, payload)
+    })
 }
 
 /// Inflates a whole message (its tail put back, §7.2.2), failing with 1009
@@ -506,10 +599,38 @@ mod rfc7692 {
     mod section_7_1_negotiation {
         use super::*;
 
+        /// Context takeover allowed both ways: the response then echoes
+        /// only what the client offered.
+        fn keep() -> Deflate {
+            Deflate::default()
+                .server_no_context_takeover(false)
+                .client_no_context_takeover(false)
+        }
+
+        /// §7.1.1.1 and §7.1.1.2: by default the server compresses every
+        /// message alone and asks the client to, whatever it offered
+        /// (Chromium offers a bare `client_max_window_bits`).
+        #[test]
+        fn default_response_turns_off_context_takeover_both_ways() {
+            for offer in [
+                "permessage-deflate",
+                "permessage-deflate; client_max_window_bits",
+                "permessage-deflate; server_no_context_takeover",
+            ] {
+                assert_eq!(
+                    negotiate(&Deflate::default(), offer).as_deref(),
+                    Some(
+                        "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+                    ),
+                    "{offer}"
+                );
+            }
+        }
+
         #[test]
         fn no_parameters() {
             assert_eq!(
-                negotiate(&Deflate::default(), "permessage-deflate").as_deref(),
+                negotiate(&keep(), "permessage-deflate").as_deref(),
                 Some("permessage-deflate")
             );
         }
@@ -518,7 +639,7 @@ mod rfc7692 {
         fn both_no_context_takeover_flags_are_echoed() {
             assert_eq!(
                 negotiate(
-                    &Deflate::default(),
+                    &keep(),
                     "permessage-deflate; client_no_context_takeover; server_no_context_takeover"
                 )
                 .as_deref(),
@@ -528,7 +649,7 @@ mod rfc7692 {
 
         #[test]
         fn server_may_add_no_context_takeover_on_its_own() {
-            let config = Deflate::default()
+            let config = keep()
                 .server_no_context_takeover(true)
                 .client_no_context_takeover(true);
             assert_eq!(
@@ -541,7 +662,7 @@ mod rfc7692 {
         fn server_max_window_bits_each_value() {
             for bits in 8..=15 {
                 let response = negotiate(
-                    &Deflate::default(),
+                    &keep(),
                     &format!("permessage-deflate; server_max_window_bits={bits}"),
                 );
                 assert_eq!(
@@ -553,7 +674,7 @@ mod rfc7692 {
 
         #[test]
         fn server_announces_a_smaller_window_of_its_own() {
-            let config = Deflate::default().server_max_window_bits(10);
+            let config = keep().server_max_window_bits(10);
             assert_eq!(
                 negotiate(&config, "permessage-deflate; server_max_window_bits=12").as_deref(),
                 Some("permessage-deflate; server_max_window_bits=10")
@@ -566,7 +687,7 @@ mod rfc7692 {
 
         #[test]
         fn client_max_window_bits_with_and_without_value() {
-            let config = Deflate::default();
+            let config = keep();
             // Bare: the client accepts a limit; we set none at 15.
             assert_eq!(
                 negotiate(&config, "permessage-deflate; client_max_window_bits").as_deref(),
@@ -581,7 +702,7 @@ mod rfc7692 {
                     Some(format!("permessage-deflate; client_max_window_bits={bits}"))
                 );
             }
-            let limited = Deflate::default().client_max_window_bits(10);
+            let limited = keep().client_max_window_bits(10);
             assert_eq!(
                 negotiate(&limited, "permessage-deflate; client_max_window_bits").as_deref(),
                 Some("permessage-deflate; client_max_window_bits=10")
@@ -594,7 +715,7 @@ mod rfc7692 {
 
         #[test]
         fn client_window_is_never_limited_unless_offered() {
-            let limited = Deflate::default().client_max_window_bits(10);
+            let limited = keep().client_max_window_bits(10);
             assert_eq!(
                 negotiate(&limited, "permessage-deflate").as_deref(),
                 Some("permessage-deflate")
@@ -613,7 +734,7 @@ mod rfc7692 {
                 "permessage-deflate; client_no_context_takeover; client_no_context_takeover",
                 "permessage-deflate; unknown_param",
             ] {
-                assert_eq!(negotiate(&Deflate::default(), bad), None, "{bad}");
+                assert_eq!(negotiate(&keep(), bad), None, "{bad}");
             }
         }
 
@@ -647,7 +768,7 @@ mod rfc7692 {
                                 }
                                 None => {}
                             }
-                            let response = negotiate(&Deflate::default(), &offer)
+                            let response = negotiate(&keep(), &offer)
                                 .unwrap_or_else(|| panic!("declined {offer}"));
                             let answer = parse_extensions(&response).unwrap().remove(0);
                             let get = |name: &str| {
@@ -688,7 +809,7 @@ mod rfc7692 {
                                 ),
                             }
                             // And the answer is itself a valid offer we would accept.
-                            assert!(Deflate::default().accept(&answer).is_some(), "{response}");
+                            assert!(keep().accept(&answer).is_some(), "{response}");
                         }
                     }
                 }
@@ -699,7 +820,7 @@ mod rfc7692 {
         fn first_acceptable_offer_wins() {
             assert_eq!(
                 negotiate(
-                    &Deflate::default(),
+                    &keep(),
                     "permessage-deflate; server_max_window_bits=20, permessage-deflate; client_no_context_takeover, permessage-deflate"
                 )
                 .as_deref(),

@@ -8,13 +8,14 @@
 //! were installed, incoming ones in the reverse order, so that each undoes
 //! what its peer did last.
 
-use std::{fmt, sync::Arc};
+use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 
 use crate::{
     error::ProtocolError,
     frame::{OpCode, Rsv},
+    message::{Message, Utf8Bytes},
 };
 
 /// One `name; param; param=value` item of a `Sec-WebSocket-Extensions`
@@ -227,6 +228,146 @@ pub trait Extension: Send + fmt::Debug {
     /// each connection must encode for itself.
     fn shared_encoding(&self) -> Option<SharedEncoding> {
         None
+    }
+
+    /// How long after the connection's last outgoing message the extension
+    /// wants [`release_idle`](Self::release_idle) called: `None` (the
+    /// default) when it keeps nothing worth releasing between messages.
+    fn idle_timeout(&self) -> Option<Duration> {
+        None
+    }
+
+    /// The connection has sent nothing for [`idle_timeout`](Self::idle_timeout):
+    /// drop state that the next message can rebuild (a compressor may always
+    /// start again from an empty window; an inflate window the peer relies
+    /// on may not be dropped).
+    fn release_idle(&mut self) {}
+}
+
+/// A whole incoming message that extensions transformed and that is still
+/// in its wire form: what a [`Connection`](crate::Connection) whose
+/// extensions were taken out with
+/// [`detach_extensions`](crate::Connection::detach_extensions) hands over as
+/// [`Event::Encoded`](crate::Event::Encoded), for
+/// [`Extensions::decode`] to undo outside whatever lock guards the
+/// connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedMessage {
+    /// Text or binary.
+    pub opcode: OpCode,
+    /// The RSV bits of its first frame: the extensions that transformed it.
+    pub rsv: Rsv,
+    /// The payload as it arrived, fragments joined and unmasked.
+    pub payload: Bytes,
+}
+
+/// The extensions negotiated for one connection, in installation order: the
+/// per-message work of RFC 6455 §9 (compression, for permessage-deflate).
+///
+/// A [`Connection`](crate::Connection) runs them itself when given them with
+/// [`set_extensions`](crate::Connection::set_extensions). A caller that
+/// shares the connection between tasks behind a lock takes them out with
+/// [`detach_extensions`](crate::Connection::detach_extensions) and runs
+/// [`encode`](Self::encode) and [`decode`](Self::decode) itself, so that
+/// the lock is not held while a message is compressed or inflated.
+#[derive(Debug, Default)]
+pub struct Extensions {
+    list: Vec<Box<dyn Extension>>,
+}
+
+impl Extensions {
+    /// The extensions of one connection, in installation order.
+    pub fn new(list: Vec<Box<dyn Extension>>) -> Self {
+        Extensions { list }
+    }
+
+    /// Whether none was negotiated.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The RSV bits they claim together.
+    pub fn rsv(&self) -> Rsv {
+        self.list
+            .iter()
+            .fold(Rsv::NONE, |acc, e| acc.union(e.rsv()))
+    }
+
+    /// The extensions.
+    pub fn iter(&self) -> impl Iterator<Item = &dyn Extension> {
+        self.list.iter().map(|e| &**e)
+    }
+
+    /// The shared encoding of a connection whose only extension has one.
+    pub fn shared_encoding(&self) -> Option<SharedEncoding> {
+        match self.list.as_slice() {
+            [only] => only.shared_encoding(),
+            _ => None,
+        }
+    }
+
+    /// The shortest [`Extension::idle_timeout`] among them.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.list.iter().filter_map(|e| e.idle_timeout()).min()
+    }
+
+    /// Calls [`Extension::release_idle`] on each.
+    pub fn release_idle(&mut self) {
+        for extension in &mut self.list {
+            extension.release_idle();
+        }
+    }
+
+    /// Transforms an outgoing message through each extension, in
+    /// installation order: the RSV bits for its first frame and the payload.
+    ///
+    /// # Errors
+    /// The first extension's error; it fails the connection.
+    pub fn encode(
+        &mut self,
+        opcode: OpCode,
+        mut payload: Bytes,
+    ) -> Result<(Rsv, Bytes), ProtocolError> {
+        let mut rsv = Rsv::NONE;
+        for extension in &mut self.list {
+            let (bits, encoded) = extension.encode(opcode, payload)?;
+            rsv = rsv.union(bits);
+            payload = encoded;
+        }
+        Ok((rsv, payload))
+    }
+
+    /// Undoes the extensions that marked `message`, last installed first,
+    /// with `max_size` as the limit of every result, then checks text as
+    /// UTF-8.
+    ///
+    /// # Errors
+    /// The extension's error ([`ProtocolError::MessageTooBig`] past
+    /// `max_size`), or [`ProtocolError::InvalidUtf8`]; either fails the
+    /// connection.
+    pub fn decode(
+        &mut self,
+        message: EncodedMessage,
+        max_size: u64,
+    ) -> Result<Message, ProtocolError> {
+        let EncodedMessage {
+            opcode,
+            rsv,
+            mut payload,
+        } = message;
+        for extension in self.list.iter_mut().rev() {
+            if rsv.0 & extension.rsv().0 != 0 {
+                payload = extension.decode(opcode, rsv, payload, max_size)?;
+            }
+        }
+        if opcode == OpCode::Text {
+            if simdutf8::basic::from_utf8(&payload).is_err() {
+                return Err(ProtocolError::InvalidUtf8);
+            }
+            Ok(Message::Text(Utf8Bytes::from_validated(payload)))
+        } else {
+            Ok(Message::Binary(payload))
+        }
     }
 }
 

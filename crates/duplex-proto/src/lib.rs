@@ -44,8 +44,8 @@ pub use deflate::{
 };
 pub use error::ProtocolError;
 pub use extension::{
-    Extension, ExtensionFactory, ExtensionOffer, ExtensionSyntaxError, Negotiated, SharedEncoding,
-    negotiate, parse_extensions,
+    EncodedMessage, Extension, ExtensionFactory, ExtensionOffer, ExtensionSyntaxError, Extensions,
+    Negotiated, SharedEncoding, negotiate, parse_extensions,
 };
 pub use frame::{Frame, FrameHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Rsv};
 pub use handshake::{accept_key, generate_key, header_has_token, header_tokens, is_valid_key};

@@ -99,7 +99,7 @@ impl Harness {
             .into_iter()
             .map(|e| match e {
                 Event::Message(m) => m,
-                Event::Frame(f) => panic!("frame event {f:?} in message mode"),
+                other => panic!("{other:?} in message mode, extensions inline"),
             })
             .collect()
     }
@@ -774,6 +774,81 @@ mod rfc7692_6_permessage_deflate_framing {
         h.feed(&client_frame(false, 0b100, 0x2, &wire[..5]));
         h.feed(&client_frame(true, 0b100, 0x0, &wire[5..]));
         h.assert_failing(CloseCode::PROTOCOL_ERROR);
+    }
+
+    /// With the extensions detached (a caller that runs them outside its
+    /// lock), a compressed message is handed over as it arrived, counted
+    /// at its wire size, and decodes with the detached extensions; an
+    /// uncompressed one is a plain message as before.
+    #[test]
+    fn detached_extensions_hand_over_encoded_messages_for_the_caller_to_inflate() {
+        let mut h = deflate_server();
+        let mut extensions = h.conn.detach_extensions();
+        assert_eq!(h.conn.extensions().count(), 0);
+        let wire = compressed("héllo".repeat(200).as_bytes());
+        h.feed(&client_frame(true, 0b100, 0x1, &wire));
+        h.feed(&text("plain"));
+        assert_eq!(h.conn.pending_events(), (2, wire.len() + 5));
+        let Some(Event::Encoded(encoded)) = h.conn.poll_event() else {
+            panic!("the compressed message is handed over encoded");
+        };
+        assert_eq!((encoded.opcode, encoded.rsv), (OpCode::Text, Rsv::RSV1));
+        let message = extensions.decode(encoded, 1 << 20).unwrap();
+        assert_eq!(message, Message::text("héllo".repeat(200)));
+        assert_eq!(
+            h.conn.poll_event(),
+            Some(Event::Message(Message::text("plain")))
+        );
+        // Sending: the caller encodes, the connection frames with its bits.
+        let (rsv, payload) = extensions
+            .encode(OpCode::Text, Bytes::from("x".repeat(500)))
+            .unwrap();
+        assert_eq!(rsv, Rsv::RSV1);
+        h.conn.send_data(OpCode::Text, rsv, payload).unwrap();
+        let sent = h.sent();
+        assert_eq!((sent[0].rsv, sent[0].opcode), (Rsv::RSV1, OpCode::Text));
+    }
+
+    /// §8.1 via RFC 7692 §6: compressed text that inflates to invalid
+    /// UTF-8 fails with 1007 when the caller decodes it, and what came
+    /// after it is dropped.
+    #[test]
+    fn detached_decode_failure_fails_the_connection_with_its_code() {
+        let mut h = deflate_server();
+        let mut extensions = h.conn.detach_extensions();
+        h.feed(&client_frame(
+            true,
+            0b100,
+            0x1,
+            &compressed(&[0xff, 0xfe, 0xfd]),
+        ));
+        h.feed(&text("after"));
+        let Some(Event::Encoded(encoded)) = h.conn.poll_event() else {
+            panic!("encoded");
+        };
+        let err = extensions.decode(encoded, 1 << 20).unwrap_err();
+        h.conn.fail_with(err);
+        h.assert_failing(CloseCode::INVALID_PAYLOAD);
+        assert_eq!(h.conn.poll_event(), None);
+    }
+
+    /// Messages compressed alone by the thread's compressor inflate alone
+    /// (a fresh window each), one after another: nothing of the previous
+    /// message is referenced (§7.1.1.1 as the server promises it).
+    #[test]
+    fn standalone_messages_inflate_with_a_fresh_window_each() {
+        let line = b"the same line, the same line, the same line";
+        for _ in 0..3 {
+            let wire = compressed(line);
+            let mut inflater = flate2::Decompress::new(false);
+            let mut input = wire.clone();
+            input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+            let mut out = Vec::with_capacity(256);
+            inflater
+                .decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+                .unwrap();
+            assert_eq!(out, line);
+        }
     }
 
     #[test]

@@ -132,6 +132,9 @@ struct Task {
     /// with bytes still queued, so that a peer that stopped reading cannot
     /// hold the connection open.
     drain_deadline: Option<Instant>,
+    /// When the extensions' idle state (a compressor kept for context
+    /// takeover) is released if nothing is sent before.
+    codec_deadline: Option<Instant>,
     /// For log lines.
     peer: Peer,
 }
@@ -161,6 +164,7 @@ impl Driver {
             sleep_deadline: None,
             end_announced: false,
             drain_deadline: None,
+            codec_deadline: None,
             peer,
         };
         Driver { shared, task }
@@ -502,6 +506,24 @@ impl Task {
         }
     }
 
+    /// Releases the extensions' idle state once nothing was encoded for
+    /// their idle timeout, and sets the deadline at which to look again.
+    /// The codec lock is only tried: a send holding it is not idle.
+    fn watch_codec(&mut self, shared: &Shared, idle: Duration, now: Instant) {
+        let Ok(mut codec) = shared.try_lock_codec() else {
+            return;
+        };
+        self.codec_deadline = match codec.last_encode {
+            Some(at) if now >= at + idle => {
+                codec.extensions.release_idle();
+                codec.last_encode = None;
+                None
+            }
+            Some(at) => Some(at + idle),
+            None => None,
+        };
+    }
+
     /// Points the one timer at the earliest deadline; true if it has passed.
     fn arm_timer(&mut self, inner: &Inner, cx: &mut Context<'_>, now: Instant) -> bool {
         let linger = match &self.transport {
@@ -514,6 +536,7 @@ impl Task {
             linger,
             self.write_deadline,
             self.shutdown_deadline,
+            self.codec_deadline,
         ]
         .into_iter()
         .flatten()
@@ -582,6 +605,9 @@ impl Future for Driver {
             }
             if std::mem::take(&mut handler_due) {
                 again |= this.poll_handler(shared, cx);
+            }
+            if let Some(idle) = shared.codec_idle_timeout {
+                this.watch_codec(shared, idle, now);
             }
             if transport_live {
                 let mut inner = shared.lock();

@@ -458,7 +458,7 @@ mod rfc6455_4_2_1_server_requirements {
         let response = accepted.response();
         assert_eq!(
             response.headers()[header::SEC_WEBSOCKET_EXTENSIONS],
-            "permessage-deflate"
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
         );
     }
 

@@ -11,7 +11,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use duplex_proto::{CloseReason, Event, ExtensionOffer, Frame, Message, SendError, Termination};
+use duplex_proto::{
+    CloseReason, EncodedMessage, Event, ExtensionOffer, Frame, Message, OpCode, SendError,
+    Termination,
+};
 use futures_core::Stream;
 
 use crate::{
@@ -100,11 +103,55 @@ impl Sender {
             let Some(message) = message.take() else {
                 return Poll::Ready(Ok(()));
             };
-            let result = inner.conn.send_message(message).map_err(Error::from);
-            inner.wake_driver(Some(cx));
-            Poll::Ready(result)
+            if !self.shared.has_codec() {
+                let result = inner.conn.send_message(message).map_err(Error::from);
+                inner.wake_driver(Some(cx));
+                return Poll::Ready(result);
+            }
+            drop(inner);
+            let result = self.send_through_codec(message, Some(cx));
+            Poll::Ready(result.map_err(Error::from))
         })
         .await
+    }
+
+    /// Encodes `message` with the connection's extensions under the codec's
+    /// lock, then queues it under the state's: the compression does not
+    /// hold the state lock, and the codec lock, held until the frame is
+    /// queued, keeps messages in the order of their encoding (which a
+    /// compressor with context depends on).
+    fn send_through_codec(
+        &self,
+        message: Message,
+        cx: Option<&Context<'_>>,
+    ) -> Result<(), SendError> {
+        let (opcode, payload) = match message {
+            Message::Text(t) => (OpCode::Text, t.into_bytes()),
+            Message::Binary(b) => (OpCode::Binary, b),
+        };
+        let Some(mut codec) = self.shared.lock_codec() else {
+            return Err(SendError::Closed);
+        };
+        let encoded = codec.extensions.encode(opcode, payload);
+        if self.shared.codec_idle_timeout.is_some() {
+            codec.last_encode = Some(Inner::now());
+        }
+        let mut inner = self.shared.lock();
+        let result = match encoded {
+            Ok((rsv, payload)) => {
+                if !rsv.is_empty() {
+                    metrics::counter!("duplex_extension_encoded_messages_total", "direction" => "sent")
+                        .increment(1);
+                }
+                inner.conn.send_data(opcode, rsv, payload)
+            }
+            Err(err) => {
+                inner.conn.fail_with(err);
+                Err(SendError::Closed)
+            }
+        };
+        inner.wake_driver(cx);
+        result
     }
 
     /// Queues a text message.
@@ -131,7 +178,20 @@ impl Sender {
     /// [`TrySendError::Closed`] once the session is closing.
     pub fn try_send(&self, message: impl Into<Message>) -> Result<(), TrySendError> {
         let message = message.into();
-        self.try_queue(|conn| conn.send_message(message))
+        if !self.shared.has_codec() {
+            return self.try_queue(|conn| conn.send_message(message));
+        }
+        {
+            let inner = self.shared.lock();
+            if !inner.conn.can_send() {
+                return Err(TrySendError::Closed);
+            }
+            if !inner.has_room() {
+                return Err(TrySendError::Full);
+            }
+        }
+        self.send_through_codec(message, None)
+            .map_err(TrySendError::from)
     }
 
     /// Queues a frame already in wire form (encoded once for many
@@ -427,6 +487,15 @@ impl Session {
         let mut inner = self.sender.shared.lock();
         match poll_event(&mut inner, cx) {
             Poll::Ready(Ok(Some(Event::Message(m)))) => Poll::Ready(Ok(Some(m))),
+            Poll::Ready(Ok(Some(Event::Encoded(encoded)))) => {
+                let max = inner.conn.config().max_message_size;
+                drop(inner);
+                let decoded = self.decode(encoded, max);
+                if decoded.is_err() {
+                    self.ended = true;
+                }
+                Poll::Ready(decoded.map(Some))
+            }
             // A default session's connection hands over messages only.
             Poll::Ready(Ok(Some(Event::Frame(_)))) => Poll::Ready(Err(Error::Closed)),
             Poll::Ready(Ok(None)) => {
@@ -439,6 +508,28 @@ impl Session {
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+
+    /// Inflates (runs the extensions on) a message taken from the queue,
+    /// under the codec's lock only. A message that does not decode fails
+    /// the connection with the error's close code (1007 for bad UTF-8, 1009
+    /// past `max_message_size`).
+    fn decode(&self, encoded: EncodedMessage, max: u64) -> Result<Message, Error> {
+        let shared = &self.sender.shared;
+        let decoded = match shared.lock_codec() {
+            Some(mut codec) => codec.extensions.decode(encoded, max),
+            None => Err(duplex_proto::ProtocolError::ReservedBits),
+        };
+        if decoded.is_ok() {
+            metrics::counter!("duplex_extension_encoded_messages_total", "direction" => "received")
+                .increment(1);
+        }
+        decoded.map_err(|err| {
+            let mut inner = shared.lock();
+            inner.conn.fail_with(err.clone());
+            inner.wake_driver(None);
+            Error::Protocol(err)
+        })
     }
 
     /// The messages as a `Stream`, ending after the closing handshake or
@@ -537,6 +628,14 @@ impl RawSession {
                     Event::Message(Message::Binary(b)) => {
                         Frame::new(duplex_proto::OpCode::Binary, b)
                     }
+                    // Extensions run in message mode only: a raw session
+                    // sees their frames as they arrived.
+                    Event::Encoded(m) => Frame {
+                        fin: true,
+                        rsv: m.rsv,
+                        opcode: m.opcode,
+                        payload: m.payload,
+                    },
                 })
             })
         })

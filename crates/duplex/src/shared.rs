@@ -3,25 +3,41 @@
 //! The protocol state machine itself lives here, behind one mutex: a send
 //! from any task encodes straight into the connection's write queue, and a
 //! receive takes straight from its event queue, with no channel between.
-//! The lock is never held across an await. It is held for the encoding of
+//! The lock is never held across an await. It is held for the framing of
 //! a message (a header and a copy of a small payload: well under a
 //! microsecond), for a pop, and by the connection task while it reads and
-//! feeds the protocol. With permessage-deflate, compressing a message (in
-//! `send`) and inflating one (while reading, bounded by `max_message_size`
-//! per message and by the inbox bound per read) also happen under it, so a
-//! hub delivery to that session can wait for them.
+//! feeds the protocol.
+//!
+//! Extension work (permessage-deflate's compression and inflation) runs
+//! under a second lock, the codec's, never under this one: a send encodes
+//! first and takes the state lock only to queue the frame; the connection
+//! hands over compressed messages as they arrived and a receive inflates
+//! one after popping it. A hub delivery or the connection task never waits
+//! for a compression. Lock order: codec, then state; never the reverse.
 
 use std::{
     sync::{Mutex, MutexGuard, PoisonError},
     task::{Context, Waker},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
-use duplex_proto::{Connection, Event, Termination};
+use duplex_proto::{Connection, Event, Extensions, Termination};
 
 /// The shared half of a connection.
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
+    /// The negotiated extensions, when there are any.
+    codec: Option<Mutex<Codec>>,
+    /// When the codec wants its idle state released (see
+    /// [`Extensions::idle_timeout`]).
+    pub(crate) codec_idle_timeout: Option<Duration>,
+}
+
+/// The extensions of a connection, run outside the state lock.
+pub(crate) struct Codec {
+    pub(crate) extensions: Extensions,
+    /// The last encode, while state may be held since.
+    pub(crate) last_encode: Option<Instant>,
 }
 
 pub(crate) struct Inner {
@@ -52,8 +68,21 @@ pub(crate) struct Inner {
 impl Shared {
     /// The limits are the connection's own: `max_pending_bytes` and
     /// `max_pending_events` bound the inbox, `max_queued_output` the outbox.
-    pub(crate) fn new(conn: Connection) -> Self {
+    ///
+    /// The connection's extensions are taken out of it, to run under the
+    /// codec's lock.
+    pub(crate) fn new(mut conn: Connection) -> Self {
+        let extensions = conn.detach_extensions();
+        let codec_idle_timeout = extensions.idle_timeout();
+        let codec = (!extensions.is_empty()).then(|| {
+            Mutex::new(Codec {
+                extensions,
+                last_encode: None,
+            })
+        });
         Shared {
+            codec,
+            codec_idle_timeout,
             inner: Mutex::new(Inner {
                 conn,
                 driver_waker: None,
@@ -75,6 +104,28 @@ impl Shared {
     /// enough to close the connection, so poisoning is ignored.
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Locks the codec unless it is busy; `Err` when busy or absent.
+    pub(crate) fn try_lock_codec(&self) -> Result<MutexGuard<'_, Codec>, ()> {
+        match self.codec.as_ref().map(Mutex::try_lock) {
+            Some(Ok(guard)) => Ok(guard),
+            Some(Err(std::sync::TryLockError::Poisoned(p))) => Ok(p.into_inner()),
+            _ => Err(()),
+        }
+    }
+
+    /// Whether the connection has extensions to run.
+    pub(crate) fn has_codec(&self) -> bool {
+        self.codec.is_some()
+    }
+
+    /// Locks the codec, if the connection has extensions. An extension that
+    /// panics fails its own connection only; its state is dropped with it.
+    pub(crate) fn lock_codec(&self) -> Option<MutexGuard<'_, Codec>> {
+        self.codec
+            .as_ref()
+            .map(|c| c.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
 

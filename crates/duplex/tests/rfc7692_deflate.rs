@@ -66,7 +66,7 @@ async fn rfc7692_decompression_bomb_is_refused_with_1009_and_memory_stays_bounde
         assert_eq!(response.status, 101);
         assert_eq!(
             response.header("Sec-WebSocket-Extensions"),
-            Some("permessage-deflate")
+            Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
         );
         client
     };
