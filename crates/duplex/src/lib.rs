@@ -118,7 +118,10 @@ pub use duplex_proto::{
     CloseCode, CloseReason, Deflate, Extension, ExtensionFactory, ExtensionOffer, Frame, Message,
     OpCode, Rsv, Utf8Bytes,
 };
-pub use endpoint::{web_socket, web_socket_raw, web_socket_with_protocols};
+pub use endpoint::{
+    web_socket, web_socket_or, web_socket_raw, web_socket_raw_or, web_socket_with_protocols,
+    web_socket_with_protocols_or,
+};
 pub use error::{BoxError, Error};
 pub use handler::{Handler, IntoOutcome};
 pub use handshake::Rejection;
