@@ -122,6 +122,8 @@ pub use endpoint::{
     web_socket, web_socket_or, web_socket_raw, web_socket_raw_or, web_socket_with_protocols,
     web_socket_with_protocols_or,
 };
+/// The crate of [`ContentConverter`]'s signatures, for implementing one.
+pub use erased_serde;
 pub use error::{BoxError, Error};
 pub use handler::{Handler, IntoOutcome};
 pub use handshake::Rejection;
