@@ -102,6 +102,7 @@ mod handler;
 mod handshake;
 mod hub;
 mod lifecycle;
+pub mod metrics;
 mod request;
 mod session;
 mod shared;
