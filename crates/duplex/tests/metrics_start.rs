@@ -15,10 +15,13 @@ use std::{
 use duplex::metrics::{Kind, METRICS, Metric};
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 
+/// A description as the recorder got it: kind, unit, help.
+type Description = (Kind, Option<Unit>, String);
+
 /// Records descriptions and keeps one atomic per registered series.
 #[derive(Default)]
 struct Recording {
-    described: Mutex<BTreeMap<String, (Kind, Option<Unit>, String)>>,
+    described: Mutex<BTreeMap<String, Description>>,
     counters: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
     gauges: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
 }
