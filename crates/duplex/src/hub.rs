@@ -980,6 +980,66 @@ mod tests {
         }
     }
 
+    /// A backplane that keeps what is published and delivers nothing, as
+    /// one that lost every message would.
+    #[derive(Default)]
+    struct BlackHole(std::sync::Mutex<Vec<Envelope>>);
+
+    impl Backplane for BlackHole {
+        fn start(&self, _: BackplaneSink) {}
+        fn publish(&self, envelope: Envelope) {
+            self.0.lock().unwrap().push(envelope);
+        }
+    }
+
+    #[test]
+    fn exclusions_waiting_for_a_lost_envelope_are_bounded_and_go_with_the_session() {
+        let backplane = Arc::new(BlackHole::default());
+        let hub = Hub::builder().backplane(backplane.clone()).build();
+        let sender = Sender::detached(1 << 20);
+        let me = hub.register(&sender);
+        for i in 0..MAX_PENDING_SKIPS + 10 {
+            hub.publish_except("t", format!("{i}"), me.id());
+        }
+        assert_eq!(backplane.0.lock().unwrap().len(), MAX_PENDING_SKIPS + 10);
+        assert_eq!(hub.inner.skips.lock().len(), MAX_PENDING_SKIPS);
+        // The oldest went first: the newest still wait.
+        let newest = Envelope {
+            target: Target::Topic("t".into()),
+            message: format!("{}", MAX_PENDING_SKIPS + 9).into(),
+        };
+        assert_eq!(hub.inner.skips.take(&newest), Some(me.id()));
+        let oldest = Envelope {
+            target: Target::Topic("t".into()),
+            message: "0".into(),
+        };
+        assert_eq!(hub.inner.skips.take(&oldest), None);
+        drop(me);
+        assert!(hub.inner.skips.lock().is_empty());
+        assert_eq!(hub.inner.skips.pending.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn an_exclusion_applies_to_its_own_envelope_only() {
+        let backplane = Arc::new(BlackHole::default());
+        let hub = Hub::builder().backplane(backplane.clone()).build();
+        let (a, b) = (Sender::detached(1 << 20), Sender::detached(1 << 20));
+        let (ma, mb) = (hub.register(&a), hub.register(&b));
+        ma.join("t");
+        mb.join("t");
+        hub.publish_except("t", "psst", ma.id());
+        hub.publish("t", "loud");
+        let sink = BackplaneSink {
+            hub: Arc::downgrade(&hub.inner),
+        };
+        // The backplane brings both back, the plain one first.
+        let published = std::mem::take(&mut *backplane.0.lock().unwrap());
+        sink.deliver(published[1].clone());
+        sink.deliver(published[0].clone());
+        assert_eq!(texts(&a), ["loud"]);
+        assert_eq!(texts(&b), ["loud", "psst"]);
+    }
+
     #[test]
     fn shared_deflate_encoding_compresses_once_per_key() {
         let negotiated = duplex_proto::ExtensionFactory::negotiate(

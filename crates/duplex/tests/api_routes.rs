@@ -250,3 +250,18 @@ async fn raw_and_subprotocol_sockets_share_a_path_with_a_page() {
         other => panic!("expected the subprotocol, got {other:?}"),
     }
 }
+
+/// Why `web_socket_or` exists: two `.route` calls on one path merge into one
+/// method router in which the page has `GET` and the socket only what is
+/// left, so an upgrade never reaches the socket. If axum ever changes this,
+/// the warning on `duplex::web_socket` is out of date.
+#[tokio::test]
+async fn two_routes_on_one_path_send_every_get_to_the_page() {
+    let ws = WebSockets::default();
+    let router: Router = Router::new()
+        .route("/live", get(|| async { "the page" }))
+        .route("/live", duplex::web_socket(&ws, echo));
+    let served = serve(router).await;
+    let head = upgrade_head(served.addr, &upgrade_request("/live", "")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
