@@ -273,12 +273,6 @@ impl AsRef<[u8]> for Utf8Bytes {
     }
 }
 
-impl std::borrow::Borrow<str> for Utf8Bytes {
-    fn borrow(&self) -> &str {
-        self.as_str()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
