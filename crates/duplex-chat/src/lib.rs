@@ -20,6 +20,7 @@ use duplex::axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
+use duplex::metrics::{Kind, Metric, Unit};
 use duplex::{App, CloseCode, CloseReason, Error, Hub, Message, Session, WebSockets};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -110,13 +111,19 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-/// The Prometheus recorder of this process, installed on first use. `None`
-/// if another `metrics` recorder was installed first.
+/// The Prometheus recorder of this process, installed on first use, with
+/// duplex's metrics ([`duplex::metrics::METRICS`]) and the chat's
+/// ([`METRICS`]) described and at zero, so that the first scrape lists them
+/// all. `None` if another `metrics` recorder was installed first.
 pub fn prometheus() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
         .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-            Ok(handle) => Some(handle),
+            Ok(handle) => {
+                duplex::metrics::describe();
+                duplex::metrics::describe_metrics(METRICS);
+                Some(handle)
+            }
             Err(err) => {
                 tracing::warn!("no Prometheus metrics: {err}");
                 None
@@ -124,6 +131,76 @@ pub fn prometheus() -> Option<PrometheusHandle> {
         })
         .clone()
 }
+
+/// The chat's own metrics, beside duplex's.
+pub const METRICS: &[Metric] = &[
+    Metric {
+        name: "duplex_chat_users",
+        kind: Kind::Gauge,
+        unit: Unit::Count,
+        help: "Names in use on /chat.",
+        label: None,
+    },
+    Metric {
+        name: "duplex_chat_rooms",
+        kind: Kind::Gauge,
+        unit: Unit::Count,
+        help: "Rooms the chat keeps (with members or history).",
+        label: None,
+    },
+    Metric {
+        name: "duplex_chat_messages_total",
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        help: "Chat messages accepted on /chat, to a room or direct.",
+        label: Some(("kind", &["room", "direct"])),
+    },
+    Metric {
+        name: "duplex_chat_errors_total",
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        help: "Error replies sent on /chat, by code (PROTOCOL.md).",
+        label: Some((
+            "code",
+            &[
+                "bad_json",
+                "unknown_type",
+                "bad_request",
+                "binary_not_supported",
+                "too_large",
+                "rate_limited",
+                "not_identified",
+                "already_identified",
+                "invalid_name",
+                "name_taken",
+                "invalid_room",
+                "too_many_rooms",
+                "not_in_room",
+                "invalid_text",
+                "text_too_long",
+                "unknown_user",
+                "invalid_recipient",
+                "server_full",
+                "room_full",
+                "server_rooms_full",
+            ],
+        )),
+    },
+    Metric {
+        name: "duplex_chat_rate_limited_total",
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        help: "Requests refused by a connection's rate limit, on /chat and /chat/plain.",
+        label: None,
+    },
+    Metric {
+        name: "duplex_chat_plain_refused_total",
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        help: "Connections to /chat/plain turned away because the chat was full.",
+        label: None,
+    },
+];
 
 async fn render_metrics(handle: Option<PrometheusHandle>) -> Response {
     match handle {

@@ -106,6 +106,9 @@ use redis::{
 };
 use tokio::{runtime::Handle, sync::mpsc, time::Instant};
 
+mod metric_descriptions;
+pub use metric_descriptions::{METRICS, describe_metrics};
+
 /// Envelopes waiting for the publishing connection. A node that publishes
 /// faster than Redis takes them drops the excess (counted and logged) rather
 /// than growing without bound.

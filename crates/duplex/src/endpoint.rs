@@ -27,6 +27,7 @@ use std::{net::SocketAddr, sync::Arc};
 use axum::{
     body::Body,
     extract::{ConnectInfo, FromRequestParts, RawPathParams},
+    middleware::Next,
     response::{IntoResponse, Response},
     routing::{MethodRouter, any},
 };
@@ -45,54 +46,254 @@ use crate::{
 
 /// A `web_socket` route for an axum `Router`: a default [`Session`] per
 /// connection, with no subprotocol.
-pub fn web_socket<H: Handler<Session>>(config: &WebSockets, handler: H) -> MethodRouter {
+///
+/// The route fits a router of any state `S` (the handler does not read it:
+/// clone what it needs into the closure):
+///
+/// ```no_run
+/// use axum::{Router, extract::State, routing::get};
+/// use duplex::{Session, WebSockets};
+///
+/// #[derive(Clone)]
+/// struct AppState {
+///     greeting: &'static str,
+/// }
+///
+/// # async fn run() -> std::io::Result<()> {
+/// let ws = WebSockets::default();
+/// let state = AppState { greeting: "hello" };
+/// let greeting = state.greeting;
+/// let router: Router = Router::new()
+///     .route("/", get(|State(s): State<AppState>| async move { s.greeting }))
+///     .route(
+///         "/ws",
+///         duplex::web_socket(&ws, move |session: Session| async move {
+///             let _ = session.send_text(greeting).await;
+///         }),
+///     )
+///     .with_state(state);
+/// axum::serve(tokio::net::TcpListener::bind("127.0.0.1:0").await?, router).await
+/// # }
+/// ```
+///
+/// Do not mount it with a second `.route` on a path that has its own `GET`
+/// handler: axum merges the two and every `GET`, upgrades included, goes to
+/// that handler. [`web_socket_or`] serves both on one path.
+pub fn web_socket<S, H>(config: &WebSockets, handler: H) -> MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+    H: Handler<Session>,
+{
     web_socket_with_protocols(config, std::iter::empty::<String>(), handler)
 }
 
 /// A `web_socket` route that speaks the given subprotocols, in our order of
 /// support. The client's first offer that is in the list is chosen; a
 /// client that offers none of them gets 400, as in Ktor.
-pub fn web_socket_with_protocols<H, I, P>(
+pub fn web_socket_with_protocols<S, H, I, P>(
     config: &WebSockets,
     protocols: I,
     handler: H,
-) -> MethodRouter
+) -> MethodRouter<S>
 where
+    S: Clone + Send + Sync + 'static,
     H: Handler<Session>,
     I: IntoIterator<Item = P>,
     P: Into<String>,
 {
-    let protocols = protocols.into_iter().map(Into::into).collect();
-    endpoint(config, protocols, Mode::Messages, Session::new, handler)
+    Endpoint::messages(config, protocols, handler).route()
 }
 
 /// A `web_socket_raw` route for an axum `Router`: a [`RawSession`] per
 /// connection, every frame as it arrived and nothing automatic.
-pub fn web_socket_raw<H: Handler<RawSession>>(config: &WebSockets, handler: H) -> MethodRouter {
-    endpoint(config, Vec::new(), Mode::Frames, RawSession::new, handler)
+pub fn web_socket_raw<S, H>(config: &WebSockets, handler: H) -> MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+    H: Handler<RawSession>,
+{
+    Endpoint::frames(config, handler).route()
+}
+
+/// A WebSocket and other handlers on one path (Ktor's `webSocket` next to a
+/// `get` of the same path): a request with `Upgrade: websocket` goes to the
+/// socket, any other to `other`, which answers as it would alone (its own
+/// methods, its fallback, 405 for a method it lacks).
+///
+/// ```no_run
+/// use axum::{Router, routing::get};
+/// use duplex::{Session, WebSockets};
+///
+/// # async fn run() -> std::io::Result<()> {
+/// let ws = WebSockets::default();
+/// let live = duplex::web_socket_or(
+///     &ws,
+///     |mut s: Session| async move {
+///         while let Ok(Some(m)) = s.recv().await {
+///             let _ = s.send(m).await;
+///         }
+///     },
+///     get(|| async { "the page that opens the socket" }),
+/// );
+/// let router: Router = Router::new().route("/live", live);
+/// axum::serve(tokio::net::TcpListener::bind("127.0.0.1:0").await?, router).await
+/// # }
+/// ```
+///
+/// The upgrade check wraps the routes `other` has when it is passed in:
+/// add every method to `other` before, not to the result.
+pub fn web_socket_or<S, H>(
+    config: &WebSockets,
+    handler: H,
+    other: MethodRouter<S>,
+) -> MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+    H: Handler<Session>,
+{
+    web_socket_with_protocols_or(config, std::iter::empty::<String>(), handler, other)
+}
+
+/// [`web_socket_with_protocols`] and other handlers on one path, as
+/// [`web_socket_or`].
+pub fn web_socket_with_protocols_or<S, H, I, P>(
+    config: &WebSockets,
+    protocols: I,
+    handler: H,
+    other: MethodRouter<S>,
+) -> MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+    H: Handler<Session>,
+    I: IntoIterator<Item = P>,
+    P: Into<String>,
+{
+    Endpoint::messages(config, protocols, handler).route_or(other)
+}
+
+/// [`web_socket_raw`] and other handlers on one path, as [`web_socket_or`].
+pub fn web_socket_raw_or<S, H>(
+    config: &WebSockets,
+    handler: H,
+    other: MethodRouter<S>,
+) -> MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+    H: Handler<RawSession>,
+{
+    Endpoint::frames(config, handler).route_or(other)
+}
+
+/// Whether the request asks for a WebSocket (`Upgrade: websocket`); the
+/// rest of the handshake is checked by the endpoint, which answers a
+/// malformed upgrade with its own error rather than handing it to a page.
+fn is_websocket_upgrade(request: &http::Request<Body>) -> bool {
+    request
+        .headers()
+        .get_all(http::header::UPGRADE)
+        .iter()
+        .any(|value| duplex_proto::header_has_token(value.as_bytes(), "websocket"))
 }
 
 type MakeSession<S> = fn(Sender, Arc<Request>, Option<String>, Vec<ExtensionOffer>) -> S;
 
-fn endpoint<S, H>(
-    config: &WebSockets,
-    protocols: Vec<String>,
+/// One WebSocket endpoint: what every upgrade on its route needs.
+struct Endpoint<Sess, H> {
+    config: WebSockets,
+    protocols: Arc<[String]>,
     mode: Mode,
-    make_session: MakeSession<S>,
+    make_session: MakeSession<Sess>,
     handler: H,
-) -> MethodRouter
+}
+
+impl<Sess, H: Clone> Clone for Endpoint<Sess, H> {
+    fn clone(&self) -> Self {
+        Endpoint {
+            config: self.config.clone(),
+            protocols: Arc::clone(&self.protocols),
+            mode: self.mode,
+            make_session: self.make_session,
+            handler: self.handler.clone(),
+        }
+    }
+}
+
+impl<H: Handler<Session>> Endpoint<Session, H> {
+    fn messages<I, P>(config: &WebSockets, protocols: I, handler: H) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<String>,
+    {
+        Endpoint {
+            config: config.clone(),
+            protocols: protocols.into_iter().map(Into::into).collect(),
+            mode: Mode::Messages,
+            make_session: Session::new,
+            handler,
+        }
+    }
+}
+
+impl<H: Handler<RawSession>> Endpoint<RawSession, H> {
+    fn frames(config: &WebSockets, handler: H) -> Self {
+        Endpoint {
+            config: config.clone(),
+            protocols: Arc::new([]),
+            mode: Mode::Frames,
+            make_session: RawSession::new,
+            handler,
+        }
+    }
+}
+
+impl<Sess, H> Endpoint<Sess, H>
 where
-    S: Send + 'static,
-    H: Handler<S>,
+    Sess: Send + 'static,
+    H: Handler<Sess>,
 {
-    let config = config.clone();
-    let protocols: Arc<[String]> = protocols.into();
-    any(move |request: http::Request<Body>| {
-        let config = config.clone();
-        let protocols = Arc::clone(&protocols);
-        let handler = handler.clone();
-        async move { upgrade(request, config, &protocols, mode, make_session, handler).await }
-    })
+    fn serve(
+        &self,
+        request: http::Request<Body>,
+    ) -> impl Future<Output = Response> + Send + use<Sess, H> {
+        let this = self.clone();
+        async move {
+            upgrade(
+                request,
+                this.config,
+                &this.protocols,
+                this.mode,
+                this.make_session,
+                this.handler,
+            )
+            .await
+        }
+    }
+
+    /// Every method: a request that is not a GET gets its answer (405)
+    /// from the handshake checks.
+    fn route<S: Clone + Send + Sync + 'static>(self) -> MethodRouter<S> {
+        any(move |request: http::Request<Body>| self.serve(request))
+    }
+
+    fn route_or<S: Clone + Send + Sync + 'static>(self, other: MethodRouter<S>) -> MethodRouter<S> {
+        // A layer over each of `other`'s routes and its fallback, so that
+        // an upgrade is taken whatever methods `other` has, and any other
+        // request is answered by `other` exactly as without the layer.
+        other.layer(axum::middleware::from_fn(
+            move |request: http::Request<Body>, next: Next| {
+                let upgrade = if is_websocket_upgrade(&request) {
+                    Ok(self.serve(request))
+                } else {
+                    Err(request)
+                };
+                async move {
+                    match upgrade {
+                        Ok(upgrade) => upgrade.await,
+                        Err(request) => next.run(request).await,
+                    }
+                }
+            },
+        ))
+    }
 }
 
 async fn upgrade<S, H>(

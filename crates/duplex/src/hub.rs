@@ -7,6 +7,12 @@
 //! outgoing buffer is full is handled by the [`SlowConsumer`] policy, so one
 //! slow peer neither slows the publisher nor the others.
 //!
+//! A publisher subscribed to the topic it publishes to receives its own
+//! message, as every other member does; [`Hub::publish_except`] leaves one
+//! session out ("everyone but me"). Typed values go through the hub's
+//! [`ContentConverter`] (JSON unless the builder says otherwise), encoded
+//! once for all subscribers: [`Hub::publish_json`], [`Hub::broadcast_json`].
+//!
 //! ```no_run
 //! use duplex::{App, Hub, Message, Session};
 //!
@@ -33,18 +39,28 @@ use std::{
     collections::{HashMap, HashSet},
     fmt,
     sync::{
-        Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
 
 use bytes::Bytes;
 use duplex_proto::{CloseCode, CloseReason, Encoding, Message, OpCode, Rsv, encode_frame};
 
-use crate::session::{Sender, TrySendError};
+use crate::{
+    config::WebSockets,
+    convert::{ContentConverter, ConvertError, JsonConverter},
+    session::{Sender, TrySendError},
+};
 
-/// A session's id in a [`Hub`], unique for the hub's life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A session's id in a [`Hub`], unique for the hub's life (not across the
+/// nodes of a backplane: each hub counts from 1).
+///
+/// It serializes as its number, and displays as it: `{"from":7}`, `"7"`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct SessionId(pub u64);
 
 impl fmt::Display for SessionId {
@@ -145,7 +161,8 @@ impl Backplane for InMemoryBackplane {
 /// Builds a [`Hub`].
 pub struct HubBuilder {
     slow_consumer: SlowConsumer,
-    backplane: Arc<dyn Backplane>,
+    backplane: Option<Arc<dyn Backplane>>,
+    converter: Arc<dyn ContentConverter>,
 }
 
 impl HubBuilder {
@@ -160,19 +177,47 @@ impl HubBuilder {
     /// The backplane that joins several processes. Default: in memory.
     #[must_use]
     pub fn backplane(mut self, backplane: Arc<dyn Backplane>) -> Self {
-        self.backplane = backplane;
+        self.backplane = Some(backplane);
+        self
+    }
+
+    /// The converter of [`Hub::publish_json`], [`Hub::broadcast_json`] and
+    /// [`Hub::send_json_to`]. Default: [`JsonConverter`].
+    ///
+    /// Give it the converter the sessions use, so that what the hub
+    /// publishes reads as what [`Sender::send_json`] sends:
+    /// [`content_converter_of`](Self::content_converter_of) takes a
+    /// configuration's.
+    #[must_use]
+    pub fn content_converter(mut self, converter: impl ContentConverter) -> Self {
+        self.converter = Arc::new(converter);
+        self
+    }
+
+    /// The content converter installed on `websockets` (its
+    /// [`WebSockets::content_converter`]), shared rather than copied.
+    #[must_use]
+    pub fn content_converter_of(mut self, websockets: &WebSockets) -> Self {
+        self.converter = Arc::clone(&websockets.converter);
         self
     }
 
     /// The hub.
     pub fn build(self) -> Hub {
+        let local = self.backplane.is_none();
+        let backplane = self
+            .backplane
+            .unwrap_or_else(|| Arc::new(InMemoryBackplane::default()));
         let inner = Arc::new(HubInner {
             registry: RwLock::new(Registry::default()),
             next_id: AtomicU64::new(1),
             slow_consumer: self.slow_consumer,
-            backplane: Arc::clone(&self.backplane),
+            backplane: Arc::clone(&backplane),
+            local,
+            converter: self.converter,
+            skips: Skips::default(),
         });
-        self.backplane.start(BackplaneSink {
+        backplane.start(BackplaneSink {
             hub: Arc::downgrade(&inner),
         });
         Hub { inner }
@@ -204,6 +249,70 @@ struct HubInner {
     next_id: AtomicU64,
     slow_consumer: SlowConsumer,
     backplane: Arc<dyn Backplane>,
+    /// The backplane is the default in-memory one: a publish is delivered
+    /// here and nowhere else.
+    local: bool,
+    converter: Arc<dyn ContentConverter>,
+    skips: Skips,
+}
+
+/// Sessions to leave out of publishes of their own that went out through a
+/// backplane and have not come back to this node yet
+/// ([`Hub::publish_except`]).
+///
+/// The envelope carries no exclusion (its wire format is the backplane's),
+/// so it is recognised when it comes back by its target and message. An
+/// equal envelope from another node may arrive first and be the one left
+/// out: the session then gets the other copy, the same bytes.
+#[derive(Default)]
+struct Skips {
+    /// How many entries `list` holds: checked without the lock, so that a
+    /// hub that never excludes pays one atomic load per delivery.
+    pending: AtomicUsize,
+    list: Mutex<std::collections::VecDeque<(SessionId, Envelope)>>,
+}
+
+/// Exclusions waiting for their envelope; past this the oldest is dropped
+/// (a backplane that loses messages never brings some of them back).
+const MAX_PENDING_SKIPS: usize = 1024;
+
+impl Skips {
+    fn push(&self, id: SessionId, envelope: Envelope) {
+        let mut list = self.lock();
+        if list.len() == MAX_PENDING_SKIPS {
+            list.pop_front();
+        }
+        list.push_back((id, envelope));
+        self.pending.store(list.len(), Ordering::Release);
+    }
+
+    /// The session to leave out of `envelope`, if one waits for it.
+    fn take(&self, envelope: &Envelope) -> Option<SessionId> {
+        if self.pending.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut list = self.lock();
+        let index = list.iter().position(|(_, e)| e == envelope)?;
+        let (id, _) = list.remove(index)?;
+        self.pending.store(list.len(), Ordering::Release);
+        Some(id)
+    }
+
+    /// Forgets a session's exclusions: it is gone.
+    fn forget(&self, id: SessionId) {
+        if self.pending.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut list = self.lock();
+        list.retain(|(skip, _)| *skip != id);
+        self.pending.store(list.len(), Ordering::Release);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(SessionId, Envelope)>> {
+        self.list
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 #[derive(Default)]
@@ -224,11 +333,13 @@ impl Hub {
         Hub::builder().build()
     }
 
-    /// A builder to choose the policy and the backplane.
+    /// A builder to choose the policy, the backplane and the content
+    /// converter.
     pub fn builder() -> HubBuilder {
         HubBuilder {
             slow_consumer: SlowConsumer::Drop,
-            backplane: Arc::new(InMemoryBackplane::default()),
+            backplane: None,
+            converter: Arc::new(JsonConverter),
         }
     }
 
@@ -252,11 +363,31 @@ impl Hub {
     }
 
     /// Publishes to every member of `topic`, on every node. Never waits.
+    ///
+    /// The publisher, if it is a member of `topic`, receives the message
+    /// too; [`publish_except`](Self::publish_except) leaves it out.
     pub fn publish(&self, topic: &str, message: impl Into<Message>) {
         self.inner.backplane.publish(Envelope {
             target: Target::Topic(topic.to_owned()),
             message: message.into(),
         });
+    }
+
+    /// Publishes to every member of `topic`, on every node, except the
+    /// session `except` of this node ("everyone but me": pass the
+    /// publisher's [`Membership::id`]). Never waits.
+    ///
+    /// With a backplane, the other nodes get the message as from
+    /// [`publish`](Self::publish); this node leaves `except` out when the
+    /// message comes back to it.
+    pub fn publish_except(&self, topic: &str, message: impl Into<Message>, except: SessionId) {
+        self.inner.publish_except(
+            Envelope {
+                target: Target::Topic(topic.to_owned()),
+                message: message.into(),
+            },
+            except,
+        );
     }
 
     /// Publishes to every registered session, on every node. Never waits.
@@ -265,6 +396,83 @@ impl Hub {
             target: Target::All,
             message: message.into(),
         });
+    }
+
+    /// Publishes to every registered session, on every node, except the
+    /// session `except` of this node, as [`publish_except`](Self::publish_except).
+    pub fn broadcast_except(&self, message: impl Into<Message>, except: SessionId) {
+        self.inner.publish_except(
+            Envelope {
+                target: Target::All,
+                message: message.into(),
+            },
+            except,
+        );
+    }
+
+    /// Encodes `value` once with the hub's content converter and publishes
+    /// it to every member of `topic`, as [`publish`](Self::publish).
+    ///
+    /// # Errors
+    /// [`ConvertError::Encode`] if the value does not encode; nothing is
+    /// published then.
+    pub fn publish_json<T: serde::Serialize>(
+        &self,
+        topic: &str,
+        value: &T,
+    ) -> Result<(), ConvertError> {
+        let message = self.encode(value)?;
+        self.publish(topic, message);
+        Ok(())
+    }
+
+    /// [`publish_json`](Self::publish_json) without the session `except`,
+    /// as [`publish_except`](Self::publish_except).
+    ///
+    /// # Errors
+    /// [`ConvertError::Encode`] if the value does not encode.
+    pub fn publish_json_except<T: serde::Serialize>(
+        &self,
+        topic: &str,
+        value: &T,
+        except: SessionId,
+    ) -> Result<(), ConvertError> {
+        let message = self.encode(value)?;
+        self.publish_except(topic, message, except);
+        Ok(())
+    }
+
+    /// Encodes `value` once with the hub's content converter and publishes
+    /// it to every registered session, as [`broadcast`](Self::broadcast).
+    ///
+    /// # Errors
+    /// [`ConvertError::Encode`] if the value does not encode.
+    pub fn broadcast_json<T: serde::Serialize>(&self, value: &T) -> Result<(), ConvertError> {
+        let message = self.encode(value)?;
+        self.broadcast(message);
+        Ok(())
+    }
+
+    /// Encodes `value` with the hub's content converter and sends it to one
+    /// session of this node, as [`send_to`](Self::send_to).
+    ///
+    /// # Errors
+    /// [`ConvertError::Encode`] if the value does not encode.
+    pub fn send_json_to<T: serde::Serialize>(
+        &self,
+        id: SessionId,
+        value: &T,
+    ) -> Result<bool, ConvertError> {
+        let message = self.encode(value)?;
+        Ok(self.send_to(id, message))
+    }
+
+    /// `value` as a message, through the hub's content converter.
+    ///
+    /// # Errors
+    /// [`ConvertError::Encode`] if the value does not encode.
+    pub fn encode<T: serde::Serialize>(&self, value: &T) -> Result<Message, ConvertError> {
+        self.inner.converter.encode(value)
     }
 
     /// Sends to one session of this node. Returns false if it is not
@@ -327,14 +535,32 @@ impl HubInner {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn publish_except(&self, envelope: Envelope, except: SessionId) {
+        if self.local {
+            self.deliver_except(&envelope, Some(except));
+        } else {
+            self.skips.push(except, envelope.clone());
+            self.backplane.publish(envelope);
+        }
+    }
+
     /// Fans an envelope out to this node's sessions.
     fn deliver(&self, envelope: &Envelope) {
+        let except = self.skips.take(envelope);
+        self.deliver_except(envelope, except);
+    }
+
+    /// Fans an envelope out to this node's sessions but `except`.
+    fn deliver_except(&self, envelope: &Envelope, except: Option<SessionId>) {
         let message = &envelope.message;
         let mut frames = EncodedOnce::new(message);
         let registry = self.read();
         let mut delivered = 0u64;
         let mut bytes = 0u64;
-        let mut offer = |member: &Member| {
+        let mut offer = |(id, member): (&SessionId, &Member)| {
+            if Some(*id) == except {
+                return;
+            }
             if let Some(queued) = self.offer(member, message, &mut frames) {
                 delivered += 1;
                 bytes += queued;
@@ -344,11 +570,11 @@ impl HubInner {
             Target::Topic(topic) => {
                 if let Some(ids) = registry.topics.get(topic.as_str()) {
                     ids.iter()
-                        .filter_map(|id| registry.sessions.get(id))
+                        .filter_map(|id| registry.sessions.get_key_value(id))
                         .for_each(&mut offer);
                 }
             }
-            Target::All => registry.sessions.values().for_each(&mut offer),
+            Target::All => registry.sessions.iter().for_each(&mut offer),
         }
         metrics::counter!("duplex_hub_published_total").increment(1);
         count_deliveries(delivered, bytes);
@@ -540,6 +766,8 @@ impl Drop for Membership {
         }
         metrics::gauge!("duplex_hub_sessions").set(registry.sessions.len() as f64);
         metrics::gauge!("duplex_hub_topics").set(registry.topics.len() as f64);
+        drop(registry);
+        self.hub.inner.skips.forget(self.id);
     }
 }
 
@@ -750,6 +978,66 @@ mod tests {
                 assert_eq!(&written[0].payload[..], &[round; 10_000][..]);
             }
         }
+    }
+
+    /// A backplane that keeps what is published and delivers nothing, as
+    /// one that lost every message would.
+    #[derive(Default)]
+    struct BlackHole(std::sync::Mutex<Vec<Envelope>>);
+
+    impl Backplane for BlackHole {
+        fn start(&self, _: BackplaneSink) {}
+        fn publish(&self, envelope: Envelope) {
+            self.0.lock().unwrap().push(envelope);
+        }
+    }
+
+    #[test]
+    fn exclusions_waiting_for_a_lost_envelope_are_bounded_and_go_with_the_session() {
+        let backplane = Arc::new(BlackHole::default());
+        let hub = Hub::builder().backplane(backplane.clone()).build();
+        let sender = Sender::detached(1 << 20);
+        let me = hub.register(&sender);
+        for i in 0..MAX_PENDING_SKIPS + 10 {
+            hub.publish_except("t", format!("{i}"), me.id());
+        }
+        assert_eq!(backplane.0.lock().unwrap().len(), MAX_PENDING_SKIPS + 10);
+        assert_eq!(hub.inner.skips.lock().len(), MAX_PENDING_SKIPS);
+        // The oldest went first: the newest still wait.
+        let newest = Envelope {
+            target: Target::Topic("t".into()),
+            message: format!("{}", MAX_PENDING_SKIPS + 9).into(),
+        };
+        assert_eq!(hub.inner.skips.take(&newest), Some(me.id()));
+        let oldest = Envelope {
+            target: Target::Topic("t".into()),
+            message: "0".into(),
+        };
+        assert_eq!(hub.inner.skips.take(&oldest), None);
+        drop(me);
+        assert!(hub.inner.skips.lock().is_empty());
+        assert_eq!(hub.inner.skips.pending.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn an_exclusion_applies_to_its_own_envelope_only() {
+        let backplane = Arc::new(BlackHole::default());
+        let hub = Hub::builder().backplane(backplane.clone()).build();
+        let (a, b) = (Sender::detached(1 << 20), Sender::detached(1 << 20));
+        let (ma, mb) = (hub.register(&a), hub.register(&b));
+        ma.join("t");
+        mb.join("t");
+        hub.publish_except("t", "psst", ma.id());
+        hub.publish("t", "loud");
+        let sink = BackplaneSink {
+            hub: Arc::downgrade(&hub.inner),
+        };
+        // The backplane brings both back, the plain one first.
+        let published = std::mem::take(&mut *backplane.0.lock().unwrap());
+        sink.deliver(published[1].clone());
+        sink.deliver(published[0].clone());
+        assert_eq!(texts(&a), ["loud"]);
+        assert_eq!(texts(&b), ["loud", "psst"]);
     }
 
     #[test]

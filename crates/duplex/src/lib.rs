@@ -102,6 +102,7 @@ mod handler;
 mod handshake;
 mod hub;
 mod lifecycle;
+pub mod metrics;
 mod request;
 mod session;
 mod shared;
@@ -118,7 +119,12 @@ pub use duplex_proto::{
     CloseCode, CloseReason, Deflate, Extension, ExtensionFactory, ExtensionOffer, Frame, Message,
     OpCode, Rsv, Utf8Bytes,
 };
-pub use endpoint::{web_socket, web_socket_raw, web_socket_with_protocols};
+pub use endpoint::{
+    web_socket, web_socket_or, web_socket_raw, web_socket_raw_or, web_socket_with_protocols,
+    web_socket_with_protocols_or,
+};
+/// The crate of [`ContentConverter`]'s signatures, for implementing one.
+pub use erased_serde;
 pub use error::{BoxError, Error};
 pub use handler::{Handler, IntoOutcome};
 pub use handshake::Rejection;
