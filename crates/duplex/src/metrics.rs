@@ -79,6 +79,13 @@ pub const METRICS: &[Metric] = &[
         label: None,
     },
     Metric {
+        name: "duplex_extension_encoded_messages_total",
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        help: "Messages an extension transformed (permessage-deflate: compressed when sent, inflated when received), by direction.",
+        label: Some(("direction", &["sent", "received"])),
+    },
+    Metric {
         name: "duplex_write_timeouts_total",
         kind: Kind::Counter,
         unit: Unit::Count,
