@@ -111,3 +111,108 @@ async fn rfc7692_decompression_bomb_is_refused_with_1009_and_memory_stays_bounde
     );
     eprintln!("bomb: peak growth per sample {growth_kib:?} KiB over a baseline of {baseline} KiB");
 }
+
+/// Text that compresses poorly on its own (pseudo-random letters) but to a
+/// few bytes when the previous message is in the window: the compressed
+/// size tells whether the server's compressor kept its context.
+fn noisy_text(len: usize) -> Vec<u8> {
+    let mut state = 0x2545_f491_u32;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            b'a' + (state >> 24) as u8 % 26
+        })
+        .collect()
+}
+
+/// Sends `text` uncompressed and returns the compressed echo's payload size
+/// and its inflation by `inflater` (which keeps its window, as a client
+/// that allows context takeover does).
+async fn echo_size(client: &mut RawClient, inflater: &mut flate2::Decompress, text: &[u8]) -> usize {
+    client.send_final(0x1, text).await;
+    let frame = client.read_frame().await;
+    assert_eq!(frame.rsv, 0x40, "the echo is compressed (RSV1)");
+    let mut input = frame.payload.clone();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut out = Vec::with_capacity(text.len() + 64);
+    inflater
+        .decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+        .expect("the echo inflates with the client's window");
+    assert_eq!(out, text, "the echo inflates to what was sent");
+    frame.payload.len()
+}
+
+async fn deflate_mirror(deflate: Deflate) -> Server {
+    let websockets = WebSockets::default().extension(deflate).unwrap();
+    let app = App::new()
+        .install(websockets)
+        .web_socket("/mirror", |mut session: Session| async move {
+            while let Ok(Some(message)) = session.recv().await {
+                let _ = session.send(message).await;
+            }
+        });
+    Server::start(app).await
+}
+
+/// §7.1.1.1: with the shipped policy the server compresses every message
+/// with an empty window (the same message twice compresses to the same
+/// size), and says so in its response.
+#[tokio::test]
+async fn rfc7692_7_1_1_1_by_default_every_message_is_compressed_alone() {
+    let server = deflate_mirror(Deflate::default()).await;
+    let request = upgrade_request("/mirror", "Sec-WebSocket-Extensions: permessage-deflate\r\n");
+    let (response, mut client) = RawClient::request(server.addr, request).await;
+    assert_eq!(response.status, 101);
+    assert!(
+        response
+            .header("Sec-WebSocket-Extensions")
+            .is_some_and(|h| h.contains("server_no_context_takeover")),
+        "{:?}",
+        response.header("Sec-WebSocket-Extensions")
+    );
+    let text = noisy_text(2048);
+    let mut inflater = flate2::Decompress::new(false);
+    let first = echo_size(&mut client, &mut inflater, &text).await;
+    let second = echo_size(&mut client, &mut inflater, &text).await;
+    assert_eq!(first, second, "no context: the repeat compresses as the first did");
+}
+
+/// With context takeover turned on, the server's compressor keeps its
+/// window between messages (a repeat compresses to a few bytes) until the
+/// connection has sent nothing for `release_compressor_after`; then it is
+/// released and the next message starts from an empty window, which a
+/// client that kept its own window still inflates (§7.1.1.1 allows a server
+/// to stop using context at any time; only the client's window must stay).
+#[tokio::test]
+async fn rfc7692_7_1_1_1_an_idle_connection_releases_its_compressor_and_its_client_still_inflates() {
+    let idle = std::time::Duration::from_millis(300);
+    let deflate = Deflate::default()
+        .server_no_context_takeover(false)
+        .client_no_context_takeover(false)
+        .release_compressor_after(Some(idle));
+    let server = deflate_mirror(deflate).await;
+    let request = upgrade_request("/mirror", "Sec-WebSocket-Extensions: permessage-deflate\r\n");
+    let (response, mut client) = RawClient::request(server.addr, request).await;
+    assert_eq!(response.status, 101);
+    assert_eq!(
+        response.header("Sec-WebSocket-Extensions"),
+        Some("permessage-deflate"),
+        "context takeover allowed both ways"
+    );
+    let text = noisy_text(2048);
+    let mut inflater = flate2::Decompress::new(false);
+    let first = echo_size(&mut client, &mut inflater, &text).await;
+    let repeat = echo_size(&mut client, &mut inflater, &text).await;
+    assert!(
+        repeat * 10 < first,
+        "context kept while busy: {repeat} bytes for the repeat against {first}"
+    );
+    tokio::time::sleep(idle * 3).await;
+    let after_idle = echo_size(&mut client, &mut inflater, &text).await;
+    assert_eq!(
+        after_idle, first,
+        "after {idle:?} idle the compressor started again from an empty window"
+    );
+    let repeat_again = echo_size(&mut client, &mut inflater, &text).await;
+    assert!(repeat_again * 10 < first, "and keeps context again while busy");
+}
