@@ -14,7 +14,9 @@
 //!   message back unchanged) and `/broadcast` (every message to every
 //!   connection of `/broadcast`, the sender included), on `--addr`.
 
+pub mod charts;
 pub mod client;
+pub mod deflate;
 pub mod report;
 pub mod server;
 
