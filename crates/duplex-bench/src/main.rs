@@ -1398,3 +1398,105 @@ fn machine() -> String {
         kernel.trim()
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(pairs: &[(&str, f64)]) -> Option<Outcome> {
+        let mut o = Outcome::new("test");
+        for (k, v) in pairs {
+            o.set(k, *v);
+        }
+        Some(o)
+    }
+
+    fn results() -> Results {
+        let info = |id, kind| ScenarioInfo {
+            id,
+            title: format!("scenario {id}"),
+            kind,
+        };
+        let record = |scenario, server: &str, outcomes| RunRecord {
+            scenario,
+            server: server.into(),
+            outcomes,
+        };
+        let echo = |v| {
+            outcome(&[
+                ("msgs_per_s", v),
+                ("p50_us", 90.0),
+                ("p99_us", 300.0),
+                ("p999_us", 900.0),
+            ])
+        };
+        let idle = |kib| outcome(&[("handshakes_per_s", 20_000.0), ("kib_per_conn", kib)]);
+        Results {
+            machine:
+                "Machine: Test CPU, 2 CPUs, 1 GiB, Linux 6, rustc 1.95.0; 2026-12-02 04:00 UTC\n\n"
+                    .into(),
+            command: "cargo run --release -p duplex-bench -- --rounds 2".into(),
+            rounds: 2,
+            seconds: 10.0,
+            smoke: false,
+            scenarios: vec![
+                info(1, Kind::Echo),
+                info(5, Kind::Connections),
+                info(8, Kind::DeflateIdle),
+            ],
+            servers: vec![
+                "duplex".into(),
+                "fastwebsockets".into(),
+                "duplex-deflate".into(),
+                "gone".into(),
+            ],
+            runs: vec![
+                record(1, "duplex", vec![echo(200.0), echo(100.0)]),
+                record(1, "fastwebsockets", vec![echo(100.0), None]),
+                record(5, "duplex", vec![idle(4.5), idle(4.7)]),
+                record(5, "fastwebsockets", vec![idle(6.0), idle(6.0)]),
+                record(8, "duplex", vec![idle(5.0), idle(5.0)]),
+                record(8, "duplex-deflate", vec![idle(7.0), idle(9.0)]),
+                record(8, "gone", vec![idle(1.0)]),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_saved_run_gives_the_same_table_and_draws_every_chart() {
+        let results = results();
+        let table = report(&results);
+        // Per-round ratios: round 1 only (round 2 failed for the peer).
+        assert!(
+            table.contains("| S1: duplex ≥ 1.0x fastwebsockets | 2.00x | yes |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| S8: duplex-deflate ≤ 8 KiB per idle connection | 8.00 KiB | yes |"),
+            "{table}"
+        );
+        assert!(table.contains("(1 failed)"), "{table}");
+        let json = serde_json::to_string(&results).unwrap();
+        let again: Results = serde_json::from_str(&json).unwrap();
+        assert_eq!(report(&again), table);
+
+        let dir = std::env::temp_dir().join(format!("duplex-bench-test-{}", std::process::id()));
+        write_results(&again, &dir).unwrap();
+        for name in ["results.json", "ratios.svg", "latency.svg", "memory.svg"] {
+            assert!(dir.join(name).is_file(), "{name} missing");
+        }
+        let memory = std::fs::read_to_string(dir.join("memory.svg")).unwrap();
+        for label in [
+            "S5 duplex",
+            "S5 fastwebsockets",
+            "S8 duplex (no deflate)",
+            "S8 duplex-deflate",
+            "Test CPU",
+        ] {
+            assert!(memory.contains(label), "{label} missing from memory.svg");
+        }
+        let ratios = std::fs::read_to_string(dir.join("ratios.svg")).unwrap();
+        assert!(ratios.contains("vs fastwebsockets") && !ratios.contains("vs axum"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
