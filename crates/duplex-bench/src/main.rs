@@ -680,7 +680,9 @@ fn charts_dir(args: &Args, replotted: Option<&Path>) -> Option<PathBuf> {
         );
     }
     Some(if args.smoke {
-        std::env::temp_dir().join(format!("duplex-bench-smoke-{}", std::process::id()))
+        // One folder, overwritten by every smoke run, so that CI's runs do
+        // not pile up.
+        std::env::temp_dir().join("duplex-bench-smoke")
     } else {
         PathBuf::from("docs/bench")
     })
