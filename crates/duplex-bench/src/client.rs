@@ -47,6 +47,32 @@ pub async fn connect(
     timeout: Duration,
     extra_headers: &str,
 ) -> io::Result<(TcpStream, Vec<u8>)> {
+    let connected = connect_negotiated(addr, source, path, timeout, extra_headers).await?;
+    Ok((connected.stream, connected.leftover))
+}
+
+/// An open connection and what its handshake agreed.
+#[derive(Debug)]
+pub struct Connected {
+    /// The socket.
+    pub stream: TcpStream,
+    /// The bytes read past the response.
+    pub leftover: Vec<u8>,
+    /// The response's `Sec-WebSocket-Extensions` value, if it had one.
+    pub extensions: Option<String>,
+}
+
+/// As [`connect`], and returns the extensions the server accepted.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_negotiated(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    path: &str,
+    timeout: Duration,
+    extra_headers: &str,
+) -> io::Result<Connected> {
     tokio::time::timeout(timeout, connect_inner(addr, source, path, extra_headers))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))?
@@ -57,7 +83,7 @@ async fn connect_inner(
     source: Option<IpAddr>,
     path: &str,
     extra_headers: &str,
-) -> io::Result<(TcpStream, Vec<u8>)> {
+) -> io::Result<Connected> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -104,7 +130,17 @@ async fn connect_inner(
     if !accepted {
         return Err(io::Error::other("wrong or missing Sec-WebSocket-Accept"));
     }
-    Ok((stream, buf[end..].to_vec()))
+    let extensions = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("sec-websocket-extensions")
+            .then(|| value.trim().to_owned())
+    });
+    Ok(Connected {
+        stream,
+        leftover: buf[end..].to_vec(),
+        extensions,
+    })
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -113,7 +149,14 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// Appends one whole client frame (FIN set, masked with [`MASK`]) to `out`.
 pub fn push_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
-    out.push(0x80 | opcode);
+    push_frame_rsv1(out, opcode, false, payload);
+}
+
+/// As [`push_frame`], with RSV1 set if `rsv1` (a permessage-deflate
+/// compressed message, RFC 7692 §6).
+pub fn push_frame_rsv1(out: &mut Vec<u8>, opcode: u8, rsv1: bool, payload: &[u8]) {
+    let rsv = if rsv1 { 0x40 } else { 0 };
+    out.push(0x80 | rsv | opcode);
     let len = payload.len();
     if len < 126 {
         out.push(0x80 | len as u8);
@@ -139,6 +182,8 @@ pub struct FrameInfo<'a> {
     pub opcode: u8,
     /// Whether FIN was set.
     pub fin: bool,
+    /// Whether RSV1 was set (compressed, with permessage-deflate).
+    pub rsv1: bool,
     /// Its payload length.
     pub len: u64,
     /// The payload, unmasked, for frames of at most [`PEEK_MAX`] bytes;
@@ -158,8 +203,8 @@ pub struct FrameReader {
     end: usize,
     /// Payload bytes of the current large frame still to skip.
     skip: u64,
-    /// The large frame being skipped.
-    skipping: Option<(u8, bool, u64)>,
+    /// The large frame being skipped: opcode, FIN, RSV1, length.
+    skipping: Option<(u8, bool, bool, u64)>,
 }
 
 impl FrameReader {
@@ -236,10 +281,11 @@ impl FrameReader {
                 if self.skip > 0 {
                     break;
                 }
-                if let Some((opcode, fin, len)) = self.skipping.take() {
+                if let Some((opcode, fin, rsv1, len)) = self.skipping.take() {
                     on_frame(FrameInfo {
                         opcode,
                         fin,
+                        rsv1,
                         len,
                         payload: None,
                     });
@@ -250,6 +296,7 @@ impl FrameReader {
             let Some((opcode, fin, len, mask, head)) = parse_header(data)? else {
                 break;
             };
+            let rsv1 = data[0] & 0x40 != 0;
             if len <= PEEK_MAX as u64 {
                 let total = head + len as usize;
                 if data.len() < total {
@@ -264,6 +311,7 @@ impl FrameReader {
                 on_frame(FrameInfo {
                     opcode,
                     fin,
+                    rsv1,
                     len,
                     payload: Some(payload),
                 });
@@ -271,7 +319,7 @@ impl FrameReader {
             } else {
                 self.start += head;
                 self.skip = len;
-                self.skipping = Some((opcode, fin, len));
+                self.skipping = Some((opcode, fin, rsv1, len));
             }
         }
         if self.start == self.end {

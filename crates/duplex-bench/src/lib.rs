@@ -5,16 +5,21 @@
 //!
 //! The binaries:
 //! - `duplex-bench`: runs the scenarios over every server and prints the
-//!   table (see `BENCHMARKS.md`); `--smoke` checks that every peer and mode
-//!   still works, in seconds.
-//! - `load`: the load generator (`echo`, `connections`, `broadcast`), one
-//!   JSON result line on stdout.
+//!   table (see `BENCHMARKS.md`), and writes `results.json` and SVG charts
+//!   ([`charts`]) from the same numbers; `--replot` redraws them from a
+//!   saved file; `--smoke` checks that every peer and mode still works, in
+//!   seconds.
+//! - `load`: the load generator (`echo`, `connections`, `broadcast`; with
+//!   `--deflate`, permessage-deflate as a browser offers it, see
+//!   [`deflate`]), one JSON result line on stdout.
 //! - `server-duplex`, `server-tungstenite`, `server-fastwebsockets`,
 //!   `server-axum`, `server-rawtcp`: the servers, each with `/mirror` (every
 //!   message back unchanged) and `/broadcast` (every message to every
 //!   connection of `/broadcast`, the sender included), on `--addr`.
 
+pub mod charts;
 pub mod client;
+pub mod deflate;
 pub mod report;
 pub mod server;
 

@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 /// `p50_us`, `p99_us`, `p999_us`. Connections: `handshakes_per_s`,
 /// `rss_before_kib`, `rss_after_kib`, `kib_per_conn`. Broadcast:
 /// `deliveries_per_s`, `publishes_per_s`, `p50_us`, `p99_us`, `p999_us`,
-/// `dropped` (messages a subscriber never got).
+/// `dropped` (messages a subscriber never got). With `--deflate`, also
+/// `deflate` (the share of connections that agreed to permessage-deflate);
+/// connections: `compressed_echoes`, `client_wire_ratio`, `exchange_s`;
+/// broadcast: `compressed_share`, `wire_bytes_per_delivery`, `inflated`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Outcome {
     /// `echo`, `connections` or `broadcast`.

@@ -24,7 +24,8 @@ use tokio::{io::AsyncWriteExt, net::TcpStream, sync::Notify, task::JoinHandle};
 
 use duplex_bench::{
     CpuSnapshot,
-    client::{self, FrameReader, OP_BINARY, OP_CLOSE, OP_TEXT},
+    client::{self, Connected, FrameReader, OP_BINARY, OP_CLOSE, OP_TEXT},
+    deflate::{self, Deflater, Inflater, Params},
     report::Outcome,
     vm_rss_kib,
 };
@@ -104,6 +105,18 @@ enum Mode {
         /// Afterwards, check that every connection still echoes a message.
         #[arg(long)]
         check: bool,
+        /// Offer permessage-deflate as Chromium does and, after the
+        /// handshakes, send `--messages` compressible text messages on every
+        /// connection, compressed as the response allows, and check their
+        /// echoes (inflated when compressed) before the connections idle.
+        #[arg(long)]
+        deflate: bool,
+        /// Messages per connection with `--deflate`.
+        #[arg(long, default_value_t = 3)]
+        messages: usize,
+        /// Bytes per message with `--deflate`.
+        #[arg(long, default_value_t = 4096)]
+        message_size: usize,
     },
     /// One publisher, N subscribers: deliveries/s and publish-to-delivery
     /// latency.
@@ -120,6 +133,17 @@ enum Mode {
         /// Messages published and not yet delivered to every subscriber.
         #[arg(long, short = 'w', default_value_t = 64)]
         window: u64,
+        /// Offer permessage-deflate as Chromium does, and publish
+        /// compressible text (sequence and time in decimal, then words)
+        /// instead of binary.
+        #[arg(long)]
+        deflate: bool,
+        /// With `--deflate`: every Nth subscriber inflates what it gets
+        /// (sequence, latency and content checked); the others count
+        /// compressed frames from their headers, so that inflating does not
+        /// make the load generator the bottleneck.
+        #[arg(long, default_value_t = 8)]
+        inflate_every: usize,
         /// Seconds of warm-up, not measured.
         #[arg(long, default_value_t = 1.0)]
         warmup: f64,
@@ -163,6 +187,9 @@ async fn run(args: Args) -> io::Result<Outcome> {
     let common = Common {
         extra_headers: match &args.mode {
             Mode::Echo { deflate: true, .. } => "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+            Mode::Connections { deflate: true, .. } | Mode::Broadcast { deflate: true, .. } => {
+                deflate::OFFER
+            }
             _ => "",
         },
         addr: args.addr,
@@ -210,6 +237,9 @@ async fn run(args: Args) -> io::Result<Outcome> {
             concurrency,
             settle_ms,
             check,
+            deflate,
+            messages,
+            message_size,
         } => {
             let server_pid = common.server_pid.ok_or_else(|| {
                 io::Error::new(
@@ -217,29 +247,36 @@ async fn run(args: Args) -> io::Result<Outcome> {
                     "connections needs --server-pid",
                 )
             })?;
-            connections(
-                &common,
-                &path,
+            let exchange = deflate.then_some(Exchange {
+                messages,
+                size: message_size.max(64),
+            });
+            let spec = IdleSpec {
                 count,
                 concurrency,
                 server_pid,
                 settle_ms,
                 check,
-            )
-            .await
+                exchange,
+            };
+            connections(&common, &path, spec).await
         }
         Mode::Broadcast {
             path,
             subscribers,
             size,
             window,
+            deflate,
+            inflate_every,
             warmup,
             duration,
         } => {
             let spec = BroadcastSpec {
                 subscribers: subscribers.max(1),
-                size: size.max(16),
+                size: size.max(if deflate { TEXT_HEAD } else { 16 }),
                 window: window.max(1),
+                text: deflate,
+                inflate_every: inflate_every.max(1),
                 warmup: secs(warmup),
                 duration: secs(duration),
             };
@@ -280,8 +317,8 @@ impl Common {
         Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)))
     }
 
-    async fn connect(&self, i: usize, path: &str) -> io::Result<(TcpStream, Vec<u8>)> {
-        client::connect(
+    async fn connect(&self, i: usize, path: &str) -> io::Result<Connected> {
+        client::connect_negotiated(
             self.addr,
             self.source(i),
             path,
@@ -297,7 +334,7 @@ impl Common {
         n: usize,
         concurrency: usize,
         path: &str,
-    ) -> io::Result<Vec<(TcpStream, Vec<u8>)>> {
+    ) -> io::Result<Vec<Connected>> {
         let next = Cell::new(0usize);
         let opened = RefCell::new(Vec::with_capacity(n));
         let worker = || async {
@@ -386,25 +423,29 @@ async fn echo(common: &Common, path: &str, spec: EchoSpec) -> io::Result<Outcome
     });
     let tasks: Vec<JoinHandle<()>> = conns
         .into_iter()
-        .map(|(stream, leftover)| {
-            let conn = EchoConn {
-                stream,
-                reader: FrameReader::new(256 << 10, &leftover),
-                out: Rc::clone(&out),
-                frame_len,
-                spec_len: spec.size as u64,
-                any_len: spec.any_len,
-                opcode: spec.opcode,
-                in_flight: spec.in_flight,
-                stats: Rc::clone(&stats),
-            };
-            let stats = Rc::clone(&stats);
-            tokio::task::spawn_local(async move {
-                if let Err(err) = conn.run().await {
-                    stats.failures.borrow_mut().push(err.to_string());
-                }
-            })
-        })
+        .map(
+            |Connected {
+                 stream, leftover, ..
+             }| {
+                let conn = EchoConn {
+                    stream,
+                    reader: FrameReader::new(256 << 10, &leftover),
+                    out: Rc::clone(&out),
+                    frame_len,
+                    spec_len: spec.size as u64,
+                    any_len: spec.any_len,
+                    opcode: spec.opcode,
+                    in_flight: spec.in_flight,
+                    stats: Rc::clone(&stats),
+                };
+                let stats = Rc::clone(&stats);
+                tokio::task::spawn_local(async move {
+                    if let Err(err) = conn.run().await {
+                        stats.failures.borrow_mut().push(err.to_string());
+                    }
+                })
+            },
+        )
         .collect();
     tokio::time::sleep(spec.warmup).await;
     check_running(&tasks, &stats.failures)?;
@@ -549,15 +590,26 @@ impl EchoConn {
 
 // ---- connections ----
 
-async fn connections(
-    common: &Common,
-    path: &str,
+/// What `connections` does.
+struct IdleSpec {
     count: usize,
     concurrency: usize,
     server_pid: u32,
     settle_ms: u64,
     check: bool,
-) -> io::Result<Outcome> {
+    /// Messages exchanged on every connection before it idles.
+    exchange: Option<Exchange>,
+}
+
+async fn connections(common: &Common, path: &str, spec: IdleSpec) -> io::Result<Outcome> {
+    let IdleSpec {
+        count,
+        concurrency,
+        server_pid,
+        settle_ms,
+        check,
+        ..
+    } = spec;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = vm_rss_kib(server_pid)?;
     let start = Instant::now();
@@ -565,12 +617,25 @@ async fn connections(
     let mut conns = common.connect_many(count, concurrency, path).await?;
     let elapsed = start.elapsed().as_secs_f64();
     let cpu_end = CpuSnapshot::take(Some(server_pid));
+    let mut outcome = Outcome::new("connections");
+    if let Some(exchange) = &spec.exchange {
+        let started = Instant::now();
+        let totals = exchange_all(&mut conns, exchange, concurrency).await?;
+        let negotiated = totals.negotiated as f64 / count.max(1) as f64;
+        outcome
+            .set("deflate", negotiated)
+            .set("exchange_s", started.elapsed().as_secs_f64())
+            .set("compressed_echoes", totals.compressed_echoes as f64)
+            .set(
+                "client_wire_ratio",
+                totals.wire_bytes as f64 / totals.payload_bytes.max(1) as f64,
+            );
+    }
     tokio::time::sleep(Duration::from_millis(settle_ms)).await;
     let after = vm_rss_kib(server_pid)?;
     if check {
         check_echo(&mut conns).await?;
     }
-    let mut outcome = Outcome::new("connections");
     outcome
         .set("handshakes_per_s", count as f64 / elapsed)
         .set("rss_before_kib", before as f64)
@@ -584,27 +649,187 @@ async fn connections(
     Ok(outcome)
 }
 
-/// Sends one text message on every connection and waits for its echo.
-async fn check_echo(conns: &mut [(TcpStream, Vec<u8>)]) -> io::Result<()> {
+/// Messages sent on every connection before it idles.
+struct Exchange {
+    messages: usize,
+    size: usize,
+}
+
+/// What the exchanges added up to.
+#[derive(Default)]
+struct ExchangeTotals {
+    /// Connections whose response accepted permessage-deflate.
+    negotiated: usize,
+    /// Echoes that came back compressed.
+    compressed_echoes: usize,
+    /// Payload bytes sent, before and after compression.
+    payload_bytes: usize,
+    wire_bytes: usize,
+}
+
+/// Runs the exchange on every connection, `concurrency` at a time: a
+/// connection's compressor lives only while it sends, as a client that
+/// then goes quiet would drop it.
+async fn exchange_all(
+    conns: &mut [Connected],
+    exchange: &Exchange,
+    concurrency: usize,
+) -> io::Result<ExchangeTotals> {
+    use futures_util::StreamExt as _;
+    let runs = conns
+        .iter_mut()
+        .enumerate()
+        .map(|(i, conn)| exchange_one(conn, i, exchange));
+    let all = futures_util::stream::iter(runs)
+        .buffer_unordered(concurrency.max(1))
+        .collect::<Vec<_>>();
+    let results = tokio::time::timeout(Duration::from_secs(120), all)
+        .await
+        .map_err(|_| io::Error::other("the message exchange timed out"))?;
+    let mut totals = ExchangeTotals::default();
+    for result in results {
+        let one = result?;
+        totals.negotiated += one.negotiated;
+        totals.compressed_echoes += one.compressed_echoes;
+        totals.payload_bytes += one.payload_bytes;
+        totals.wire_bytes += one.wire_bytes;
+    }
+    Ok(totals)
+}
+
+/// Compressible text, different for every connection and message: a chat
+/// line's worth of JSON repeated with a counter, `size` bytes.
+fn message_text(conn: usize, message: usize, size: usize) -> Vec<u8> {
+    let mut text = String::with_capacity(size + 128);
+    let mut line = 0usize;
+    while text.len() < size {
+        let _ = std::fmt::Write::write_fmt(
+            &mut text,
+            format_args!(
+                "{{\"type\":\"message\",\"room\":\"lobby\",\"from\":\"user-{conn}\",\"seq\":{message},\"line\":{line},\"text\":\"the quick brown fox jumps over the lazy dog\"}}\n"
+            ),
+        );
+        line += 1;
+    }
+    text.truncate(size);
+    text.into_bytes()
+}
+
+/// Sends the messages on one connection, compressed if the response
+/// accepted permessage-deflate, and checks every echo (inflated if
+/// compressed) against what was sent.
+async fn exchange_one(
+    conn: &mut Connected,
+    index: usize,
+    exchange: &Exchange,
+) -> io::Result<ExchangeTotals> {
+    let fail = |e: io::Error| io::Error::new(e.kind(), format!("connection {index}: {e}"));
+    let params = Params::from_response(conn.extensions.as_deref()).map_err(fail)?;
+    // The client's level is not under test: the fastest keeps the load
+    // generator's share small.
+    let mut deflater = params.as_ref().map(|p| Deflater::new(p, 1));
+    let mut inflater = params.as_ref().map(Inflater::new);
+    let mut reader = FrameReader::new(0, &std::mem::take(&mut conn.leftover));
+    let mut totals = ExchangeTotals {
+        negotiated: usize::from(params.is_some()),
+        ..ExchangeTotals::default()
+    };
     let mut frame = Vec::new();
-    client::push_frame(&mut frame, OP_TEXT, b"still there?");
-    let checks = conns.iter_mut().map(|(stream, leftover)| {
-        let frame = &frame;
-        async move {
-            stream.write_all(frame).await?;
-            let mut reader = FrameReader::new(0, leftover);
-            loop {
-                let mut echoed = false;
-                reader.parse(|f| echoed |= f.opcode == OP_TEXT && f.len == 12)?;
-                if echoed {
-                    return Ok::<_, io::Error>(());
-                }
-                if reader.read(stream).await? == 0 {
-                    return Err(io::Error::other("closed instead of echoing"));
-                }
+    for m in 0..exchange.messages {
+        let text = message_text(index, m, exchange.size);
+        frame.clear();
+        match deflater.as_mut() {
+            Some(d) => {
+                let compressed = d.compress(&text).map_err(fail)?;
+                totals.wire_bytes += compressed.len();
+                client::push_frame_rsv1(&mut frame, OP_TEXT, true, &compressed);
+            }
+            None => {
+                totals.wire_bytes += text.len();
+                client::push_frame(&mut frame, OP_TEXT, &text);
             }
         }
-    });
+        totals.payload_bytes += text.len();
+        conn.stream.write_all(&frame).await.map_err(fail)?;
+        loop {
+            let mut echo: Option<io::Result<bool>> = None;
+            reader
+                .parse(|f| {
+                    if echo.is_some() || f.opcode & 0x8 != 0 && f.opcode != OP_CLOSE {
+                        return;
+                    }
+                    echo = Some(check_echoed(&f, &text, inflater.as_mut()));
+                })
+                .map_err(fail)?;
+            if let Some(result) = echo {
+                totals.compressed_echoes += usize::from(result.map_err(fail)?);
+                break;
+            }
+            if reader.read(&mut conn.stream).await.map_err(fail)? == 0 {
+                return Err(fail(io::Error::other("closed instead of echoing")));
+            }
+        }
+    }
+    Ok(totals)
+}
+
+/// Checks that frame `f` echoes `sent`; true if it came compressed.
+fn check_echoed(
+    f: &client::FrameInfo<'_>,
+    sent: &[u8],
+    inflater: Option<&mut Inflater>,
+) -> io::Result<bool> {
+    if f.opcode != OP_TEXT || !f.fin {
+        return Err(io::Error::other(format!(
+            "unexpected frame: opcode {} fin {}",
+            f.opcode, f.fin
+        )));
+    }
+    let payload = f
+        .payload
+        .ok_or_else(|| io::Error::other(format!("an echo of {} bytes", f.len)))?;
+    let (text, compressed) = if f.rsv1 {
+        let inflater = inflater
+            .ok_or_else(|| io::Error::other("RSV1 set without permessage-deflate agreed"))?;
+        (inflater.inflate(payload, sent.len() * 2)?, true)
+    } else {
+        (payload.to_vec(), false)
+    };
+    if text != sent {
+        return Err(io::Error::other(format!(
+            "the echo differs from the message ({} bytes back, {} sent)",
+            text.len(),
+            sent.len()
+        )));
+    }
+    Ok(compressed)
+}
+
+/// Sends one text message on every connection and waits for its echo.
+async fn check_echo(conns: &mut [Connected]) -> io::Result<()> {
+    let mut frame = Vec::new();
+    client::push_frame(&mut frame, OP_TEXT, b"still there?");
+    let checks = conns.iter_mut().map(
+        |Connected {
+             stream, leftover, ..
+         }| {
+            let frame = &frame;
+            async move {
+                stream.write_all(frame).await?;
+                let mut reader = FrameReader::new(0, leftover);
+                loop {
+                    let mut echoed = false;
+                    reader.parse(|f| echoed |= f.opcode == OP_TEXT && f.len == 12)?;
+                    if echoed {
+                        return Ok::<_, io::Error>(());
+                    }
+                    if reader.read(stream).await? == 0 {
+                        return Err(io::Error::other("closed instead of echoing"));
+                    }
+                }
+            }
+        },
+    );
     let all = futures_util::future::join_all(checks);
     let results = tokio::time::timeout(Duration::from_secs(30), all)
         .await
@@ -624,6 +849,10 @@ struct BroadcastSpec {
     subscribers: usize,
     size: usize,
     window: u64,
+    /// Text messages (sequence and time in decimal), for permessage-deflate.
+    text: bool,
+    /// Every Nth subscriber inflates compressed messages.
+    inflate_every: usize,
     warmup: Duration,
     duration: Duration,
 }
@@ -646,6 +875,50 @@ struct BroadcastState {
     stalls: Cell<u64>,
     hist: RefCell<Histogram<u64>>,
     failures: RefCell<Vec<String>>,
+    /// Subscribers whose response accepted permessage-deflate.
+    negotiated: Cell<u64>,
+    /// Deliveries that came compressed, and their payload bytes.
+    compressed: Cell<u64>,
+    wire_bytes: Cell<u64>,
+    /// Compressed deliveries inflated and checked.
+    inflated: Cell<u64>,
+    /// What every text message holds after its sequence and time.
+    text_tail: Vec<u8>,
+}
+
+/// The length of a text message's head: sequence and send time in
+/// decimal, 20 digits each, a space after each.
+const TEXT_HEAD: usize = 42;
+
+/// The words after a text message's head, `size` bytes in all.
+fn text_tail(size: usize) -> Vec<u8> {
+    let words = b"the hub compresses each message once for every subscriber; ";
+    words
+        .iter()
+        .copied()
+        .cycle()
+        .take(size.saturating_sub(TEXT_HEAD))
+        .collect()
+}
+
+/// Sequence number and send time of a delivered payload.
+fn seq_and_time(payload: &[u8], text: bool, tail: &[u8]) -> io::Result<(u64, u64)> {
+    if !text {
+        let seq = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
+        let sent = u64::from_le_bytes(payload[8..16].try_into().expect("8 bytes"));
+        return Ok((seq, sent));
+    }
+    let bad = || io::Error::other("a text message that was not published");
+    if payload.len() != TEXT_HEAD + tail.len() || &payload[TEXT_HEAD..] != tail {
+        return Err(bad());
+    }
+    let number = |field: &[u8]| -> io::Result<u64> {
+        std::str::from_utf8(field)
+            .ok()
+            .and_then(|d| d.parse().ok())
+            .ok_or_else(bad)
+    };
+    Ok((number(&payload[..20])?, number(&payload[21..41])?))
 }
 
 impl BroadcastState {
@@ -673,21 +946,34 @@ async fn broadcast(common: &Common, path: &str, spec: BroadcastSpec) -> io::Resu
         stalls: Cell::new(0),
         hist: RefCell::new(histogram()),
         failures: RefCell::new(Vec::new()),
+        negotiated: Cell::new(0),
+        compressed: Cell::new(0),
+        wire_bytes: Cell::new(0),
+        inflated: Cell::new(0),
+        text_tail: text_tail(spec.size),
     });
-    let mut tasks: Vec<JoinHandle<()>> = subscribers
-        .into_iter()
-        .map(|(stream, leftover)| {
-            let state = Rc::clone(&state);
-            tokio::task::spawn_local(async move {
-                if let Err(err) = subscriber(stream, leftover, &state).await {
-                    state.failures.borrow_mut().push(err.to_string());
-                }
-            })
-        })
-        .collect();
+    let mut tasks: Vec<JoinHandle<()>> = Vec::with_capacity(subscribers.len() + 2);
+    for (i, conn) in subscribers.into_iter().enumerate() {
+        let params = Params::from_response(conn.extensions.as_deref())?;
+        BroadcastState::add(&state.negotiated, u64::from(params.is_some()));
+        let sub = Subscriber {
+            text: spec.text,
+            inflater: params
+                .filter(|_| i % spec.inflate_every == 0)
+                .as_ref()
+                .map(Inflater::new),
+            negotiated: params.is_some(),
+        };
+        let state = Rc::clone(&state);
+        tasks.push(tokio::task::spawn_local(async move {
+            if let Err(err) = sub.run(conn.stream, conn.leftover, &state).await {
+                state.failures.borrow_mut().push(err.to_string());
+            }
+        }));
+    }
     // Let the server register every subscriber before anything is published.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let (publisher, _) = common.connect(spec.subscribers, path).await?;
+    let publisher = common.connect(spec.subscribers, path).await?.stream;
     let (mut drain, writer) = publisher.into_split();
     // The publisher gets its own messages too: read and forget them.
     tasks.push(tokio::task::spawn_local(async move {
@@ -700,9 +986,9 @@ async fn broadcast(common: &Common, path: &str, spec: BroadcastSpec) -> io::Resu
     }));
     {
         let state = Rc::clone(&state);
-        let (size, window) = (spec.size, spec.window);
+        let (size, window, text) = (spec.size, spec.window, spec.text);
         tasks.push(tokio::task::spawn_local(async move {
-            if let Err(err) = publish(writer, size, window, &state).await {
+            if let Err(err) = publish(writer, size, window, text, &state).await {
                 state
                     .failures
                     .borrow_mut()
@@ -732,6 +1018,20 @@ async fn broadcast(common: &Common, path: &str, spec: BroadcastSpec) -> io::Resu
         .set("dropped", state.dropped.get() as f64)
         .set("stalls", state.stalls.get() as f64)
         .set("seconds", elapsed);
+    if spec.text {
+        let compressed = state.compressed.get() as f64;
+        outcome
+            .set(
+                "deflate",
+                state.negotiated.get() as f64 / spec.subscribers as f64,
+            )
+            .set("compressed_share", compressed / deliveries.max(1.0))
+            .set("inflated", state.inflated.get() as f64)
+            .set(
+                "wire_bytes_per_delivery",
+                state.wire_bytes.get() as f64 / deliveries.max(1.0),
+            );
+    }
     percentiles(&mut outcome, &state.hist.borrow());
     cpu(&mut outcome, &cpu_start, &cpu_end);
     Ok(outcome)
@@ -743,11 +1043,15 @@ async fn publish(
     mut writer: tokio::net::tcp::OwnedWriteHalf,
     size: usize,
     window: u64,
+    text: bool,
     state: &BroadcastState,
 ) -> io::Result<()> {
     let mut next = 1u64;
     let mut batch = Vec::new();
     let mut payload = vec![0u8; size];
+    if text {
+        payload[TEXT_HEAD..].copy_from_slice(&state.text_tail);
+    }
     loop {
         let allowed = state.completed.get() + window;
         if next <= allowed {
@@ -756,9 +1060,17 @@ async fn publish(
             let mut count = 0;
             while next <= allowed && count < 64 {
                 state.seen.borrow_mut()[next as usize % RING] = 0;
-                payload[..8].copy_from_slice(&next.to_le_bytes());
-                payload[8..16].copy_from_slice(&now.to_le_bytes());
-                client::push_frame(&mut batch, OP_BINARY, &payload);
+                if text {
+                    // Sent uncompressed (RFC 7692 §6): the server's
+                    // compression is what is measured.
+                    let head = format!("{next:020} {now:020} ");
+                    payload[..TEXT_HEAD].copy_from_slice(head.as_bytes());
+                    client::push_frame(&mut batch, OP_TEXT, &payload);
+                } else {
+                    payload[..8].copy_from_slice(&next.to_le_bytes());
+                    payload[8..16].copy_from_slice(&now.to_le_bytes());
+                    client::push_frame(&mut batch, OP_BINARY, &payload);
+                }
                 next += 1;
                 count += 1;
             }
@@ -778,55 +1090,123 @@ async fn publish(
     }
 }
 
-async fn subscriber(
-    mut stream: TcpStream,
-    leftover: Vec<u8>,
-    state: &BroadcastState,
-) -> io::Result<()> {
-    let mut reader = FrameReader::new(64 << 10, &leftover);
-    let mut last = 0u64;
-    let n = state.subscribers;
-    loop {
-        let mut result = Ok(());
-        let now = state.now_ns();
-        let measuring = state.measuring.get();
-        reader.parse(|f| {
-            if f.opcode == OP_CLOSE {
-                result = Err(io::Error::other("the server sent a Close"));
-                return;
-            }
-            let Some(p) = f.payload.filter(|p| f.opcode == OP_BINARY && p.len() >= 16) else {
-                return;
-            };
-            let seq = u64::from_le_bytes(p[..8].try_into().expect("8 bytes"));
-            let sent = u64::from_le_bytes(p[8..16].try_into().expect("8 bytes"));
-            if measuring {
-                BroadcastState::add(&state.deliveries, 1);
-                let us = now.saturating_sub(sent) / 1000;
-                state.hist.borrow_mut().saturating_record(us.max(1));
-            }
-            if seq > last {
-                let mut seen = state.seen.borrow_mut();
-                for s in last + 1..=seq {
-                    if s < seq && measuring {
-                        BroadcastState::add(&state.dropped, 1);
+/// One subscriber's reading side.
+struct Subscriber {
+    /// Text messages are expected (binary otherwise).
+    text: bool,
+    /// Set on the sampled subscribers that negotiated permessage-deflate:
+    /// they inflate what comes compressed. The others take the next
+    /// sequence number for a compressed message (a connection's messages
+    /// arrive in order), which makes drops invisible on them.
+    inflater: Option<Inflater>,
+    negotiated: bool,
+}
+
+impl Subscriber {
+    async fn run(
+        mut self,
+        mut stream: TcpStream,
+        leftover: Vec<u8>,
+        state: &BroadcastState,
+    ) -> io::Result<()> {
+        let mut reader = FrameReader::new(64 << 10, &leftover);
+        let mut last = 0u64;
+        let n = state.subscribers;
+        let want = if self.text { OP_TEXT } else { OP_BINARY };
+        loop {
+            let mut result = Ok(());
+            let now = state.now_ns();
+            let measuring = state.measuring.get();
+            reader.parse(|f| {
+                if result.is_err() {
+                    return;
+                }
+                if f.opcode == OP_CLOSE {
+                    result = Err(io::Error::other("the server sent a Close"));
+                    return;
+                }
+                if f.opcode != want {
+                    return;
+                }
+                let delivery = match self.delivered(&f, last, state) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        result = Err(e);
+                        return;
                     }
-                    let slot = &mut seen[s as usize % RING];
-                    *slot += 1;
-                    if *slot == n && s > state.completed.get() {
-                        state.completed.set(s);
-                        state.progress.notify_one();
+                };
+                let Some((seq, sent)) = delivery else {
+                    return;
+                };
+                if measuring {
+                    BroadcastState::add(&state.deliveries, 1);
+                    if f.rsv1 {
+                        BroadcastState::add(&state.compressed, 1);
+                    }
+                    BroadcastState::add(&state.wire_bytes, f.len);
+                    if let Some(sent) = sent {
+                        let us = now.saturating_sub(sent) / 1000;
+                        state.hist.borrow_mut().saturating_record(us.max(1));
                     }
                 }
-                last = seq;
+                if seq > last {
+                    let mut seen = state.seen.borrow_mut();
+                    for s in last + 1..=seq {
+                        if s < seq && measuring {
+                            BroadcastState::add(&state.dropped, 1);
+                        }
+                        let slot = &mut seen[s as usize % RING];
+                        *slot += 1;
+                        if *slot == n && s > state.completed.get() {
+                            state.completed.set(s);
+                            state.progress.notify_one();
+                        }
+                    }
+                    last = seq;
+                }
+            })?;
+            result?;
+            if reader.read(&mut stream).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection",
+                ));
             }
-        })?;
-        result?;
-        if reader.read(&mut stream).await? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the server closed the connection",
+        }
+    }
+
+    /// The sequence number of a delivered frame and, if read, its send time.
+    fn delivered(
+        &mut self,
+        f: &client::FrameInfo<'_>,
+        last: u64,
+        state: &BroadcastState,
+    ) -> io::Result<Option<(u64, Option<u64>)>> {
+        let Some(payload) = f.payload else {
+            return Err(io::Error::other(format!(
+                "a message of {} bytes, larger than published",
+                f.len
+            )));
+        };
+        if !f.rsv1 {
+            if payload.len() < 16 {
+                return Ok(None);
+            }
+            let (seq, sent) = seq_and_time(payload, self.text, &state.text_tail)?;
+            return Ok(Some((seq, Some(sent))));
+        }
+        if !self.negotiated {
+            return Err(io::Error::other(
+                "RSV1 set without permessage-deflate agreed",
             ));
         }
+        let Some(inflater) = self.inflater.as_mut() else {
+            return Ok(Some((last + 1, None)));
+        };
+        let max = TEXT_HEAD + state.text_tail.len();
+        let text = inflater.inflate(payload, max)?;
+        BroadcastState::add(&state.inflated, 1);
+        let (seq, sent) = seq_and_time(&text, self.text, &state.text_tail)?;
+        Ok(Some((seq, Some(sent))))
     }
 }
