@@ -186,6 +186,14 @@ impl Task {
         let mut inner = shared.lock();
         let reason = match outcome {
             Ok(()) => CloseReason::normal(),
+            Err(failure) if failure.is_the_peers() => {
+                // A handler that passes on what `recv` or `send` returned
+                // (`?`) when the peer broke the rules, timed out or went
+                // away: routine on a server, and the connection has already
+                // ended with its own code.
+                tracing::debug!(peer = %self.peer, "WebSocket handler ended on the peer's error: {failure}");
+                CloseReason::normal()
+            }
             Err(failure) => {
                 tracing::error!(peer = %self.peer, "WebSocket handler failed: {failure}");
                 // Details could be sensitive: the peer only learns that it failed.
@@ -269,6 +277,15 @@ impl Task {
         let mut again = self.finish_transport(inner, cx, now);
         if (inner.conn.is_closed() || inner.transport_done) && !self.end_announced {
             self.end_announced = true;
+            if let Some(termination) = inner.termination() {
+                let reason = termination.close_reason();
+                tracing::debug!(
+                    peer = %self.peer,
+                    code = reason.code.0,
+                    reason = %reason.reason,
+                    "WebSocket session ended"
+                );
+            }
             inner.wake_all();
         }
         if std::mem::take(&mut self.read_waits_for_handler) && !inner.reading_paused {
@@ -633,6 +650,26 @@ impl Future for Driver {
 enum HandlerFailure {
     Error(BoxError),
     Panic(Box<dyn Any + Send>),
+}
+
+impl HandlerFailure {
+    /// Whether the handler only returned the session's report of what the
+    /// peer did (a protocol error, a ping timeout, a lost connection, a
+    /// session already closed by the peer).
+    fn is_the_peers(&self) -> bool {
+        let HandlerFailure::Error(err) = self else {
+            return false;
+        };
+        matches!(
+            err.downcast_ref::<crate::Error>(),
+            Some(
+                crate::Error::Protocol(_)
+                    | crate::Error::PingTimeout
+                    | crate::Error::ConnectionLost
+                    | crate::Error::Closed
+            )
+        )
+    }
 }
 
 impl std::fmt::Display for HandlerFailure {

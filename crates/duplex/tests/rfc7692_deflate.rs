@@ -128,7 +128,11 @@ fn noisy_text(len: usize) -> Vec<u8> {
 /// Sends `text` uncompressed and returns the compressed echo's payload size
 /// and its inflation by `inflater` (which keeps its window, as a client
 /// that allows context takeover does).
-async fn echo_size(client: &mut RawClient, inflater: &mut flate2::Decompress, text: &[u8]) -> usize {
+async fn echo_size(
+    client: &mut RawClient,
+    inflater: &mut flate2::Decompress,
+    text: &[u8],
+) -> usize {
     client.send_final(0x1, text).await;
     let frame = client.read_frame().await;
     assert_eq!(frame.rsv, 0x40, "the echo is compressed (RSV1)");
@@ -144,13 +148,14 @@ async fn echo_size(client: &mut RawClient, inflater: &mut flate2::Decompress, te
 
 async fn deflate_mirror(deflate: Deflate) -> Server {
     let websockets = WebSockets::default().extension(deflate).unwrap();
-    let app = App::new()
-        .install(websockets)
-        .web_socket("/mirror", |mut session: Session| async move {
-            while let Ok(Some(message)) = session.recv().await {
-                let _ = session.send(message).await;
-            }
-        });
+    let app =
+        App::new()
+            .install(websockets)
+            .web_socket("/mirror", |mut session: Session| async move {
+                while let Ok(Some(message)) = session.recv().await {
+                    let _ = session.send(message).await;
+                }
+            });
     Server::start(app).await
 }
 
@@ -160,7 +165,10 @@ async fn deflate_mirror(deflate: Deflate) -> Server {
 #[tokio::test]
 async fn rfc7692_7_1_1_1_by_default_every_message_is_compressed_alone() {
     let server = deflate_mirror(Deflate::default()).await;
-    let request = upgrade_request("/mirror", "Sec-WebSocket-Extensions: permessage-deflate\r\n");
+    let request = upgrade_request(
+        "/mirror",
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+    );
     let (response, mut client) = RawClient::request(server.addr, request).await;
     assert_eq!(response.status, 101);
     assert!(
@@ -174,7 +182,10 @@ async fn rfc7692_7_1_1_1_by_default_every_message_is_compressed_alone() {
     let mut inflater = flate2::Decompress::new(false);
     let first = echo_size(&mut client, &mut inflater, &text).await;
     let second = echo_size(&mut client, &mut inflater, &text).await;
-    assert_eq!(first, second, "no context: the repeat compresses as the first did");
+    assert_eq!(
+        first, second,
+        "no context: the repeat compresses as the first did"
+    );
 }
 
 /// With context takeover turned on, the server's compressor keeps its
@@ -184,14 +195,18 @@ async fn rfc7692_7_1_1_1_by_default_every_message_is_compressed_alone() {
 /// client that kept its own window still inflates (§7.1.1.1 allows a server
 /// to stop using context at any time; only the client's window must stay).
 #[tokio::test]
-async fn rfc7692_7_1_1_1_an_idle_connection_releases_its_compressor_and_its_client_still_inflates() {
+async fn rfc7692_7_1_1_1_an_idle_connection_releases_its_compressor_and_its_client_still_inflates()
+{
     let idle = std::time::Duration::from_millis(300);
     let deflate = Deflate::default()
         .server_no_context_takeover(false)
         .client_no_context_takeover(false)
         .release_compressor_after(Some(idle));
     let server = deflate_mirror(deflate).await;
-    let request = upgrade_request("/mirror", "Sec-WebSocket-Extensions: permessage-deflate\r\n");
+    let request = upgrade_request(
+        "/mirror",
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+    );
     let (response, mut client) = RawClient::request(server.addr, request).await;
     assert_eq!(response.status, 101);
     assert_eq!(
@@ -214,5 +229,8 @@ async fn rfc7692_7_1_1_1_an_idle_connection_releases_its_compressor_and_its_clie
         "after {idle:?} idle the compressor started again from an empty window"
     );
     let repeat_again = echo_size(&mut client, &mut inflater, &text).await;
-    assert!(repeat_again * 10 < first, "and keeps context again while busy");
+    assert!(
+        repeat_again * 10 < first,
+        "and keeps context again while busy"
+    );
 }
