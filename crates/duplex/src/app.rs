@@ -21,6 +21,7 @@ use crate::{
     config::WebSockets,
     endpoint,
     handler::Handler,
+    lifecycle::ServedConfigs,
     session::{RawSession, Session},
     tls::{TlsListener, rustls},
 };
@@ -217,7 +218,10 @@ impl App {
 
     /// Serves until `signal` completes, then stops accepting, closes every
     /// session with 1001 "Server shutting down" and waits for them, up to the
-    /// shutdown grace.
+    /// shutdown grace. Every session means those of every WebSocket route
+    /// this App has served, whichever [`WebSockets`] it was built with (a
+    /// route mounted with [`route`](Self::route) or [`merge`](Self::merge)
+    /// included): each route notes its configuration on its first request.
     ///
     /// # Errors
     /// An I/O error of the listener.
@@ -303,6 +307,9 @@ impl App {
             .max_header_size(self.max_header_bytes)
             .max_buf_size(self.max_header_bytes.max(64 * 1024));
         let router = self.into_router();
+        // Every WebSocket route notes its configuration here on its first
+        // request, whichever configuration it was built with.
+        let served = ServedConfigs::default();
         // Stops HTTP connections between requests on shutdown; upgraded ones
         // are the sessions' business (1001 through `WebSockets::shutdown`).
         let stopping = CancellationToken::new();
@@ -322,9 +329,11 @@ impl App {
                 continue;
             }
             let router = router.clone();
+            let served = served.clone();
             let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
                 let mut request = request.map(Body::new);
                 request.extensions_mut().insert(ConnectInfo(peer));
+                request.extensions_mut().insert(served.clone());
                 Service::call(&mut router.clone(), request)
             });
             let connection = http
@@ -350,7 +359,7 @@ impl App {
         // together, and `serve` returns within the grace period.
         let deadline = tokio::time::Instant::now() + grace;
         let ws = websockets.clone();
-        let sessions = tokio::spawn(async move { ws.shutdown(grace).await });
+        let sessions = tokio::spawn(async move { served.shutdown(&ws.lifecycle, grace).await });
         stopping.cancel();
         connections.close();
         if tokio::time::timeout_at(deadline, connections.wait())

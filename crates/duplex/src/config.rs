@@ -296,8 +296,36 @@ impl WebSockets {
     }
 
     /// Closes every live session of this configuration with 1001 "Server
-    /// shutting down" and waits, up to `grace`, until they are gone.
+    /// shutting down" and waits, up to `grace`, until they are gone; at
+    /// `grace` the sessions still open are dropped, handlers included.
     /// New upgrades are refused with 503 from then on.
+    ///
+    /// [`App`](crate::App) calls this for every configuration its routes
+    /// use. Serving a router yourself, call it for each configuration once
+    /// axum's graceful shutdown has begun:
+    ///
+    /// ```no_run
+    /// # async fn run(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    /// use std::time::Duration;
+    /// let ws = duplex::WebSockets::default();
+    /// let router = axum::Router::new().route("/ws", duplex::web_socket(&ws, |_s: duplex::Session| async {}));
+    /// let (started, sessions) = tokio::sync::oneshot::channel();
+    /// let closing = ws.clone();
+    /// axum::serve(listener, router)
+    ///     .with_graceful_shutdown(async move {
+    ///         let _ = tokio::signal::ctrl_c().await;
+    ///         // 1001 to every session at once, then up to 10 s for them to end.
+    ///         let wait = tokio::spawn(async move { closing.shutdown(Duration::from_secs(10)).await });
+    ///         let _ = started.send(wait);
+    ///     })
+    ///     .await?;
+    /// // Upgraded connections are not axum's to wait for: wait for the sessions.
+    /// if let Ok(wait) = sessions.await {
+    ///     let _ = wait.await;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn shutdown(&self, grace: Duration) {
         self.lifecycle.shutdown(grace).await;
     }

@@ -4,7 +4,7 @@
 use std::{
     pin::Pin,
     sync::{
-        Arc, OnceLock,
+        Arc, Mutex, OnceLock, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Waker},
@@ -81,6 +81,42 @@ impl Lifecycle {
                 "sessions still running after the shutdown grace period"
             );
         }
+    }
+}
+
+/// The configurations whose routes an `App` has served, put in every
+/// request it serves: a WebSocket route notes its configuration there, so
+/// that the App's shutdown reaches sessions of routes built with any
+/// configuration (`App::route(path, duplex::web_socket(&other, ..))`).
+#[derive(Clone, Default)]
+pub(crate) struct ServedConfigs(Arc<Mutex<Vec<Lifecycle>>>);
+
+impl ServedConfigs {
+    /// Notes `lifecycle` once.
+    pub(crate) fn note(&self, lifecycle: &Lifecycle) {
+        let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if !seen
+            .iter()
+            .any(|l| Arc::ptr_eq(&l.started, &lifecycle.started))
+        {
+            seen.push(lifecycle.clone());
+        }
+    }
+
+    /// Shuts every noted configuration down, with `also`, at once (one
+    /// grace period for all).
+    pub(crate) async fn shutdown(&self, also: &Lifecycle, grace: Duration) {
+        self.note(also);
+        let all = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut waits = tokio::task::JoinSet::new();
+        for lifecycle in all {
+            waits.spawn(async move { lifecycle.shutdown(grace).await });
+        }
+        while waits.join_next().await.is_some() {}
     }
 }
 

@@ -178,6 +178,42 @@ async fn shutdown_drops_sessions_still_open_when_the_grace_period_ends() {
     client.expect_eof().await;
 }
 
+/// RFC 6455 §7.4.1 (1001 "going away"): the App's graceful shutdown reaches
+/// every WebSocket route it serves, also one built with another
+/// configuration and mounted with `App::route`.
+#[tokio::test]
+async fn shutdown_sends_1001_on_every_route_whatever_its_configuration() {
+    let other = WebSockets::default().max_message_size(1 << 16);
+    let echo = |session: Session| async move {
+        let mut session = session;
+        while let Ok(Some(message)) = session.recv().await {
+            let _ = session.send(message).await;
+        }
+    };
+    let app = App::new()
+        .shutdown_grace(Duration::from_secs(2))
+        .web_socket("/installed", echo)
+        .route("/other", duplex::web_socket(&other, echo));
+    let server = Server::start(app).await;
+    let installed = RawClient::connect(server.addr, "/installed").await;
+    let routed = RawClient::connect(server.addr, "/other").await;
+    let stopping = tokio::spawn(server.shutdown());
+    for mut client in [installed, routed] {
+        assert_eq!(client.read_close().await.0, CloseCode::GOING_AWAY.0);
+        client.send_close(1001, "").await;
+        client.expect_eof().await;
+    }
+    stopping
+        .await
+        .expect("the shutdown task")
+        .expect("serve returns Ok");
+    assert_eq!(
+        other.live_sessions(),
+        0,
+        "the routed configuration's session ended"
+    );
+}
+
 /// Who the bearer token says the client is.
 #[derive(Debug, Clone, PartialEq)]
 struct User(String);
