@@ -11,12 +11,14 @@ pub enum ConvertError {
     /// given a binary message, for instance).
     #[error("the converter does not accept {0} messages")]
     UnsupportedMessage(&'static str),
-    /// The payload is not a valid encoding of the requested type.
+    /// The payload is not a valid encoding of the requested type; the
+    /// source is the error the format reported (with its position, for
+    /// [`JsonConverter`]).
     #[error("could not decode the message: {0}")]
-    Decode(String),
-    /// The value could not be encoded.
+    Decode(#[source] crate::BoxError),
+    /// The value could not be encoded; the source is the format's error.
     #[error("could not encode the value: {0}")]
-    Encode(String),
+    Encode(#[source] crate::BoxError),
 }
 
 /// The deserializer a converter hands to the caller's visitor.
@@ -56,7 +58,7 @@ impl ContentConverter for JsonConverter {
     fn encode(&self, value: &dyn erased_serde::Serialize) -> Result<Message, ConvertError> {
         serde_json::to_string(value)
             .map(Message::from)
-            .map_err(|e| ConvertError::Encode(e.to_string()))
+            .map_err(|e| ConvertError::Encode(e.into()))
     }
 
     fn decode(
@@ -71,8 +73,8 @@ impl ContentConverter for JsonConverter {
         };
         let mut json = serde_json::Deserializer::from_str(text);
         let mut erased = <dyn erased_serde::Deserializer>::erase(&mut json);
-        visit(&mut erased).map_err(|e| ConvertError::Decode(e.to_string()))?;
-        json.end().map_err(|e| ConvertError::Decode(e.to_string()))
+        visit(&mut erased).map_err(|e| ConvertError::Decode(e.into()))?;
+        json.end().map_err(|e| ConvertError::Decode(e.into()))
     }
 }
 
@@ -123,6 +125,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ConvertError::Decode(_)));
+        let source = std::error::Error::source(&err).expect("the format's error is the source");
+        assert!(source.to_string().contains("trailing"), "{source}");
     }
 
     #[test]

@@ -111,6 +111,8 @@ pub mod tls;
 
 pub use app::App;
 pub use axum;
+/// The byte buffers of messages and frames ([`Message::binary`], payloads).
+pub use bytes;
 pub use client::{Client, ClientError, connect};
 pub use config::{ExtensionConflict, WebSockets};
 pub use convert::{ContentConverter, ConvertError, ErasedDeserializer, JsonConverter};
@@ -126,11 +128,15 @@ pub use endpoint::{
 /// The crate of [`ContentConverter`]'s signatures, for implementing one.
 pub use erased_serde;
 pub use error::{BoxError, Error};
+/// `Sink`, which [`Sender`] and the sessions implement.
+pub use futures_sink::Sink;
 pub use handler::{Handler, IntoOutcome};
 pub use handshake::Rejection;
+/// The HTTP types of [`Request`] (headers, method, URI, status).
+pub use http;
 pub use hub::{
     Backplane, BackplaneSink, Envelope, Hub, HubBuilder, InMemoryBackplane, Membership, SessionId,
     SlowConsumer, Target,
 };
 pub use request::Request;
-pub use session::{Incoming, RawSession, Sender, Session, TrySendError};
+pub use session::{Incoming, RawSession, Receiver, Sender, Session, TrySendError};

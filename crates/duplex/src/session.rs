@@ -4,7 +4,6 @@
 use std::{
     fmt,
     future::poll_fn,
-    ops::Deref,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -350,6 +349,79 @@ impl Sender {
     pub fn is_closed(&self) -> bool {
         !self.shared.lock().conn.can_send()
     }
+
+    /// Queues a message now, room or not (the caller checked).
+    fn queue_now(&self, message: Message) -> Result<(), Error> {
+        if self.shared.has_codec() {
+            return self.send_through_codec(message, None).map_err(Error::from);
+        }
+        let mut inner = self.shared.lock();
+        let result = inner.conn.send_message(message).map_err(Error::from);
+        inner.wake_driver(None);
+        result
+    }
+}
+
+/// A `Sink` of whole messages, for `futures` combinators
+/// (`stream.forward(sender)`, `sink.send(m)`): ready while the outgoing
+/// buffer has room (as [`Sender::send`] waits), flushed once what was
+/// queued is written, closed with 1000 (the closing handshake then runs as
+/// after [`Sender::close`]).
+///
+/// ```no_run
+/// use futures_util::{SinkExt, StreamExt};
+/// # async fn demo(session: duplex::Session) -> Result<(), duplex::Error> {
+/// let (mut sender, receiver) = session.split();
+/// // Echo: every message received goes back, through the Sink.
+/// receiver
+///     .filter_map(|m| async move { m.ok() })
+///     .map(Ok)
+///     .forward(&mut sender)
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
+impl futures_sink::Sink<Message> for Sender {
+    type Error = Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let mut inner = self.shared.lock();
+        if !inner.conn.can_send() {
+            return Poll::Ready(Err(Error::Closed));
+        }
+        if inner.has_room() {
+            return Poll::Ready(Ok(()));
+        }
+        inner.register_send(cx);
+        Poll::Pending
+    }
+
+    fn start_send(self: Pin<&mut Self>, message: Message) -> Result<(), Error> {
+        self.queue_now(message)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let mut inner = self.shared.lock();
+        let queued = inner.conn.write_queue_len() as u64;
+        if queued == 0 || inner.transport_done {
+            return Poll::Ready(Ok(()));
+        }
+        let mark = inner.written + queued;
+        inner.register_flush(mark, cx);
+        inner.wake_driver(Some(cx));
+        Poll::Pending
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        {
+            let mut inner = self.shared.lock();
+            if inner.conn.can_send() {
+                let _ = inner.conn.close(Inner::now(), CloseReason::normal());
+                inner.wake_driver(Some(cx));
+            }
+        }
+        self.poll_flush(cx)
+    }
 }
 
 #[cfg(test)]
@@ -394,7 +466,8 @@ impl Sender {
 }
 
 /// What both kinds of session offer besides receiving: a sender for other
-/// tasks, the request, the subprotocol, and sending through `Deref`.
+/// tasks, the request, the subprotocol, the [`Sender`]'s methods, and
+/// `Sink`.
 macro_rules! session_handle {
     ($session:ty) => {
         impl $session {
@@ -413,12 +486,120 @@ macro_rules! session_handle {
             pub fn protocol(&self) -> Option<&str> {
                 self.protocol.as_deref()
             }
+
+            /// [`Sender::send`].
+            ///
+            /// # Errors
+            /// As [`Sender::send`].
+            pub async fn send(&self, message: impl Into<Message>) -> Result<(), Error> {
+                self.sender.send(message).await
+            }
+
+            /// [`Sender::send_text`].
+            ///
+            /// # Errors
+            /// As [`Sender::send`].
+            pub async fn send_text(&self, text: impl Into<String>) -> Result<(), Error> {
+                self.sender.send_text(text).await
+            }
+
+            /// [`Sender::send_binary`].
+            ///
+            /// # Errors
+            /// As [`Sender::send`].
+            pub async fn send_binary(&self, data: impl Into<Bytes>) -> Result<(), Error> {
+                self.sender.send_binary(data).await
+            }
+
+            /// [`Sender::try_send`].
+            ///
+            /// # Errors
+            /// As [`Sender::try_send`].
+            pub fn try_send(&self, message: impl Into<Message>) -> Result<(), TrySendError> {
+                self.sender.try_send(message)
+            }
+
+            /// [`Sender::send_json`].
+            ///
+            /// # Errors
+            /// As [`Sender::send_json`].
+            pub async fn send_json<T: serde::Serialize>(&self, value: &T) -> Result<(), Error> {
+                self.sender.send_json(value).await
+            }
+
+            /// [`Sender::send_frame`].
+            ///
+            /// # Errors
+            /// As [`Sender::send_frame`].
+            pub async fn send_frame(&self, frame: Frame) -> Result<(), Error> {
+                self.sender.send_frame(frame).await
+            }
+
+            /// [`Sender::ping`].
+            ///
+            /// # Errors
+            /// As [`Sender::send_frame`].
+            pub async fn ping(&self, payload: impl Into<Bytes>) -> Result<(), Error> {
+                self.sender.ping(payload).await
+            }
+
+            /// [`Sender::flush`].
+            pub async fn flush(&self) {
+                self.sender.flush().await
+            }
+
+            /// [`Sender::close`].
+            ///
+            /// # Errors
+            /// As [`Sender::close`].
+            pub async fn close(&self, reason: CloseReason) -> Result<(), Error> {
+                self.sender.close(reason).await
+            }
+
+            /// [`Sender::close_now`].
+            pub fn close_now(&self, reason: CloseReason) {
+                self.sender.close_now(reason)
+            }
+
+            /// [`Sender::close_reason`].
+            pub async fn close_reason(&self) -> CloseReason {
+                self.sender.close_reason().await
+            }
+
+            /// [`Sender::try_close_reason`].
+            pub fn try_close_reason(&self) -> Option<CloseReason> {
+                self.sender.try_close_reason()
+            }
+
+            /// [`Sender::terminate`].
+            pub fn terminate(&self) {
+                self.sender.terminate()
+            }
+
+            /// [`Sender::is_closed`].
+            pub fn is_closed(&self) -> bool {
+                self.sender.is_closed()
+            }
         }
 
-        impl Deref for $session {
-            type Target = Sender;
-            fn deref(&self) -> &Sender {
-                &self.sender
+        /// Sends as [`Sender`]'s `Sink` does.
+        impl futures_sink::Sink<Message> for $session {
+            type Error = Error;
+
+            fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+                Pin::new(&mut self.get_mut().sender).poll_ready(cx)
+            }
+
+            fn start_send(self: Pin<&mut Self>, message: Message) -> Result<(), Error> {
+                Pin::new(&mut self.get_mut().sender).start_send(message)
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+                Pin::new(&mut self.get_mut().sender).poll_flush(cx)
+            }
+
+            fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+                Pin::new(&mut self.get_mut().sender).poll_close(cx)
             }
         }
     };
@@ -427,8 +608,9 @@ macro_rules! session_handle {
 /// What the handler of a [`web_socket`](crate::App::web_socket) route gets:
 /// whole messages in, messages out, the closing handshake and pings handled.
 ///
-/// It dereferences to [`Sender`], so `session.send(...)` works, and
-/// `session.sender()` gives a clone for other tasks.
+/// It has the [`Sender`]'s methods (`session.send(...)`), is a `Stream` of
+/// its messages and a `Sink` for them, `session.sender()` gives a sender
+/// for other tasks, and [`split`](Session::split) owned halves.
 ///
 /// ```no_run
 /// async fn echo(mut session: duplex::Session) -> Result<(), duplex::Error> {
@@ -560,6 +742,92 @@ impl fmt::Debug for Session {
         f.debug_struct("Session")
             .field("path", &self.request.path())
             .field("protocol", &self.protocol)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A session is a `Stream` of its messages, as [`Session::incoming`]: it
+/// ends after the closing handshake, or after the error that failed the
+/// connection.
+impl Stream for Session {
+    type Item = Result<Message, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        this.poll_recv(cx).map(Result::transpose)
+    }
+}
+
+impl Session {
+    /// Splits the session into owned halves that can move to different
+    /// tasks: a [`Sender`] (cloneable) and a [`Receiver`].
+    ///
+    /// ```no_run
+    /// # async fn demo(session: duplex::Session) {
+    /// let (sender, mut receiver) = session.split();
+    /// tokio::spawn(async move {
+    ///     let _ = sender.send("from another task").await;
+    /// });
+    /// while let Ok(Some(message)) = receiver.recv().await {
+    ///     println!("{message:?}");
+    /// }
+    /// # }
+    /// ```
+    pub fn split(self) -> (Sender, Receiver) {
+        (self.sender.clone(), Receiver { session: self })
+    }
+}
+
+/// The receiving half of a [`Session`] (see [`Session::split`]): its
+/// messages, as a `Stream` too, and its request.
+pub struct Receiver {
+    session: Session,
+}
+
+impl Receiver {
+    /// [`Session::recv`].
+    ///
+    /// # Errors
+    /// As [`Session::recv`].
+    pub async fn recv(&mut self) -> Result<Option<Message>, Error> {
+        self.session.recv().await
+    }
+
+    /// [`Session::recv_json`].
+    ///
+    /// # Errors
+    /// As [`Session::recv_json`].
+    pub async fn recv_json<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, Error> {
+        self.session.recv_json().await
+    }
+
+    /// The upgrade request.
+    pub fn request(&self) -> &Request {
+        self.session.request()
+    }
+
+    /// Joins the halves again (any sender of the session will do: they all
+    /// feed the same connection).
+    pub fn unsplit(self) -> Session {
+        self.session
+    }
+}
+
+impl Stream for Receiver {
+    type Item = Result<Message, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.get_mut().session).poll_next(cx)
+    }
+}
+
+impl fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Receiver")
+            .field("path", &self.session.request.path())
             .finish_non_exhaustive()
     }
 }
