@@ -230,7 +230,7 @@ async fn echo(mut session: Session) -> Result<(), Error> {
         let Message::Text(text) = message else {
             continue;
         };
-        if text.as_str() == "bye" {
+        if text.as_str().eq_ignore_ascii_case("bye") {
             session
                 .close(CloseReason::new(CloseCode::NORMAL, "Client said BYE"))
                 .await?;

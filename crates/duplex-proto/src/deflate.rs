@@ -118,13 +118,21 @@ impl Deflate {
     }
 
     /// Compresses only messages for which `predicate` holds (Ktor's
-    /// `compressIf`), on top of the size threshold.
+    /// `compressIf`), on top of the size threshold. Called again, the
+    /// predicates combine: a message is compressed only if all hold, as in
+    /// Ktor. The predicate must depend on the message alone: sessions of
+    /// this configuration then still share one compression of a broadcast.
     #[must_use]
     pub fn compress_if(
         mut self,
         predicate: impl Fn(OpCode, &[u8]) -> bool + Send + Sync + 'static,
     ) -> Self {
-        self.predicate = Some(Arc::new(predicate));
+        self.predicate = Some(match self.predicate.take() {
+            None => Arc::new(predicate),
+            Some(before) => Arc::new(move |opcode, payload| {
+                before(opcode, payload) && predicate(opcode, payload)
+            }),
+        });
         self
     }
 
@@ -347,20 +355,30 @@ impl Extension for DeflateExtension {
         PERMESSAGE_DEFLATE
     }
 
-    /// Without server context takeover (and without a predicate, which could
-    /// depend on anything), every message compresses alone: connections
-    /// with the same level, window and threshold share the bytes.
+    /// Without server context takeover every message compresses alone:
+    /// connections with the same level, window, threshold and predicate
+    /// (the same `compress_if` of one configuration, told apart by its
+    /// address) share the bytes.
     fn shared_encoding(&self) -> Option<SharedEncoding> {
-        if !self.params.server_no_context_takeover || self.config.predicate.is_some() {
+        if !self.params.server_no_context_takeover {
             return None;
         }
         let level = self.config.level;
         let bits = self.params.server_max_window_bits;
         let threshold = self.config.threshold;
+        let predicate = self.config.predicate.clone();
+        let predicate_id = predicate
+            .as_ref()
+            .map_or(0, |p| Arc::as_ptr(p).cast::<()>() as usize);
         Some(SharedEncoding::new(
-            format!("{PERMESSAGE_DEFLATE}/level={level}/bits={bits}/threshold={threshold}"),
-            move |_opcode, payload| {
-                if bits < 9 || payload.len() <= threshold {
+            format!(
+                "{PERMESSAGE_DEFLATE}/level={level}/bits={bits}/threshold={threshold}/predicate={predicate_id:x}"
+            ),
+            move |opcode, payload| {
+                if bits < 9
+                    || payload.len() <= threshold
+                    || predicate.as_ref().is_some_and(|p| !p(opcode, payload))
+                {
                     return Ok((Rsv::NONE, Bytes::copy_from_slice(payload)));
                 }
                 Ok((Rsv::RSV1, compress_standalone(level, bits, payload)?))
@@ -952,6 +970,52 @@ mod rfc7692 {
                 ext.encode(OpCode::Binary, Bytes::from_static(b"some data"))
                     .unwrap()
                     .0,
+                Rsv::NONE
+            );
+        }
+
+        /// Ktor's `compressIf`: the conditions are ANDed.
+        #[test]
+        fn predicates_combine_with_and() {
+            let config = Deflate::default()
+                .compress_if_bigger_than(0)
+                .compress_if(|op, _| op == OpCode::Text)
+                .compress_if(|_, payload| payload.starts_with(b"z"));
+            let mut ext = DeflateExtension::new(config, params(false, 15));
+            let mut rsv =
+                |op, bytes: &'static [u8]| ext.encode(op, Bytes::from_static(bytes)).unwrap().0;
+            assert_eq!(rsv(OpCode::Text, b"zzzz text"), Rsv::RSV1);
+            assert_eq!(rsv(OpCode::Text, b"text"), Rsv::NONE);
+            assert_eq!(rsv(OpCode::Binary, b"zzzz data"), Rsv::NONE);
+        }
+
+        /// A predicate keeps compress-once broadcasting: sessions of one
+        /// configuration share an encoding (equal keys) that applies the
+        /// predicate; another configuration's predicate is another encoding.
+        #[test]
+        fn a_predicate_keeps_a_shared_encoding_per_configuration() {
+            let config = Deflate::default()
+                .compress_if_bigger_than(0)
+                .compress_if(|op, _| op == OpCode::Text);
+            let one = DeflateExtension::new(config.clone(), params(true, 15));
+            let two = DeflateExtension::new(config, params(true, 15));
+            let other = DeflateExtension::new(
+                Deflate::default()
+                    .compress_if_bigger_than(0)
+                    .compress_if(|op, _| op == OpCode::Text),
+                params(true, 15),
+            );
+            let shared = one
+                .shared_encoding()
+                .expect("still shared with a predicate");
+            assert_eq!(Some(&shared), two.shared_encoding().as_ref());
+            assert_ne!(Some(&shared), other.shared_encoding().as_ref());
+            assert_eq!(
+                shared.encode(OpCode::Text, b"some text").unwrap().0,
+                Rsv::RSV1
+            );
+            assert_eq!(
+                shared.encode(OpCode::Binary, b"some data").unwrap().0,
                 Rsv::NONE
             );
         }

@@ -22,7 +22,7 @@ async fn main() -> std::io::Result<()> {
                 let Message::Text(text) = message else {
                     continue;
                 };
-                if text.as_str() == "bye" {
+                if text.as_str().eq_ignore_ascii_case("bye") {
                     let reason = CloseReason::new(CloseCode::NORMAL, "Client said BYE");
                     session.close(reason).await?;
                 } else {
