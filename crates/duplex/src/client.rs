@@ -59,6 +59,18 @@ use crate::{
     socket::Socket,
 };
 
+/// The request headers the client writes itself, lowercase as
+/// `HeaderName` keeps them.
+const HANDSHAKE_HEADERS: [&str; 7] = [
+    "host",
+    "upgrade",
+    "connection",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-protocol",
+    "sec-websocket-extensions",
+];
+
 /// The largest response head accepted.
 const MAX_HEAD: usize = 16 << 10;
 
@@ -81,8 +93,8 @@ pub enum ClientError {
     #[error("handshake refused with status {0}")]
     Status(StatusCode),
     /// A header given to [`Client::header`] is not a valid HTTP header
-    /// name or value (a CR or LF in it could inject headers): nothing was
-    /// sent, no connection was made.
+    /// name or value (a CR or LF in it could inject headers), or is one the
+    /// handshake writes itself: nothing was sent, no connection was made.
     #[error("invalid request header: {0}")]
     InvalidHeader(String),
     /// The server's `Sec-WebSocket-Extensions` answer is not one our offer
@@ -165,9 +177,11 @@ impl Client {
     /// Adds a header to the upgrade request (authorization, origin, …).
     ///
     /// The name must be an HTTP token and the value free of control
-    /// characters (CR and LF above all): otherwise
-    /// [`connect`](Self::connect) fails with [`ClientError::InvalidHeader`]
-    /// before connecting.
+    /// characters (CR and LF above all), and the name none of the headers
+    /// the handshake writes itself (`Host`, `Upgrade`, `Connection`,
+    /// `Sec-WebSocket-Key`, `-Version`, `-Protocol`, `-Extensions`):
+    /// otherwise [`connect`](Self::connect) fails with
+    /// [`ClientError::InvalidHeader`] before connecting.
     #[must_use]
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
@@ -284,6 +298,13 @@ impl Client {
         for (name, value) in &self.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| ClientError::InvalidHeader(format!("name {name:?}")))?;
+            if HANDSHAKE_HEADERS.contains(&name.as_str()) {
+                // A second copy would break the handshake (two `Host`s are
+                // a 400, a second key a wrong accept key).
+                return Err(ClientError::InvalidHeader(format!(
+                    "{name} is written by the client itself (see protocols() and deflate())"
+                )));
+            }
             let value = HeaderValue::from_bytes(value.as_bytes())
                 .map_err(|_| ClientError::InvalidHeader(format!("value of {name}: {value:?}")))?;
             headers.append(name, value);

@@ -565,6 +565,11 @@ async fn header_with_cr_or_lf_is_refused_before_connecting() {
         ("X-Evil\r\nInjected", "1"),
         ("Bad Name", "1"),
         ("", "1"),
+        // Written by the handshake itself: a second copy would break it.
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("connection", "close"),
+        ("Host", "elsewhere.example"),
+        ("Sec-WebSocket-Extensions", "permessage-deflate"),
     ] {
         let err = within(
             "the refused header",
