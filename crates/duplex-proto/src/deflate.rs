@@ -283,7 +283,10 @@ impl Deflate {
 
     /// Reads the server's answer to [`client_offer`](Self::client_offer)
     /// as §7.1 says and returns the parameters for
-    /// [`DeflateExtension::client`].
+    /// [`DeflateExtension::client`]. An answer without the
+    /// `server_no_context_takeover` we offered is taken as it is (the
+    /// server's messages are then inflated with a window kept for the
+    /// connection), which is always safe.
     ///
     /// # Errors
     /// [`DeflateResponseError`] for an unknown or repeated parameter, a
