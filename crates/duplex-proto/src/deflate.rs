@@ -31,8 +31,12 @@ const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 /// Which messages to compress, beyond the size threshold.
 pub type CompressPredicate = Arc<dyn Fn(OpCode, &[u8]) -> bool + Send + Sync>;
 
-/// permessage-deflate's server configuration (Ktor's `WebSocketDeflateExtension`
-/// options, plus the window sizes Ktor cannot set).
+/// permessage-deflate's configuration (Ktor's `WebSocketDeflateExtension`
+/// options, plus the window sizes Ktor cannot set), for a server
+/// ([`ExtensionFactory`]) or a client ([`client_offer`](Self::client_offer),
+/// [`client_accept`](Self::client_accept)). The parameters keep their RFC
+/// names in both roles: `server_*` constrain the server's compressor,
+/// `client_*` the client's.
 ///
 /// ```
 /// use duplex_proto::Deflate;
@@ -145,6 +149,10 @@ impl Deflate {
     /// 128 KiB of it), for a better ratio on streams of similar messages;
     /// see [`release_compressor_after`](Self::release_compressor_after).
     /// A client's `server_no_context_takeover` is always honoured.
+    ///
+    /// In a client: offer `server_no_context_takeover`, asking the server
+    /// to compress each message alone, so that the client keeps no inflate
+    /// window between messages.
     #[must_use]
     pub fn server_no_context_takeover(mut self, on: bool) -> Self {
         self.server_no_context_takeover = on;
@@ -157,6 +165,10 @@ impl Deflate {
     /// Default **true**. `false` lets a client that does not offer it keep
     /// its context, and the server then holds an inflate state per
     /// connection (about 40 KiB) for the connection's life.
+    ///
+    /// In a client: compress each message alone (with the thread's
+    /// compressor) and say so in the offer; `false` keeps a compressor for
+    /// the connection unless the server's response asks otherwise.
     #[must_use]
     pub fn client_no_context_takeover(mut self, on: bool) -> Self {
         self.client_no_context_takeover = on;
@@ -175,7 +187,8 @@ impl Deflate {
     }
 
     /// The largest window the server compresses with, 9 to 15 (8 is
-    /// accepted from clients, see below). Default 15.
+    /// accepted from clients, see below). Default 15. In a client: below
+    /// 15, the largest window the offer allows the server.
     #[must_use]
     pub fn server_max_window_bits(mut self, bits: u8) -> Self {
         self.server_max_window_bits = bits.clamp(9, 15);
@@ -184,7 +197,9 @@ impl Deflate {
 
     /// The largest window the server asks clients to compress with, when
     /// they allow it (`client_max_window_bits` in their offer), 8 to 15.
-    /// Default 15.
+    /// Default 15. In a client: the largest window it compresses with
+    /// (the server's answer may lower it; 8 means messages go uncompressed,
+    /// zlib cannot produce a raw 8-bit window).
     #[must_use]
     pub fn client_max_window_bits(mut self, bits: u8) -> Self {
         self.client_max_window_bits = bits.clamp(8, 15);
@@ -239,6 +254,106 @@ fn window_bits(value: &str) -> Option<u8> {
         return None;
     }
     value.parse().ok().filter(|b| (8..=15).contains(b))
+}
+
+/// A server's `permessage-deflate` response that the client's offer did
+/// not allow (RFC 7692 §7.1): the client must fail the connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("permessage-deflate response refused: {0}")]
+pub struct DeflateResponseError(pub String);
+
+impl Deflate {
+    /// The client's offer for this configuration: `permessage-deflate`
+    /// with `client_max_window_bits` (bare at 15, which lets the server
+    /// pick any window, or with our limit as a hint), `server_max_window_bits`
+    /// below 15, and `server_no_context_takeover` /
+    /// `client_no_context_takeover` when they are on. With the defaults:
+    /// `permessage-deflate; server_no_context_takeover;
+    /// client_no_context_takeover; client_max_window_bits`.
+    pub fn client_offer(&self) -> ExtensionOffer {
+        let mut offer = ExtensionOffer::new(PERMESSAGE_DEFLATE);
+        if self.server_no_context_takeover {
+            offer = offer.param("server_no_context_takeover", None);
+        }
+        if self.client_no_context_takeover {
+            offer = offer.param("client_no_context_takeover", None);
+        }
+        if self.server_max_window_bits < 15 {
+            offer = offer.param(
+                "server_max_window_bits",
+                Some(self.server_max_window_bits.to_string()),
+            );
+        }
+        let client_bits =
+            (self.client_max_window_bits < 15).then(|| self.client_max_window_bits.to_string());
+        offer.param("client_max_window_bits", client_bits)
+    }
+
+    /// Reads the server's answer to [`client_offer`](Self::client_offer)
+    /// as §7.1 says and returns the parameters for
+    /// [`DeflateExtension::client`]. An answer without the
+    /// `server_no_context_takeover` we offered is taken as it is (the
+    /// server's messages are then inflated with a window kept for the
+    /// connection), which is always safe.
+    ///
+    /// # Errors
+    /// [`DeflateResponseError`] for an unknown or repeated parameter, a
+    /// flag with a value, a window outside 8-15, a bare
+    /// `client_max_window_bits` (§7.1.2.2: a response gives a value), or a
+    /// `server_max_window_bits` larger than the one offered.
+    pub fn client_accept(
+        &self,
+        response: &ExtensionOffer,
+    ) -> Result<DeflateParams, DeflateResponseError> {
+        let refuse = |why: String| Err(DeflateResponseError(why));
+        if response.name != PERMESSAGE_DEFLATE {
+            return refuse(format!("not {PERMESSAGE_DEFLATE}: {}", response.name));
+        }
+        let mut server_no_context = false;
+        let mut client_no_context = false;
+        let mut server_bits: Option<u8> = None;
+        let mut client_bits: Option<u8> = None;
+        let mut seen = Vec::with_capacity(response.params.len());
+        for (name, value) in &response.params {
+            if seen.contains(&name.as_str()) {
+                return refuse(format!("{name} repeated"));
+            }
+            seen.push(name.as_str());
+            let bits = |v: &str| {
+                window_bits(v)
+                    .ok_or_else(|| DeflateResponseError(format!("{name}={v} is not 8-15")))
+            };
+            match (name.as_str(), value.as_deref()) {
+                ("server_no_context_takeover", None) => server_no_context = true,
+                ("client_no_context_takeover", None) => client_no_context = true,
+                ("server_max_window_bits", Some(v)) => server_bits = Some(bits(v)?),
+                ("client_max_window_bits", Some(v)) => client_bits = Some(bits(v)?),
+                (_, Some(v)) => return refuse(format!("unexpected parameter {name}={v}")),
+                (_, None) => return refuse(format!("unexpected parameter {name}")),
+            }
+        }
+        // §7.1.2.1: the server's window may not pass the one we asked for.
+        if let Some(bits) = server_bits
+            && self.server_max_window_bits < 15
+            && bits > self.server_max_window_bits
+        {
+            return refuse(format!(
+                "server_max_window_bits={bits} is larger than the {} offered",
+                self.server_max_window_bits
+            ));
+        }
+        Ok(DeflateParams {
+            server_no_context_takeover: server_no_context,
+            // The client may always compress each message alone.
+            client_no_context_takeover: client_no_context || self.client_no_context_takeover,
+            server_max_window_bits: server_bits.unwrap_or(15),
+            announce_server_window: server_bits.is_some(),
+            // Our own limit applies on top of the server's.
+            client_max_window_bits: Some(client_bits.map_or(self.client_max_window_bits, |b| {
+                b.min(self.client_max_window_bits)
+            })),
+        })
+    }
 }
 
 /// The parameters agreed for one connection.
@@ -308,8 +423,11 @@ pub struct DeflateExtension {
     /// connections that never need it) and dropped when idle. Without, the
     /// worker thread's compressor is used.
     compressor: Option<Compress>,
-    /// With client context takeover only; otherwise the thread's.
+    /// With the peer's context takeover only; otherwise the thread's.
     decompressor: Option<Decompress>,
+    /// Which end of the connection this is: it decides whose parameters
+    /// constrain our compressor and whose our decompressor.
+    client: bool,
 }
 
 impl std::fmt::Debug for DeflateExtension {
@@ -328,6 +446,49 @@ impl DeflateExtension {
             params,
             compressor: None,
             decompressor: None,
+            client: false,
+        }
+    }
+
+    /// The extension in the client role, for parameters from
+    /// [`Deflate::client_accept`]: it compresses under the client's
+    /// constraints (`client_no_context_takeover`: each message alone, with
+    /// the thread's compressor; `client_max_window_bits`: that window, and
+    /// below 9 bits, which zlib cannot produce raw, messages go
+    /// uncompressed as §6 allows) and inflates under the server's
+    /// (`server_no_context_takeover`: the thread's decompressor; otherwise
+    /// one kept for the connection).
+    pub fn client(config: Deflate, params: DeflateParams) -> Self {
+        DeflateExtension {
+            client: true,
+            ..DeflateExtension::new(config, params)
+        }
+    }
+
+    /// Whether each message we send is compressed alone.
+    fn own_no_context_takeover(&self) -> bool {
+        if self.client {
+            self.params.client_no_context_takeover
+        } else {
+            self.params.server_no_context_takeover
+        }
+    }
+
+    /// The window we compress with.
+    fn own_window_bits(&self) -> u8 {
+        if self.client {
+            self.params.client_max_window_bits.unwrap_or(15)
+        } else {
+            self.params.server_max_window_bits
+        }
+    }
+
+    /// Whether the peer compresses each message alone.
+    fn peer_no_context_takeover(&self) -> bool {
+        if self.client {
+            self.params.server_no_context_takeover
+        } else {
+            self.params.client_no_context_takeover
         }
     }
 
@@ -340,7 +501,7 @@ impl DeflateExtension {
         // zlib cannot compress with an 8-bit window; sending uncompressed
         // messages is always allowed (§6), so a client that insists on one
         // gets uncompressed messages.
-        self.params.server_max_window_bits >= 9
+        self.own_window_bits() >= 9
             && payload.len() > self.config.threshold
             && self
                 .config
@@ -360,7 +521,8 @@ impl Extension for DeflateExtension {
     /// (the same `compress_if` of one configuration, told apart by its
     /// address) share the bytes.
     fn shared_encoding(&self) -> Option<SharedEncoding> {
-        if !self.params.server_no_context_takeover {
+        // A client's frames are masked one by one: nothing to share.
+        if self.client || !self.params.server_no_context_takeover {
             return None;
         }
         let level = self.config.level;
@@ -395,8 +557,8 @@ impl Extension for DeflateExtension {
             return Ok((Rsv::NONE, payload));
         }
         let level = self.config.level;
-        let bits = self.params.server_max_window_bits;
-        if self.params.server_no_context_takeover {
+        let bits = self.own_window_bits();
+        if self.own_no_context_takeover() {
             return Ok((Rsv::RSV1, compress_standalone(level, bits, &payload)?));
         }
         let compressor = self.compressor.get_or_insert_with(|| {
@@ -415,7 +577,7 @@ impl Extension for DeflateExtension {
         if !rsv.contains(Rsv::RSV1) {
             return Ok(payload);
         }
-        if self.params.client_no_context_takeover {
+        if self.peer_no_context_takeover() {
             return with_thread_decompressor(|d| inflate_message(d, &payload, max_size));
         }
         // A 15-bit window inflates anything a smaller one produced, and 8
@@ -427,7 +589,7 @@ impl Extension for DeflateExtension {
     }
 
     fn idle_timeout(&self) -> Option<Duration> {
-        if self.params.server_no_context_takeover {
+        if self.own_no_context_takeover() {
             return None;
         }
         self.config.release_compressor_after
@@ -849,6 +1011,173 @@ mod rfc7692 {
                 .as_deref(),
                 Some("permessage-deflate; client_no_context_takeover")
             );
+        }
+    }
+
+    /// The client role: the offer, the checks on the server's answer
+    /// (§7.1), and messages both ways between a client and a server
+    /// extension set up from one real negotiation.
+    mod client_role {
+        use super::*;
+
+        fn answer(config: &Deflate, header: &str) -> Result<DeflateParams, DeflateResponseError> {
+            config.client_accept(&parse_extensions(header).unwrap().remove(0))
+        }
+
+        #[test]
+        fn default_offer_asks_no_context_takeover_both_ways() {
+            assert_eq!(
+                Deflate::default().client_offer().to_string(),
+                "permessage-deflate; server_no_context_takeover; client_no_context_takeover; client_max_window_bits"
+            );
+            let custom = Deflate::default()
+                .server_no_context_takeover(false)
+                .client_no_context_takeover(false)
+                .server_max_window_bits(10)
+                .client_max_window_bits(12);
+            assert_eq!(
+                custom.client_offer().to_string(),
+                "permessage-deflate; server_max_window_bits=10; client_max_window_bits=12"
+            );
+        }
+
+        #[test]
+        fn responses_the_offer_allows_are_accepted() {
+            let config = Deflate::default();
+            let params = answer(&config, "permessage-deflate").unwrap();
+            assert!(!params.server_no_context_takeover);
+            // Our own policy: each message alone even when not answered.
+            assert!(params.client_no_context_takeover);
+            assert_eq!(params.client_max_window_bits, Some(15));
+            let params = answer(
+                &config,
+                "permessage-deflate; server_no_context_takeover; client_max_window_bits=10; server_max_window_bits=12",
+            )
+            .unwrap();
+            assert!(params.server_no_context_takeover);
+            assert_eq!(params.client_max_window_bits, Some(10));
+            assert_eq!(params.server_max_window_bits, 12);
+            // Our limit holds below the server's.
+            let small = Deflate::default().client_max_window_bits(9);
+            let params = answer(&small, "permessage-deflate; client_max_window_bits=12").unwrap();
+            assert_eq!(params.client_max_window_bits, Some(9));
+        }
+
+        #[test]
+        fn responses_the_offer_did_not_allow_are_refused() {
+            let config = Deflate::default().server_max_window_bits(10);
+            for bad in [
+                "permessage-deflate; unknown",
+                "permessage-deflate; x=1",
+                "permessage-deflate; server_no_context_takeover=1",
+                "permessage-deflate; client_no_context_takeover; client_no_context_takeover",
+                // §7.1.2.2: a response's client_max_window_bits has a value.
+                "permessage-deflate; client_max_window_bits",
+                "permessage-deflate; client_max_window_bits=16",
+                "permessage-deflate; server_max_window_bits=7",
+                "permessage-deflate; server_max_window_bits",
+                // §7.1.2.1: larger than offered.
+                "permessage-deflate; server_max_window_bits=11",
+                "x-other",
+            ] {
+                assert!(answer(&config, bad).is_err(), "{bad} accepted");
+            }
+        }
+
+        /// A client and a server configured alike, negotiated through the
+        /// client's own offer, exchange messages both ways; a decoder that
+        /// kept no context reads the messages after the first one only if
+        /// each was compressed alone.
+        #[test]
+        fn client_and_server_round_trip_for_every_context_policy() {
+            for server_nct in [false, true] {
+                for client_nct in [false, true] {
+                    let config = Deflate::default()
+                        .compress_if_bigger_than(0)
+                        .server_no_context_takeover(server_nct)
+                        .client_no_context_takeover(client_nct);
+                    let offer = config.client_offer();
+                    let negotiated = config.negotiate(&[&offer]).expect("accepted");
+                    let params = config.client_accept(&negotiated.response).unwrap();
+                    assert_eq!(params.server_no_context_takeover, server_nct);
+                    assert_eq!(params.client_no_context_takeover, client_nct);
+                    let mut server = negotiated.extension;
+                    let mut client = DeflateExtension::client(config.clone(), params);
+                    let msg = Bytes::from(b"a fairly repetitive message, ".repeat(40));
+                    let mut sizes = Vec::new();
+                    for _ in 0..3 {
+                        let (rsv, wire) = client.encode(OpCode::Text, msg.clone()).unwrap();
+                        assert_eq!(rsv, Rsv::RSV1);
+                        sizes.push(wire.len());
+                        // A fresh decoder proves the message stands alone.
+                        if client_nct {
+                            let mut fresh = DeflateExtension::new(config.clone(), params);
+                            assert_eq!(
+                                fresh
+                                    .decode(OpCode::Text, rsv, wire.clone(), 1 << 20)
+                                    .unwrap(),
+                                msg
+                            );
+                        }
+                        assert_eq!(
+                            server.decode(OpCode::Text, rsv, wire, 1 << 20).unwrap(),
+                            msg
+                        );
+                        let (rsv, wire) = server.encode(OpCode::Text, msg.clone()).unwrap();
+                        assert_eq!(
+                            client.decode(OpCode::Text, rsv, wire, 1 << 20).unwrap(),
+                            msg
+                        );
+                    }
+                    // With the context kept, repeats are smaller.
+                    assert_eq!(sizes[1] < sizes[0], !client_nct, "{sizes:?}");
+                }
+            }
+        }
+
+        #[test]
+        fn client_window_8_sends_uncompressed() {
+            let config = Deflate::default().compress_if_bigger_than(0);
+            let params = answer(&config, "permessage-deflate; client_max_window_bits=8").unwrap();
+            let mut client = DeflateExtension::client(config, params);
+            let (rsv, wire) = client
+                .encode(OpCode::Binary, Bytes::from(vec![b'x'; 1000]))
+                .unwrap();
+            assert_eq!((rsv, wire.len()), (Rsv::NONE, 1000));
+        }
+
+        #[test]
+        fn client_compresses_with_the_answered_window() {
+            // A random block repeated 2,000 bytes apart: a 15-bit window
+            // finds the repeats, 9 bits (512 bytes) cannot reach them.
+            let mut x = 0x9e37_79b9_u32;
+            let block: Vec<u8> = (0..2000)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            let payload = Bytes::from(block.repeat(10));
+            let config = Deflate::default().compress_if_bigger_than(0);
+            let wire_with = |header: &str| {
+                let params = answer(&config, header).unwrap();
+                let mut client = DeflateExtension::client(config.clone(), params);
+                let (rsv, wire) = client.encode(OpCode::Binary, payload.clone()).unwrap();
+                assert_eq!(rsv, Rsv::RSV1);
+                let mut server = DeflateExtension::new(config.clone(), params);
+                let back = server.decode(OpCode::Binary, rsv, wire.clone(), 1 << 20);
+                assert_eq!(back.unwrap(), payload);
+                wire.len()
+            };
+            let narrow = wire_with("permessage-deflate; client_max_window_bits=9");
+            let wide = wire_with("permessage-deflate");
+            assert!(
+                narrow > payload.len() * 9 / 10,
+                "{narrow} bytes with 9 bits"
+            );
+            assert!(wide < payload.len() / 3, "{wide} bytes with 15 bits");
         }
     }
 

@@ -39,8 +39,8 @@ pub use connection::{
     Config, Connection, Encoding, Event, Mode, Role, SendError, Termination, encode_frame,
 };
 pub use deflate::{
-    CompressPredicate, Deflate, DeflateExtension, DeflateParams, PERMESSAGE_DEFLATE,
-    compress_standalone,
+    CompressPredicate, Deflate, DeflateExtension, DeflateParams, DeflateResponseError,
+    PERMESSAGE_DEFLATE, compress_standalone,
 };
 pub use error::ProtocolError;
 pub use extension::{

@@ -15,12 +15,30 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! permessage-deflate is offered when asked for, with the server's
+//! [`Deflate`] configuration (same parameters, read in the client role):
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), duplex::BoxError> {
+//! let client = duplex::Client::new().deflate(duplex::Deflate::default());
+//! client
+//!     .connect("ws://127.0.0.1:8080/mirror", |mut session| async move {
+//!         session.send("compressed when over 32 bytes: ..........").await
+//!     })
+//!     .await??;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
-use duplex_proto::{Connection, Mode, Role, accept_key, generate_key, header_has_token};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
+use duplex_proto::{
+    Connection, Deflate, DeflateExtension, Extension, ExtensionOffer, Mode, PERMESSAGE_DEFLATE,
+    Role, accept_key, generate_key, header_has_token, parse_extensions,
+};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -41,6 +59,18 @@ use crate::{
     socket::Socket,
 };
 
+/// The request headers the client writes itself, lowercase as
+/// `HeaderName` keeps them.
+const HANDSHAKE_HEADERS: [&str; 7] = [
+    "host",
+    "upgrade",
+    "connection",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-protocol",
+    "sec-websocket-extensions",
+];
+
 /// The largest response head accepted.
 const MAX_HEAD: usize = 16 << 10;
 
@@ -57,9 +87,38 @@ pub enum ClientError {
     /// The server did not accept the upgrade as RFC 6455 §4.1 requires.
     #[error("handshake refused: {0}")]
     Handshake(String),
+    /// The server answered the upgrade with this status instead of 101
+    /// (403 from an origin check, 404 for an unknown path, 429 or 503 past
+    /// its limits, …).
+    #[error("handshake refused with status {0}")]
+    Status(StatusCode),
+    /// A header given to [`Client::header`] is not a valid HTTP header
+    /// name or value (a CR or LF in it could inject headers), or is one the
+    /// handshake writes itself: nothing was sent, no connection was made.
+    #[error("invalid request header: {0}")]
+    InvalidHeader(String),
+    /// The server's `Sec-WebSocket-Extensions` answer is not one our offer
+    /// allowed (RFC 6455 §9.1, RFC 7692 §7.1): an extension not offered,
+    /// or a permessage-deflate parameter we did not allow.
+    #[error("extension refused: {0}")]
+    Extension(String),
+    /// Connecting, TLS and the upgrade response took longer than
+    /// [`Client::handshake_timeout`].
+    #[error("the opening handshake timed out after {0:?}")]
+    Timeout(Duration),
     /// The session's handler did not finish (it panicked).
     #[error("the session handler did not finish")]
     HandlerFailed,
+}
+
+impl ClientError {
+    /// The status of a refused upgrade ([`ClientError::Status`]).
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Status(status) => Some(*status),
+            _ => None,
+        }
+    }
 }
 
 /// Connects to WebSocket servers.
@@ -70,6 +129,7 @@ pub struct Client {
     headers: Vec<(String, String)>,
     tls: Option<Arc<rustls::ClientConfig>>,
     handshake_timeout: Duration,
+    deflate: Option<Deflate>,
 }
 
 impl Default for Client {
@@ -80,6 +140,7 @@ impl Default for Client {
             headers: Vec::new(),
             tls: None,
             handshake_timeout: Duration::from_secs(10),
+            deflate: None,
         }
     }
 }
@@ -87,13 +148,15 @@ impl Default for Client {
 impl Client {
     /// A client with default options: the options of
     /// [`WebSockets::default`] (pings, limits), the Mozilla root
-    /// certificates for `wss://`.
+    /// certificates for `wss://`, a 10 s handshake timeout, no extension
+    /// offered.
     pub fn new() -> Self {
         Self::default()
     }
 
     /// The session options: ping period, timeout, frame and message limits,
-    /// buffers, content converter. Extensions are not offered by the client.
+    /// buffers, content converter. Extensions installed there are not
+    /// offered by the client; see [`deflate`](Self::deflate).
     #[must_use]
     pub fn websockets(mut self, websockets: WebSockets) -> Self {
         self.websockets = websockets;
@@ -112,9 +175,42 @@ impl Client {
     }
 
     /// Adds a header to the upgrade request (authorization, origin, …).
+    ///
+    /// The name must be an HTTP token and the value free of control
+    /// characters (CR and LF above all), and the name none of the headers
+    /// the handshake writes itself (`Host`, `Upgrade`, `Connection`,
+    /// `Sec-WebSocket-Key`, `-Version`, `-Protocol`, `-Extensions`):
+    /// otherwise [`connect`](Self::connect) fails with
+    /// [`ClientError::InvalidHeader`] before connecting.
     #[must_use]
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Offers permessage-deflate (RFC 7692) configured as `deflate`, read in
+    /// the client role: `client_no_context_takeover` (default on) makes the
+    /// client compress each message alone and says so,
+    /// `server_no_context_takeover` (default on) asks the server to,
+    /// `client_max_window_bits` is the client's largest window (the server
+    /// may lower it) and `server_max_window_bits` below 15 limits the
+    /// server's. The level, the size threshold and the predicate apply to
+    /// what the client sends. A server's answer outside what the offer
+    /// allows fails the handshake with [`ClientError::Extension`]; a server
+    /// that declines leaves the session uncompressed. The answer is on
+    /// [`Session::extensions`]. Not offered by default.
+    #[must_use]
+    pub fn deflate(mut self, deflate: Deflate) -> Self {
+        self.deflate = Some(deflate);
+        self
+    }
+
+    /// The longest that connecting, the TLS handshake and the upgrade
+    /// response may take together; then [`ClientError::Timeout`].
+    /// Default 10 s.
+    #[must_use]
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
         self
     }
 
@@ -139,32 +235,43 @@ impl Client {
         T: Send + 'static,
     {
         let target = Target::parse(url)?;
-        let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
-        tcp.set_nodelay(true)?;
-        let remote_addr = tcp.peer_addr().ok();
-        let socket = if target.secure {
-            let config = self.tls.clone().unwrap_or_else(default_tls);
-            let name = ServerName::try_from(target.host.clone())
-                .map_err(|_| ClientError::InvalidUrl(url.to_owned()))?;
-            let tls = TlsConnector::from(config).connect(name, tcp).await?;
-            Socket::Other(Box::pin(tls))
-        } else {
-            Socket::Tcp(tcp)
-        };
-        let (socket, leftover, request, protocol) = tokio::time::timeout(
-            self.handshake_timeout,
-            self.handshake(socket, &target, remote_addr),
-        )
+        // Checked before anything is sent, so that a bad value never reaches
+        // the socket.
+        let headers = self.request_headers()?;
+        let Handshaken {
+            socket,
+            leftover,
+            request,
+            protocol,
+            answers,
+            extensions,
+        } = tokio::time::timeout(self.handshake_timeout, async {
+            let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
+            tcp.set_nodelay(true)?;
+            let remote_addr = tcp.peer_addr().ok();
+            let socket = if target.secure {
+                let config = self.tls.clone().unwrap_or_else(default_tls);
+                let name = ServerName::try_from(target.host.clone())
+                    .map_err(|_| ClientError::InvalidUrl(url.to_owned()))?;
+                let tls = TlsConnector::from(config).connect(name, tcp).await?;
+                Socket::Other(Box::pin(tls))
+            } else {
+                Socket::Tcp(tcp)
+            };
+            self.handshake(socket, &target, headers, remote_addr).await
+        })
         .await
-        .map_err(|_| ClientError::Handshake("timed out".into()))??;
+        .map_err(|_| ClientError::Timeout(self.handshake_timeout))??;
 
         let mut config = self.websockets.proto_config(Mode::Messages);
         config.role = Role::Client;
         config.mask_outgoing = true;
-        let conn = Connection::new(config, Inner::now());
+        let mut conn = Connection::new(config, Inner::now());
+        // `Shared::new` takes them out into the codec, as on the server.
+        conn.set_extensions(extensions);
         let shared = Arc::new(Shared::new(conn));
         let sender = Sender::new(Arc::clone(&shared), Arc::clone(&self.websockets.converter));
-        let session = Session::new(sender, Arc::new(request), protocol, Vec::new());
+        let session = Session::new(sender, Arc::new(request), protocol, answers);
         let (done, result) = oneshot::channel();
         let user = handler(session);
         let handler_future = Box::pin(async move {
@@ -185,13 +292,34 @@ impl Client {
         result.await.map_err(|_| ClientError::HandlerFailed)
     }
 
+    /// The extra request headers, checked.
+    fn request_headers(&self) -> Result<HeaderMap, ClientError> {
+        let mut headers = HeaderMap::new();
+        for (name, value) in &self.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| ClientError::InvalidHeader(format!("name {name:?}")))?;
+            if HANDSHAKE_HEADERS.contains(&name.as_str()) {
+                // A second copy would break the handshake (two `Host`s are
+                // a 400, a second key a wrong accept key).
+                return Err(ClientError::InvalidHeader(format!(
+                    "{name} is written by the client itself (see protocols() and deflate())"
+                )));
+            }
+            let value = HeaderValue::from_bytes(value.as_bytes())
+                .map_err(|_| ClientError::InvalidHeader(format!("value of {name}: {value:?}")))?;
+            headers.append(name, value);
+        }
+        Ok(headers)
+    }
+
     /// Writes the upgrade request and checks the 101 (§4.1).
     async fn handshake(
         &self,
         mut socket: Socket,
         target: &Target,
+        request_headers: HeaderMap,
         remote_addr: Option<SocketAddr>,
-    ) -> Result<(Socket, Bytes, Request, Option<String>), ClientError> {
+    ) -> Result<Handshaken, ClientError> {
         let key = generate_key();
         let mut head = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -204,11 +332,22 @@ impl Client {
                 self.protocols.join(", ")
             ));
         }
-        for (name, value) in &self.headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
+        if let Some(deflate) = &self.deflate {
+            head.push_str(&format!(
+                "Sec-WebSocket-Extensions: {}\r\n",
+                deflate.client_offer()
+            ));
         }
-        head.push_str("\r\n");
-        socket.write_all(head.as_bytes()).await?;
+        let mut head = head.into_bytes();
+        for (name, value) in &request_headers {
+            // Checked by `HeaderName` and `HeaderValue`: no CR, LF or NUL.
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        socket.write_all(&head).await?;
 
         let mut buf = BytesMut::with_capacity(1024);
         let head_len = loop {
@@ -229,11 +368,16 @@ impl Client {
         response
             .parse(&buf[..head_len])
             .map_err(|e| ClientError::Handshake(format!("malformed response: {e}")))?;
-        if response.code != Some(101) {
-            return Err(ClientError::Handshake(format!(
-                "expected status 101, got {}",
-                response.code.unwrap_or(0)
-            )));
+        match response.code {
+            Some(101) => {}
+            code => {
+                return Err(code
+                    .and_then(|code| StatusCode::from_u16(code).ok())
+                    .map_or_else(
+                        || ClientError::Handshake(format!("expected status 101, got {code:?}")),
+                        ClientError::Status,
+                    ));
+            }
         }
         let headers: &[httparse::Header<'_>] = response.headers;
         let find = |name: &'static str| {
@@ -253,12 +397,7 @@ impl Client {
         if !find("sec-websocket-accept").any(|v| v == expected.as_bytes()) {
             return Err(ClientError::Handshake("wrong Sec-WebSocket-Accept".into()));
         }
-        if find("sec-websocket-extensions").next().is_some() {
-            // §4.1: an extension the client did not offer fails the connection.
-            return Err(ClientError::Handshake(
-                "server answered with an extension we did not offer".into(),
-            ));
-        }
+        let (answers, extensions) = self.accept_extensions(find("sec-websocket-extensions"))?;
         let protocol = match find("sec-websocket-protocol").next() {
             None => None,
             Some(value) => {
@@ -275,16 +414,6 @@ impl Client {
             }
         };
         let leftover = buf.split_off(head_len).freeze();
-
-        let mut request_headers = HeaderMap::new();
-        for (name, value) in &self.headers {
-            if let (Ok(name), Ok(value)) = (
-                HeaderName::try_from(name.as_str()),
-                HeaderValue::try_from(value.as_str()),
-            ) {
-                request_headers.append(name, value);
-            }
-        }
         let request = Request {
             method: Method::GET,
             uri: target.uri.clone(),
@@ -294,8 +423,67 @@ impl Client {
             path_params: Vec::new(),
             extensions: http::Extensions::new(),
         };
-        Ok((socket, leftover, request, protocol))
+        Ok(Handshaken {
+            socket,
+            leftover,
+            request,
+            protocol,
+            answers,
+            extensions,
+        })
     }
+
+    /// Checks the `Sec-WebSocket-Extensions` answer against our offer
+    /// (§4.1, §9.1: an extension not offered fails the connection) and
+    /// builds the extensions it agreed.
+    fn accept_extensions<'h>(
+        &self,
+        values: impl Iterator<Item = &'h [u8]>,
+    ) -> Result<AgreedExtensions, ClientError> {
+        let mut answers = Vec::new();
+        for value in values {
+            let value = std::str::from_utf8(value).map_err(|_| {
+                ClientError::Extension("Sec-WebSocket-Extensions is not ASCII".into())
+            })?;
+            answers.extend(
+                parse_extensions(value).map_err(|e| ClientError::Extension(e.to_string()))?,
+            );
+        }
+        let mut extensions: Vec<Box<dyn Extension>> = Vec::new();
+        for answer in &answers {
+            let deflate = match &self.deflate {
+                Some(deflate) if answer.name == PERMESSAGE_DEFLATE && extensions.is_empty() => {
+                    deflate
+                }
+                _ => {
+                    return Err(ClientError::Extension(format!(
+                        "the server answered with {answer}, which we did not offer"
+                    )));
+                }
+            };
+            let params = deflate
+                .client_accept(answer)
+                .map_err(|e| ClientError::Extension(e.to_string()))?;
+            extensions.push(Box::new(DeflateExtension::client(deflate.clone(), params)));
+        }
+        Ok((answers, extensions))
+    }
+}
+
+/// The server's `Sec-WebSocket-Extensions` items and the extensions they
+/// agreed.
+type AgreedExtensions = (Vec<ExtensionOffer>, Vec<Box<dyn Extension>>);
+
+/// What a successful opening handshake leaves.
+struct Handshaken {
+    socket: Socket,
+    /// Bytes the server sent past the 101's head.
+    leftover: Bytes,
+    request: Request,
+    protocol: Option<String>,
+    /// The server's `Sec-WebSocket-Extensions` items.
+    answers: Vec<ExtensionOffer>,
+    extensions: Vec<Box<dyn Extension>>,
 }
 
 /// Connects with a default [`Client`]; see [`Client::connect`].
