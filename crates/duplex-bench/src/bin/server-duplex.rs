@@ -3,6 +3,8 @@
 //! `Sender`s and `try_send` (with `--hub`: through `duplex::Hub`, which
 //! encodes once and shares the bytes). `--http1` serves the same app with
 //! hyper's HTTP/1 connection instead of `App::serve`, for profiling.
+//! `--deflate` offers permessage-deflate with the shipped policy;
+//! `--deflate-context` with context takeover allowed both ways (the opt-in).
 
 use std::{
     collections::HashMap,
@@ -20,6 +22,8 @@ fn main() -> std::io::Result<()> {
     let use_hub = args.has("--hub");
     let http1 = args.has("--http1");
     let deflate = args.has("--deflate");
+    // Context takeover both ways (the opt-in), for measuring what it costs.
+    let context = args.has("--deflate-context");
     server::run(args.addr, move |listener| async move {
         // All the load comes from one address, in the thousands of
         // sessions: the per-address limits would refuse it.
@@ -30,9 +34,12 @@ fn main() -> std::io::Result<()> {
             .max_sessions(1 << 20)
             .max_sessions_per_ip(None)
             .handshake_rate(None);
-        let websockets = if deflate {
+        let websockets = if deflate || context {
+            let policy = duplex::Deflate::default()
+                .server_no_context_takeover(!context)
+                .client_no_context_takeover(!context);
             websockets
-                .extension(duplex::Deflate::default())
+                .extension(policy)
                 .map_err(std::io::Error::other)?
         } else {
             websockets
