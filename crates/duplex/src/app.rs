@@ -297,6 +297,9 @@ impl App {
         if self.raise_open_files {
             raise_open_files_limit();
         }
+        // Every series at zero from the first scrape, if a recorder is
+        // installed (registering again resets nothing).
+        crate::metrics::describe();
         let websockets = self.websockets.clone();
         let grace = self.shutdown_grace;
         let max_connections = self.max_connections;
