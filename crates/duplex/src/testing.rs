@@ -7,17 +7,18 @@
 //! ```
 //! use duplex::{App, CloseCode, CloseReason, Message, Session, testing::TestServer};
 //!
-//! # async fn echo(mut session: Session) -> Result<(), duplex::Error> {
-//! #     session.send("Please enter your name").await?;
-//! #     while let Some(Message::Text(name)) = session.recv().await? {
-//! #         if name == "bye" {
-//! #             session.close(CloseReason::new(CloseCode::NORMAL, "Client said BYE")).await?;
-//! #         } else {
-//! #             session.send(format!("Hi, {name}!")).await?;
-//! #         }
-//! #     }
-//! #     Ok(())
-//! # }
+//! async fn echo(mut session: Session) -> Result<(), duplex::Error> {
+//!     session.send("Please enter your name").await?;
+//!     while let Some(Message::Text(name)) = session.recv().await? {
+//!         if name == "bye" {
+//!             session.close(CloseReason::new(CloseCode::NORMAL, "Client said BYE")).await?;
+//!         } else {
+//!             session.send(format!("Hi, {name}!")).await?;
+//!         }
+//!     }
+//!     Ok(())
+//! }
+//!
 //! #[tokio::main(flavor = "current_thread")]
 //! async fn main() {
 //!     let server = TestServer::start(App::new().web_socket("/echo", echo)).await;
@@ -480,6 +481,23 @@ impl From<Frame> for RawFrame {
 /// A WebSocket client over a bare TCP stream that checks nothing: it
 /// writes the upgrade request, keeps the response's status and headers,
 /// writes whatever frames or bytes it is given and parses what comes back.
+///
+/// ```
+/// use duplex::{App, CloseCode, Session, testing::{RawFrame, TestServer}};
+/// use http::StatusCode;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let app = App::new().web_socket("/sink", |mut session: Session| async move {
+///     while let Ok(Some(_)) = session.recv().await {}
+/// });
+/// let server = TestServer::start(app).await;
+/// let mut client = server.raw("/sink").await;
+/// assert_eq!(client.status(), StatusCode::SWITCHING_PROTOCOLS);
+/// client.send_frame(RawFrame::text("not masked").unmasked()).await;
+/// assert_eq!(client.expect_close().await.0, CloseCode::PROTOCOL_ERROR);
+/// # }
+/// ```
 pub struct RawTestClient {
     stream: TcpStream,
     buf: BytesMut,
