@@ -85,6 +85,10 @@
 //! read time, HTTP connections, and the `Origin` check (same-origin by
 //! default).
 //!
+//! # Testing
+//! [`testing`] (the default feature `testing`) serves an [`App`] on a
+//! loopback port and connects sessions and raw clients to it in one call.
+//!
 //! # The protocol
 //! RFC 6455 itself lives in the sans-I/O crate [`duplex_proto`], re-exported
 //! here as [`proto`].
@@ -107,6 +111,8 @@ mod request;
 mod session;
 mod shared;
 mod socket;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tls;
 
 pub use app::App;
