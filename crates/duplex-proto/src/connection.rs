@@ -164,6 +164,17 @@ pub enum Encoding {
     Unique,
 }
 
+/// The negotiated extensions of a connection.
+#[derive(Debug)]
+struct ExtensionState {
+    /// Empty once detached.
+    list: Extensions,
+    /// The caller runs them: marked messages are handed over encoded.
+    detached: bool,
+    /// How outgoing data is framed, fixed when they were set.
+    encoding: Encoding,
+}
+
 /// One whole unmasked data frame in wire form, for
 /// [`Connection::send_encoded`].
 pub fn encode_frame(opcode: OpCode, rsv: Rsv, payload: &[u8]) -> Bytes {
@@ -275,14 +286,8 @@ pub struct Connection {
     /// The RSV bits of the first frame of the message being received: the
     /// extensions that transformed it.
     receiving_rsv: Rsv,
-    /// Negotiated extensions, in the order they were installed, when the
-    /// connection runs them itself.
-    extensions: Extensions,
-    /// The caller runs the extensions: marked messages are handed over
-    /// encoded.
-    extensions_detached: bool,
-    /// How outgoing data is framed, fixed when the extensions are set.
-    encoding: Encoding,
+    /// The negotiated extensions, if any (boxed: most connections have none).
+    extensions: Option<Box<ExtensionState>>,
     /// Whether a fragmented message is being sent with `send_frame`.
     sending_fragmented: bool,
     events: VecDeque<Event>,
@@ -307,11 +312,6 @@ impl Connection {
         {
             timers.set(Timer::Ping, now + period);
         }
-        let encoding = if config.mask_outgoing {
-            Encoding::Unique
-        } else {
-            Encoding::Plain
-        };
         Connection {
             config,
             state: State::Open,
@@ -320,9 +320,7 @@ impl Connection {
             utf8: Utf8Validator::new(),
             receiving_text: false,
             receiving_rsv: Rsv::NONE,
-            extensions: Extensions::default(),
-            extensions_detached: false,
-            encoding,
+            extensions: None,
             sending_fragmented: false,
             events: VecDeque::new(),
             event_bytes: 0,
@@ -338,18 +336,24 @@ impl Connection {
     /// installation order; their RSV bits become legal on data frames.
     /// Extensions apply in [`Mode::Messages`] only.
     pub fn set_extensions(&mut self, extensions: Vec<Box<dyn Extension>>) {
-        let extensions = Extensions::new(extensions);
-        self.config.extension_rsv = extensions.rsv();
-        self.encoding = if self.config.mask_outgoing {
+        if extensions.is_empty() {
+            self.config.extension_rsv = Rsv::NONE;
+            self.extensions = None;
+            return;
+        }
+        let list = Extensions::new(extensions);
+        self.config.extension_rsv = list.rsv();
+        let encoding = if self.config.mask_outgoing {
             Encoding::Unique
-        } else if extensions.is_empty() {
-            Encoding::Plain
         } else {
-            extensions
-                .shared_encoding()
+            list.shared_encoding()
                 .map_or(Encoding::Unique, Encoding::Shared)
         };
-        self.extensions = extensions;
+        self.extensions = Some(Box::new(ExtensionState {
+            list,
+            detached: false,
+            encoding,
+        }));
     }
 
     /// Takes the extensions out, for the caller to run: from now on a
@@ -361,19 +365,28 @@ impl Connection {
     /// This is for a caller that shares the connection behind a lock: the
     /// lock need not be held while a message is compressed or inflated.
     pub fn detach_extensions(&mut self) -> Extensions {
-        self.extensions_detached = true;
-        std::mem::take(&mut self.extensions)
+        match self.extensions.as_mut() {
+            Some(state) => {
+                state.detached = true;
+                std::mem::take(&mut state.list)
+            }
+            None => Extensions::default(),
+        }
     }
 
     /// The extensions the connection runs itself (none once detached).
     pub fn extensions(&self) -> impl Iterator<Item = &dyn Extension> {
-        self.extensions.iter()
+        self.extensions.iter().flat_map(|state| state.list.iter())
     }
 
     /// How this connection frames outgoing messages, so that a message sent
     /// to many connections is encoded once per distinct encoding.
     pub fn encoding(&self) -> Encoding {
-        self.encoding.clone()
+        match &self.extensions {
+            Some(state) => state.encoding.clone(),
+            None if self.config.mask_outgoing => Encoding::Unique,
+            None => Encoding::Plain,
+        }
     }
 
     // ---- getters ----
@@ -535,7 +548,13 @@ impl Connection {
             Message::Text(t) => (OpCode::Text, t.into_bytes()),
             Message::Binary(b) => (OpCode::Binary, b),
         };
-        match self.extensions.encode(opcode, payload) {
+        let Some(state) = self.extensions.as_mut() else {
+            // The common case, kept free of the extensions' error path: it
+            // is most of the cost of a small echo.
+            self.queue_frame(true, Rsv::NONE, opcode, payload);
+            return Ok(());
+        };
+        match state.list.encode(opcode, payload) {
             Ok((rsv, payload)) => {
                 self.queue_frame(true, rsv, opcode, payload);
                 Ok(())
@@ -918,12 +937,15 @@ impl Connection {
                 rsv: self.receiving_rsv,
                 payload: message_payload,
             };
-            if self.extensions_detached {
-                self.push_event(Event::Encoded(encoded));
-            } else {
-                let max = self.config.max_message_size;
-                let message = self.extensions.decode(encoded, max)?;
-                self.push_event(Event::Message(message));
+            let max = self.config.max_message_size;
+            match self.extensions.as_mut() {
+                Some(state) if !state.detached => {
+                    let message = state.list.decode(encoded, max)?;
+                    self.push_event(Event::Message(message));
+                }
+                // Detached (or, never, marked without extensions: the
+                // header check refuses bits no extension claims).
+                _ => self.push_event(Event::Encoded(encoded)),
             }
             return Ok(());
         }
@@ -1012,6 +1034,7 @@ impl Connection {
         self.timers.clear_all();
     }
 
+    #[inline]
     fn push_event(&mut self, event: Event) {
         self.event_bytes += event_len(&event);
         self.events.push_back(event);
@@ -1023,6 +1046,7 @@ impl Connection {
         self.queue_frame(true, Rsv::NONE, opcode, payload);
     }
 
+    #[inline]
     fn queue_frame(&mut self, fin: bool, rsv: Rsv, opcode: OpCode, payload: Bytes) {
         let mask = self.config.mask_outgoing.then(rand::random::<[u8; 4]>);
         let header = FrameHeader {

@@ -21,7 +21,7 @@ use crate::{
     config::WebSockets,
     endpoint,
     handler::Handler,
-    lifecycle::ServedConfigs,
+    lifecycle::{SERVED, ServedConfigs},
     session::{RawSession, Session},
     tls::{TlsListener, rustls},
 };
@@ -336,8 +336,10 @@ impl App {
             let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
                 let mut request = request.map(Body::new);
                 request.extensions_mut().insert(ConnectInfo(peer));
-                request.extensions_mut().insert(served.clone());
-                Service::call(&mut router.clone(), request)
+                // A task-local rather than a request extension: the
+                // extensions stay with the session's request, and one more
+                // entry would grow every session's map.
+                SERVED.scope(served.clone(), Service::call(&mut router.clone(), request))
             });
             let connection = http
                 .serve_connection(TokioIo::new(io), service)

@@ -38,7 +38,7 @@ use crate::{
     driver::{Driver, Peer},
     handler::Handler,
     handshake::{self, Rejection},
-    lifecycle::ServedConfigs,
+    lifecycle::SERVED,
     request::Request,
     session::{RawSession, Sender, Session},
     shared::{Inner, Shared},
@@ -310,11 +310,9 @@ where
     H: Handler<S>,
 {
     let (mut parts, _body) = request.into_parts();
-    if let Some(served) = parts.extensions.get::<ServedConfigs>() {
-        // The `App` serving this route shuts this configuration's sessions
-        // down with its own, whichever configuration the route was built with.
-        served.note(&config.lifecycle);
-    }
+    // The `App` serving this route shuts this configuration's sessions down
+    // with its own, whichever configuration the route was built with.
+    let _ = SERVED.try_with(|served| served.note(&config.lifecycle));
     if config.lifecycle.is_shutting_down() {
         return Rejection::ShuttingDown.into_response();
     }

@@ -84,8 +84,13 @@ impl Lifecycle {
     }
 }
 
-/// The configurations whose routes an `App` has served, put in every
-/// request it serves: a WebSocket route notes its configuration there, so
+tokio::task_local! {
+    /// The configurations of the `App` serving the request being handled.
+    pub(crate) static SERVED: ServedConfigs;
+}
+
+/// The configurations whose routes an `App` has served, in scope while it
+/// handles a request: a WebSocket route notes its configuration there, so
 /// that the App's shutdown reaches sessions of routes built with any
 /// configuration (`App::route(path, duplex::web_socket(&other, ..))`).
 #[derive(Clone, Default)]

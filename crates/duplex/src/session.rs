@@ -491,24 +491,33 @@ macro_rules! session_handle {
             ///
             /// # Errors
             /// As [`Sender::send`].
-            pub async fn send(&self, message: impl Into<Message>) -> Result<(), Error> {
-                self.sender.send(message).await
+            pub fn send(
+                &self,
+                message: impl Into<Message>,
+            ) -> impl Future<Output = Result<(), Error>> {
+                self.sender.send(message)
             }
 
             /// [`Sender::send_text`].
             ///
             /// # Errors
             /// As [`Sender::send`].
-            pub async fn send_text(&self, text: impl Into<String>) -> Result<(), Error> {
-                self.sender.send_text(text).await
+            pub fn send_text(
+                &self,
+                text: impl Into<String>,
+            ) -> impl Future<Output = Result<(), Error>> {
+                self.sender.send_text(text)
             }
 
             /// [`Sender::send_binary`].
             ///
             /// # Errors
             /// As [`Sender::send`].
-            pub async fn send_binary(&self, data: impl Into<Bytes>) -> Result<(), Error> {
-                self.sender.send_binary(data).await
+            pub fn send_binary(
+                &self,
+                data: impl Into<Bytes>,
+            ) -> impl Future<Output = Result<(), Error>> {
+                self.sender.send_binary(data)
             }
 
             /// [`Sender::try_send`].
@@ -531,29 +540,32 @@ macro_rules! session_handle {
             ///
             /// # Errors
             /// As [`Sender::send_frame`].
-            pub async fn send_frame(&self, frame: Frame) -> Result<(), Error> {
-                self.sender.send_frame(frame).await
+            pub fn send_frame(&self, frame: Frame) -> impl Future<Output = Result<(), Error>> {
+                self.sender.send_frame(frame)
             }
 
             /// [`Sender::ping`].
             ///
             /// # Errors
             /// As [`Sender::send_frame`].
-            pub async fn ping(&self, payload: impl Into<Bytes>) -> Result<(), Error> {
-                self.sender.ping(payload).await
+            pub fn ping(
+                &self,
+                payload: impl Into<Bytes>,
+            ) -> impl Future<Output = Result<(), Error>> {
+                self.sender.ping(payload)
             }
 
             /// [`Sender::flush`].
-            pub async fn flush(&self) {
-                self.sender.flush().await
+            pub fn flush(&self) -> impl Future<Output = ()> {
+                self.sender.flush()
             }
 
             /// [`Sender::close`].
             ///
             /// # Errors
             /// As [`Sender::close`].
-            pub async fn close(&self, reason: CloseReason) -> Result<(), Error> {
-                self.sender.close(reason).await
+            pub fn close(&self, reason: CloseReason) -> impl Future<Output = Result<(), Error>> {
+                self.sender.close(reason)
             }
 
             /// [`Sender::close_now`].
@@ -562,8 +574,8 @@ macro_rules! session_handle {
             }
 
             /// [`Sender::close_reason`].
-            pub async fn close_reason(&self) -> CloseReason {
-                self.sender.close_reason().await
+            pub fn close_reason(&self) -> impl Future<Output = CloseReason> {
+                self.sender.close_reason()
             }
 
             /// [`Sender::try_close_reason`].
@@ -672,11 +684,7 @@ impl Session {
             Poll::Ready(Ok(Some(Event::Encoded(encoded)))) => {
                 let max = inner.conn.config().max_message_size;
                 drop(inner);
-                let decoded = self.decode(encoded, max);
-                if decoded.is_err() {
-                    self.ended = true;
-                }
-                Poll::Ready(decoded.map(Some))
+                Poll::Ready(self.decode(encoded, max).map(Some))
             }
             // A default session's connection hands over messages only.
             Poll::Ready(Ok(Some(Event::Frame(_)))) => Poll::Ready(Err(Error::Closed)),
@@ -696,7 +704,9 @@ impl Session {
     /// under the codec's lock only. A message that does not decode fails
     /// the connection with the error's close code (1007 for bad UTF-8, 1009
     /// past `max_message_size`).
-    fn decode(&self, encoded: EncodedMessage, max: u64) -> Result<Message, Error> {
+    #[cold]
+    #[inline(never)]
+    fn decode(&mut self, encoded: EncodedMessage, max: u64) -> Result<Message, Error> {
         let shared = &self.sender.shared;
         let decoded = match shared.lock_codec() {
             Some(mut codec) => codec.extensions.decode(encoded, max),
@@ -710,6 +720,8 @@ impl Session {
             let mut inner = shared.lock();
             inner.conn.fail_with(err.clone());
             inner.wake_driver(None);
+            drop(inner);
+            self.ended = true;
             Error::Protocol(err)
         })
     }

@@ -26,8 +26,9 @@ use duplex_proto::{Connection, Event, Extensions, Termination};
 /// The shared half of a connection.
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
-    /// The negotiated extensions, when there are any.
-    codec: Option<Mutex<Codec>>,
+    /// The negotiated extensions, when there are any (boxed: most
+    /// connections have none, and this is held per connection).
+    codec: Option<Box<Mutex<Codec>>>,
     /// When the codec wants its idle state released (see
     /// [`Extensions::idle_timeout`]).
     pub(crate) codec_idle_timeout: Option<Duration>,
@@ -75,10 +76,10 @@ impl Shared {
         let extensions = conn.detach_extensions();
         let codec_idle_timeout = extensions.idle_timeout();
         let codec = (!extensions.is_empty()).then(|| {
-            Mutex::new(Codec {
+            Box::new(Mutex::new(Codec {
                 extensions,
                 last_encode: None,
-            })
+            }))
         });
         Shared {
             codec,
@@ -108,7 +109,7 @@ impl Shared {
 
     /// Locks the codec unless it is busy; `Err` when busy or absent.
     pub(crate) fn try_lock_codec(&self) -> Result<MutexGuard<'_, Codec>, ()> {
-        match self.codec.as_ref().map(Mutex::try_lock) {
+        match self.codec.as_ref().map(|codec| codec.try_lock()) {
             Some(Ok(guard)) => Ok(guard),
             Some(Err(std::sync::TryLockError::Poisoned(p))) => Ok(p.into_inner()),
             _ => Err(()),
