@@ -528,6 +528,10 @@ impl Task {
     /// The codec lock is only tried: a send holding it is not idle.
     fn watch_codec(&mut self, shared: &Shared, idle: Duration, now: Instant) {
         let Ok(mut codec) = shared.try_lock_codec() else {
+            // A send holds it: it wakes this task when its frame is queued,
+            // and the next round looks again (a stale deadline would only
+            // make rounds spin meanwhile).
+            self.codec_deadline = None;
             return;
         };
         self.codec_deadline = match codec.last_encode {

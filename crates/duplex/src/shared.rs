@@ -121,8 +121,9 @@ impl Shared {
         self.codec.is_some()
     }
 
-    /// Locks the codec, if the connection has extensions. An extension that
-    /// panics fails its own connection only; its state is dropped with it.
+    /// Locks the codec, if the connection has extensions. Poisoning is
+    /// ignored: an extension that panicked mid-message leaves at worst a
+    /// stream the peer rejects (1007), on this connection only.
     pub(crate) fn lock_codec(&self) -> Option<MutexGuard<'_, Codec>> {
         self.codec
             .as_ref()
