@@ -63,38 +63,31 @@ async fn relay(target: std::net::SocketAddr) -> (String, Arc<Mutex<Recorded>>, J
         let server = TcpStream::connect(target).await.unwrap();
         let (mut client_read, mut client_write) = client.into_split();
         let (mut server_read, mut server_write) = server.into_split();
-        let up_record = Arc::clone(&record);
-        let up = async move {
-            let mut buf = vec![0u8; 64 << 10];
-            while let Ok(n @ 1..) = client_read.read(&mut buf).await {
-                up_record
-                    .lock()
-                    .unwrap()
-                    .to_server
-                    .extend_from_slice(&buf[..n]);
-                if server_write.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
-            }
-            let _ = server_write.shutdown().await;
-        };
-        let down = async move {
-            let mut buf = vec![0u8; 64 << 10];
-            while let Ok(n @ 1..) = server_read.read(&mut buf).await {
-                record
-                    .lock()
-                    .unwrap()
-                    .to_client
-                    .extend_from_slice(&buf[..n]);
-                if client_write.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
-            }
-            let _ = client_write.shutdown().await;
-        };
+        let up = pump(client_read, server_write, Arc::clone(&record), |r| {
+            &mut r.to_server
+        });
+        let down = pump(server_read, client_write, record, |r| &mut r.to_client);
         tokio::join!(up, down);
     });
     (format!("127.0.0.1:{}", addr.port()), recorded, task)
+}
+
+/// Copies `from` into `to` until either ends, recording every byte in the
+/// side of `record` that `side` picks.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    record: Arc<Mutex<Recorded>>,
+    side: fn(&mut Recorded) -> &mut Vec<u8>,
+) {
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        side(&mut record.lock().unwrap()).extend_from_slice(&buf[..n]);
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 /// The data messages in one direction of a recorded connection: for each,

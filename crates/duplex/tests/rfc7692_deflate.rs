@@ -159,18 +159,24 @@ async fn deflate_mirror(deflate: Deflate) -> Server {
     Server::start(app).await
 }
 
+/// An upgrade of `/mirror` offering a bare permessage-deflate; the 101.
+async fn offer_deflate(server: &Server) -> (common::HttpResponse, RawClient) {
+    let request = upgrade_request(
+        "/mirror",
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+    );
+    let (response, client) = RawClient::request(server.addr, request).await;
+    assert_eq!(response.status, 101);
+    (response, client)
+}
+
 /// §7.1.1.1: with the shipped policy the server compresses every message
 /// with an empty window (the same message twice compresses to the same
 /// size), and says so in its response.
 #[tokio::test]
 async fn rfc7692_7_1_1_1_by_default_every_message_is_compressed_alone() {
     let server = deflate_mirror(Deflate::default()).await;
-    let request = upgrade_request(
-        "/mirror",
-        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
-    );
-    let (response, mut client) = RawClient::request(server.addr, request).await;
-    assert_eq!(response.status, 101);
+    let (response, mut client) = offer_deflate(&server).await;
     assert!(
         response
             .header("Sec-WebSocket-Extensions")
@@ -203,12 +209,7 @@ async fn rfc7692_7_1_1_1_an_idle_connection_releases_its_compressor_and_its_clie
         .client_no_context_takeover(false)
         .release_compressor_after(Some(idle));
     let server = deflate_mirror(deflate).await;
-    let request = upgrade_request(
-        "/mirror",
-        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
-    );
-    let (response, mut client) = RawClient::request(server.addr, request).await;
-    assert_eq!(response.status, 101);
+    let (response, mut client) = offer_deflate(&server).await;
     assert_eq!(
         response.header("Sec-WebSocket-Extensions"),
         Some("permessage-deflate"),
