@@ -61,8 +61,8 @@ async fn relay(target: std::net::SocketAddr) -> (String, Arc<Mutex<Recorded>>, J
     let task = tokio::spawn(async move {
         let (client, _) = listener.accept().await.unwrap();
         let server = TcpStream::connect(target).await.unwrap();
-        let (mut client_read, mut client_write) = client.into_split();
-        let (mut server_read, mut server_write) = server.into_split();
+        let (client_read, client_write) = client.into_split();
+        let (server_read, server_write) = server.into_split();
         let up = pump(client_read, server_write, Arc::clone(&record), |r| {
             &mut r.to_server
         });
