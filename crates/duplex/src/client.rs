@@ -74,6 +74,18 @@ const HANDSHAKE_HEADERS: [&str; 7] = [
 /// The largest response head accepted.
 const MAX_HEAD: usize = 16 << 10;
 
+/// Appends `headers` as request head lines, and the empty line that ends
+/// the head.
+pub(crate) fn push_header_lines(head: &mut Vec<u8>, headers: &HeaderMap) {
+    for (name, value) in headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+}
+
 /// Why a client could not connect.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -339,14 +351,8 @@ impl Client {
             ));
         }
         let mut head = head.into_bytes();
-        for (name, value) in &request_headers {
-            // Checked by `HeaderName` and `HeaderValue`: no CR, LF or NUL.
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
-        }
-        head.extend_from_slice(b"\r\n");
+        // Checked by `HeaderName` and `HeaderValue`: no CR, LF or NUL.
+        push_header_lines(&mut head, &request_headers);
         socket.write_all(&head).await?;
 
         let mut buf = BytesMut::with_capacity(1024);

@@ -538,13 +538,7 @@ impl RawTestClient {
             last = Some(name);
         }
         let mut head = format!("GET {path} HTTP/1.1\r\n").into_bytes();
-        for (name, value) in &request {
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
-        }
-        head.extend_from_slice(b"\r\n");
+        crate::client::push_header_lines(&mut head, &request);
         Self::request(addr, head).await
     }
 

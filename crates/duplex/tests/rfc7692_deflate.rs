@@ -38,32 +38,21 @@ fn compressed_zeros(zeros: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rfc7692_decompression_bomb_is_refused_with_1009_and_memory_stays_bounded() {
-    let websockets = WebSockets::default()
-        .max_message_size(1 << 20)
-        .extension(Deflate::default())
-        .unwrap();
-    let app =
-        App::new()
-            .install(websockets)
-            .web_socket("/mirror", |mut session: Session| async move {
-                while let Ok(Some(message)) = session.recv().await {
-                    let _ = session.send(message).await;
-                }
-            });
-    let server = Server::start(app).await;
+    let server = mirror(
+        WebSockets::default()
+            .max_message_size(1 << 20)
+            .extension(Deflate::default())
+            .unwrap(),
+    )
+    .await;
     let bomb = compressed_zeros(256 << 20);
     assert!(
         bomb.len() < 1 << 20,
         "the bomb is small on the wire: {} bytes",
         bomb.len()
     );
-    let request = upgrade_request(
-        "/mirror",
-        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
-    );
     let connect = || async {
-        let (response, client) = RawClient::request(server.addr, request.clone()).await;
-        assert_eq!(response.status, 101);
+        let (response, client) = offer_deflate(&server).await;
         assert_eq!(
             response.header("Sec-WebSocket-Extensions"),
             Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
@@ -146,8 +135,8 @@ async fn echo_size(
     frame.payload.len()
 }
 
-async fn deflate_mirror(deflate: Deflate) -> Server {
-    let websockets = WebSockets::default().extension(deflate).unwrap();
+/// `/mirror`, echoing every message, with `websockets`.
+async fn mirror(websockets: WebSockets) -> Server {
     let app =
         App::new()
             .install(websockets)
@@ -175,7 +164,7 @@ async fn offer_deflate(server: &Server) -> (common::HttpResponse, RawClient) {
 /// size), and says so in its response.
 #[tokio::test]
 async fn rfc7692_7_1_1_1_by_default_every_message_is_compressed_alone() {
-    let server = deflate_mirror(Deflate::default()).await;
+    let server = mirror(WebSockets::default().extension(Deflate::default()).unwrap()).await;
     let (response, mut client) = offer_deflate(&server).await;
     assert!(
         response
@@ -208,7 +197,7 @@ async fn rfc7692_7_1_1_1_an_idle_connection_releases_its_compressor_and_its_clie
         .server_no_context_takeover(false)
         .client_no_context_takeover(false)
         .release_compressor_after(Some(idle));
-    let server = deflate_mirror(deflate).await;
+    let server = mirror(WebSockets::default().extension(deflate).unwrap()).await;
     let (response, mut client) = offer_deflate(&server).await;
     assert_eq!(
         response.header("Sec-WebSocket-Extensions"),
