@@ -34,6 +34,90 @@
 //! }
 //! ```
 //!
+//! Ktor's task tutorial, tested as its `ModuleTest` does: the server sends
+//! typed values through the content converter and closes with "All done";
+//! the client reads them back typed (`receiveDeserialized`):
+//!
+//! ```
+//! use duplex::{App, CloseCode, CloseReason, Session, testing::TestServer};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, PartialEq, Serialize, Deserialize)]
+//! struct Task {
+//!     name: String,
+//!     priority: u8,
+//! }
+//!
+//! fn tasks() -> Vec<Task> {
+//!     vec![
+//!         Task { name: "cleaning".into(), priority: 1 },
+//!         Task { name: "gardening".into(), priority: 3 },
+//!     ]
+//! }
+//!
+//! #[tokio::main(flavor = "current_thread")]
+//! async fn main() {
+//!     let app = App::new().web_socket("/tasks", |session: Session| async move {
+//!         for task in tasks() {
+//!             session.send_json(&task).await?;
+//!         }
+//!         session.close(CloseReason::new(CloseCode::NORMAL, "All done")).await
+//!     });
+//!     let server = TestServer::start(app).await;
+//!     server.connect("/tasks", |mut session| async move {
+//!         let mut got = Vec::new();
+//!         while let Some(task) = session.recv_json::<Task>().await.unwrap() {
+//!             got.push(task);
+//!         }
+//!         assert_eq!(got, tasks());
+//!         assert_eq!(session.close_reason().await.reason, "All done");
+//!     })
+//!     .await;
+//! }
+//! ```
+//!
+//! The chat tutorial's broadcast, with two clients at once (each
+//! `connect` is a future: join them):
+//!
+//! ```
+//! use duplex::{App, Hub, Message, Session, testing::TestServer};
+//!
+//! #[tokio::main(flavor = "current_thread")]
+//! async fn main() {
+//!     let hub = Hub::new();
+//!     let app = App::new().web_socket("/chat", move |mut session: Session| {
+//!         let hub = hub.clone();
+//!         async move {
+//!             let me = hub.register(&session.sender());
+//!             me.join("all");
+//!             session.send("You are connected!").await?;
+//!             while let Some(Message::Text(text)) = session.recv().await? {
+//!                 hub.publish("all", format!("[user{}]: {text}", me.id()));
+//!             }
+//!             Ok::<_, duplex::Error>(())
+//!         }
+//!     });
+//!     let server = TestServer::start(app).await;
+//!     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+//!     let listener = server.connect("/chat", |mut session| async move {
+//!         assert_eq!(session.recv().await.unwrap(), Some(Message::text("You are connected!")));
+//!         ready_tx.send(()).unwrap();
+//!         session.recv().await.unwrap()
+//!     });
+//!     let speaker = server.connect("/chat", |mut session| async move {
+//!         ready_rx.await.unwrap();
+//!         assert_eq!(session.recv().await.unwrap(), Some(Message::text("You are connected!")));
+//!         session.send("hello").await.unwrap();
+//!         // The speaker is in the room too, so it hears itself.
+//!         session.recv().await.unwrap()
+//!     });
+//!     let (heard, echoed) = tokio::join!(listener, speaker);
+//!     let heard = heard.unwrap().into_text().unwrap();
+//!     assert!(heard.starts_with("[user") && heard.ends_with("]: hello"), "{heard}");
+//!     assert_eq!(echoed.unwrap().into_text().unwrap(), heard);
+//! }
+//! ```
+//!
 //! A failed assertion inside the closure panics once, in the test's task,
 //! with its own message and location: the kit catches it inside the
 //! session, closes the connection (1011) and resumes it after the
