@@ -132,7 +132,11 @@ impl Client {
             let mut connection = std::pin::pin!(connection);
             let mut allowed = Some(allowed);
             let result = loop {
-                if allowed.is_some() && connection.is_extended_connect_protocol_enabled() {
+                // Done looking once the flag is there or nobody waits for it
+                // (the caller timed out).
+                if allowed.as_ref().is_some_and(|tx| tx.is_closed()) {
+                    allowed = None;
+                } else if allowed.is_some() && connection.is_extended_connect_protocol_enabled() {
                     let _ = allowed.take().map(|tx| tx.send(()));
                 }
                 if allowed.is_none() {
