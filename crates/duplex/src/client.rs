@@ -49,6 +49,10 @@ use tokio_rustls::{
     rustls::{self, pki_types::ServerName},
 };
 
+mod h2;
+
+pub use h2::Http2Connection;
+
 use crate::{
     config::WebSockets,
     driver::{Driver, Peer},
@@ -142,6 +146,7 @@ pub struct Client {
     tls: Option<Arc<rustls::ClientConfig>>,
     handshake_timeout: Duration,
     deflate: Option<Deflate>,
+    http2: bool,
 }
 
 impl Default for Client {
@@ -153,6 +158,7 @@ impl Default for Client {
             tls: None,
             handshake_timeout: Duration::from_secs(10),
             deflate: None,
+            http2: false,
         }
     }
 }
@@ -246,18 +252,16 @@ impl Client {
         Fut: Future<Output = T> + Send + 'static,
         T: Send + 'static,
     {
+        if self.http2 {
+            let target = Target::parse(url)?;
+            let connection = self.connect_http2(url).await?;
+            return connection.connect(&target.path_and_query, handler).await;
+        }
         let target = Target::parse(url)?;
         // Checked before anything is sent, so that a bad value never reaches
         // the socket.
         let headers = self.request_headers()?;
-        let Handshaken {
-            socket,
-            leftover,
-            request,
-            protocol,
-            answers,
-            extensions,
-        } = tokio::time::timeout(self.handshake_timeout, async {
+        let handshaken = tokio::time::timeout(self.handshake_timeout, async {
             let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
             tcp.set_nodelay(true)?;
             let remote_addr = tcp.peer_addr().ok();
@@ -274,7 +278,30 @@ impl Client {
         })
         .await
         .map_err(|_| ClientError::Timeout(self.handshake_timeout))??;
+        self.run(handshaken, Peer::Host(target.authority.clone()), handler)
+            .await
+    }
 
+    /// Runs the session of a finished handshake in the caller's task.
+    async fn run<F, Fut, T>(
+        &self,
+        handshaken: Handshaken,
+        peer: Peer,
+        handler: F,
+    ) -> Result<T, ClientError>
+    where
+        F: FnOnce(Session) -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let Handshaken {
+            socket,
+            leftover,
+            request,
+            protocol,
+            answers,
+            extensions,
+        } = handshaken;
         let mut config = self.websockets.proto_config(Mode::Messages);
         config.role = Role::Client;
         config.mask_outgoing = true;
@@ -298,7 +325,7 @@ impl Client {
             handler_future,
             never,
             self.websockets.write_timeout,
-            Peer::Host(target.authority.clone()),
+            peer,
         )
         .await;
         result.await.map_err(|_| ClientError::HandlerFailed)
@@ -404,21 +431,7 @@ impl Client {
             return Err(ClientError::Handshake("wrong Sec-WebSocket-Accept".into()));
         }
         let (answers, extensions) = self.accept_extensions(find("sec-websocket-extensions"))?;
-        let protocol = match find("sec-websocket-protocol").next() {
-            None => None,
-            Some(value) => {
-                let chosen = std::str::from_utf8(value)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_owned();
-                if !self.protocols.contains(&chosen) {
-                    return Err(ClientError::Handshake(format!(
-                        "unoffered subprotocol {chosen:?}"
-                    )));
-                }
-                Some(chosen)
-            }
-        };
+        let protocol = self.accept_protocol(find("sec-websocket-protocol").next())?;
         let leftover = buf.split_off(head_len).freeze();
         let request = Request {
             method: Method::GET,
@@ -437,6 +450,23 @@ impl Client {
             answers,
             extensions,
         })
+    }
+
+    /// Checks the server's `Sec-WebSocket-Protocol` against our offer.
+    fn accept_protocol(&self, value: Option<&[u8]>) -> Result<Option<String>, ClientError> {
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        let chosen = std::str::from_utf8(value)
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        if !self.protocols.contains(&chosen) {
+            return Err(ClientError::Handshake(format!(
+                "unoffered subprotocol {chosen:?}"
+            )));
+        }
+        Ok(Some(chosen))
     }
 
     /// Checks the `Sec-WebSocket-Extensions` answer against our offer

@@ -102,6 +102,7 @@ mod convert;
 mod driver;
 mod endpoint;
 mod error;
+mod h2;
 mod handler;
 mod handshake;
 mod hub;
@@ -119,7 +120,7 @@ pub use app::App;
 pub use axum;
 /// The byte buffers of messages and frames ([`Message::binary`], payloads).
 pub use bytes;
-pub use client::{Client, ClientError, connect};
+pub use client::{Client, ClientError, Http2Connection, connect};
 pub use config::{ExtensionConflict, WebSockets};
 pub use convert::{ContentConverter, ConvertError, ErasedDeserializer, JsonConverter};
 pub use duplex_proto as proto;
