@@ -263,6 +263,12 @@
     state.welcomedOnce = true;
     state.attempt = 0;
     state.bucket.tokens = Math.min(state.bucket.tokens, state.limits.burst);
+    if (!reconnect) {
+      // A reload: the conversations that were open come back.
+      for (const peer of loadList('duplex.dms')) {
+        if (peer.toLowerCase() !== state.me.toLowerCase()) dmState(peer);
+      }
+    }
     saveSession();
     // The next directory (gathered by the server for a moment) will list us;
     // until then, count ourselves in.
@@ -285,11 +291,6 @@
     }
     // Direct conversations: what was said while away (or, after a reload,
     // what the server still keeps).
-    if (!reconnect) {
-      for (const peer of loadList('duplex.dms')) {
-        if (peer.toLowerCase() !== state.me.toLowerCase()) dmState(peer);
-      }
-    }
     for (const dm of state.dms.values()) send(dmHistoryRequest(dm));
     if (!state.current) {
       const first = [...state.wanted][0];
@@ -356,6 +357,10 @@
     if (conv.epoch !== null) {
       conv.keys.clear();
       conv.lastId = null;
+    } else {
+      // Messages that came before we knew the epoch (a direct message
+      // opening a conversation) belong to this one.
+      for (const item of conv.items) if (item.kind === 'msg' && item.epoch === null) item.epoch = epoch;
     }
     conv.epoch = epoch;
   }
