@@ -240,3 +240,113 @@ export async function assertReceivedExactly(page, type, texts, { quiet = 300, ti
     throw new Error(`${type} frames received: ${JSON.stringify(got)}, expected each of ${JSON.stringify(texts)} exactly once`);
   }
 }
+
+// ------------------------------------------------------------ several nodes
+
+export const REDIS_SERVER = process.env.REDIS_SERVER || 'redis-server';
+
+/**
+ * A redis-server of the test's own on 127.0.0.1:port, nothing saved (it
+ * stays up for the whole test, so persistence is not what is tested).
+ * Fails, saying why, when redis-server is missing; never skips.
+ */
+export async function startRedis(port, { log = 'redis' } = {}) {
+  const logFd = openSync(join(OUT, `${log}.log`), 'a');
+  const child = spawn(REDIS_SERVER, [
+    '--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
+  ], { stdio: ['ignore', logFd, logFd] });
+  closeSync(logFd);
+  let exited = null;
+  child.once('error', (err) => {
+    exited = { error: err.message };
+  });
+  child.once('exit', (code, signal) => {
+    exited = exited || { code, signal };
+  });
+  const deadline = Date.now() + 10_000;
+  while (Date.now() < deadline) {
+    if (exited) {
+      throw new Error(`cannot start ${REDIS_SERVER} (${JSON.stringify(exited)}): install it with ` +
+        '`apt-get install -y redis-server` (.ci/run does) or set REDIS_SERVER; ' +
+        `see ${join(OUT, `${log}.log`)}`);
+    }
+    if (await canConnect(port)) {
+      return {
+        child,
+        port,
+        url: `redis://127.0.0.1:${port}/`,
+        async stop() {
+          if (exited) return exited;
+          const done = new Promise((resolve) => child.once('exit', (code, sig) => resolve({ code, signal: sig })));
+          child.kill('SIGKILL');
+          return done;
+        },
+      };
+    }
+    await sleep(50);
+  }
+  child.kill('SIGKILL');
+  throw new Error(`redis-server did not listen on port ${port} within 10 s`);
+}
+
+/**
+ * A TCP relay on 127.0.0.1 in front of `targetPort`: a page loaded through
+ * it talks to the server only through it, so `cut()` drops that page's
+ * connection (and refuses new ones) while the server and every other page
+ * go on; `restore()` lets connections through again.
+ */
+export async function startRelay(targetPort) {
+  const sockets = new Set();
+  let open = true;
+  const server = net.createServer((client) => {
+    if (!open) {
+      client.destroy();
+      return;
+    }
+    const upstream = net.connect({ host: '127.0.0.1', port: targetPort });
+    sockets.add(client);
+    sockets.add(upstream);
+    const drop = () => {
+      client.destroy();
+      upstream.destroy();
+      sockets.delete(client);
+      sockets.delete(upstream);
+    };
+    client.on('error', drop).on('close', drop);
+    upstream.on('error', drop).on('close', drop);
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  await new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', resolve);
+  });
+  const { port } = server.address();
+  return {
+    port,
+    url: `http://127.0.0.1:${port}`,
+    cut() {
+      open = false;
+      for (const s of sockets) s.destroy();
+      sockets.clear();
+    },
+    restore() {
+      open = true;
+    },
+    close() {
+      this.cut();
+      return new Promise((resolve) => server.close(resolve));
+    },
+  };
+}
+
+/**
+ * The messages the current conversation shows, as `{ id, text }`, in the
+ * order shown: what a person sees, repeats included.
+ */
+export async function shownMessages(page) {
+  return page.locator(`${sel.messages} .msg`).evaluateAll((rows) => rows.map((row) => ({
+    id: row.dataset.id,
+    text: row.querySelector('.text').innerText,
+  })));
+}

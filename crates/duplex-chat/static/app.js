@@ -29,8 +29,12 @@
     welcomedOnce: false,
     limits: { name_chars: 32, text_chars: 2000, rate: 5, burst: 10, rooms: 20, history: 50 },
     wanted: loadWanted(), // rooms to be in, kept across reconnects and reloads
-    rooms: new Map(), // name -> { name, members, items, unread, joined, keys }
-    dms: new Map(), // lowercased peer -> { peer, items, unread, keys }
+    // Each conversation keeps the epoch of its stream on the server and the
+    // newest message id seen in it: a reconnect asks for what came after
+    // that id (`since`), so a dropped connection loses nothing.
+    rooms: new Map(), // name -> { name, members, items, unread, joined, keys, epoch, lastId }
+    dms: new Map(), // lowercased peer -> { peer, items, unread, keys, epoch, lastId }
+    redisDown: false, // the server said its shared store is unreachable
     current: null, // { kind: 'room' | 'dm', key }
     directory: { rooms: [], users: [], online: 0 },
     // Client-side token bucket matching the server's, so the page paces its
@@ -41,16 +45,20 @@
     queueTimer: 0,
   };
 
-  function loadWanted() {
+  function loadList(key) {
     try {
-      const rooms = JSON.parse(sessionStorage.getItem('duplex.rooms') || '[]');
-      return new Set(Array.isArray(rooms) ? rooms.filter((r) => typeof r === 'string') : []);
+      const list = JSON.parse(sessionStorage.getItem(key) || '[]');
+      return Array.isArray(list) ? list.filter((r) => typeof r === 'string') : [];
     } catch {
-      return new Set();
+      return [];
     }
+  }
+  function loadWanted() {
+    return new Set(loadList('duplex.rooms'));
   }
   function saveSession() {
     sessionStorage.setItem('duplex.rooms', JSON.stringify([...state.wanted]));
+    sessionStorage.setItem('duplex.dms', JSON.stringify([...state.dms.values()].map((d) => d.peer)));
     if (state.me) {
       sessionStorage.setItem('duplex.name', state.me);
       sessionStorage.setItem('duplex.token', state.token);
@@ -60,9 +68,27 @@
 
   // ------------------------------------------------------------ connection
 
+  // `?ws=ws://host:port/chat` points the page at another node's socket (that
+  // node must allow this page's origin, `--allowed-origin`).
   function wsUrl(path) {
+    const other = new URLSearchParams(location.search).get('ws');
+    if (other && /^wss?:\/\//.test(other)) return other;
     const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
     return `${proto}//${location.host}${path}`;
+  }
+
+  // Message ids are "<ms>-<seq>" strings (Redis stream ids), ordered within
+  // one room or one direct conversation: ms first, then seq.
+  function parseId(id) {
+    const m = /^(\d+)(?:-(\d+))?$/.exec(String(id));
+    return m ? [BigInt(m[1]), BigInt(m[2] || 0)] : null;
+  }
+  function compareIds(a, b) {
+    const x = parseId(a);
+    const y = parseId(b);
+    if (!x || !y) return String(a) < String(b) ? -1 : String(a) > String(b) ? 1 : 0;
+    if (x[0] !== y[0]) return x[0] < y[0] ? -1 : 1;
+    return x[1] < y[1] ? -1 : x[1] > y[1] ? 1 : 0;
   }
 
   function connect() {
@@ -209,6 +235,9 @@
       case 'presence': onPresence(ev); break;
       case 'message': onMessage(ev); break;
       case 'dm': onDm(ev); break;
+      case 'dm_history': onDmHistory(ev); break;
+      case 'status': onStatus(ev); break;
+      case 'gap': onGap(ev); break;
       case 'pong': clearTimeout(state.pongTimer); break;
       case 'error': onError(ev); break;
       default: break;
@@ -226,7 +255,6 @@
 
   function onWelcome(ev) {
     const reconnect = state.welcomedOnce;
-    const restarted = reconnect && state.instance && state.instance !== ev.instance;
     state.me = ev.name;
     state.wantedName = ev.name;
     state.token = ev.token;
@@ -235,6 +263,12 @@
     state.welcomedOnce = true;
     state.attempt = 0;
     state.bucket.tokens = Math.min(state.bucket.tokens, state.limits.burst);
+    if (!reconnect) {
+      // A reload: the conversations that were open come back.
+      for (const peer of loadList('duplex.dms')) {
+        if (peer.toLowerCase() !== state.me.toLowerCase()) dmState(peer);
+      }
+    }
     saveSession();
     // The next directory (gathered by the server for a moment) will list us;
     // until then, count ourselves in.
@@ -242,20 +276,22 @@
       state.directory.users = [...state.directory.users, state.me].sort(byName);
       state.directory.online += 1;
     }
+    // A new connection starts with the store reachable; a `status` says otherwise.
+    state.redisDown = false;
     setConn('online');
     showApp();
     if (reconnect) {
-      const text = restarted
-        ? 'Reconnected. The server restarted: messages from before are only kept on this page.'
-        : 'Reconnected';
-      for (const room of state.rooms.values()) addItem(room, { kind: 'notice', system: true, text });
+      for (const room of state.rooms.values()) addNotice(room, { system: true, text: 'Reconnected' });
       renderMessages();
     }
     if (state.wanted.size === 0) state.wanted.add(DEFAULT_ROOM);
     const already = new Set(ev.rooms || []);
     for (const room of state.wanted) {
-      if (!already.has(room) || reconnect) send({ type: 'join', room });
+      if (!already.has(room) || reconnect) send(joinRequest(room));
     }
+    // Direct conversations: what was said while away (or, after a reload,
+    // what the server still keeps).
+    for (const dm of state.dms.values()) send(dmHistoryRequest(dm));
     if (!state.current) {
       const first = [...state.wanted][0];
       state.current = { kind: 'room', key: first };
@@ -266,7 +302,7 @@
   function roomState(name) {
     let room = state.rooms.get(name);
     if (!room) {
-      room = { name, members: [], items: [], unread: 0, joined: false, keys: new Set() };
+      room = { name, members: [], items: [], unread: 0, joined: false, keys: new Set(), epoch: null, lastId: null };
       state.rooms.set(name, room);
     }
     return room;
@@ -275,27 +311,95 @@
     const key = peer.toLowerCase();
     let dm = state.dms.get(key);
     if (!dm) {
-      dm = { peer, items: [], unread: 0, keys: new Set() };
+      dm = { peer, items: [], unread: 0, keys: new Set(), epoch: null, lastId: null, asked: false };
       state.dms.set(key, dm);
+      saveSession();
     }
     return dm;
   }
 
-  function addItem(conv, item) {
-    if (item.key) {
-      if (conv.keys.has(item.key)) return false;
-      conv.keys.add(item.key);
+  // `join`, with where we stopped when we have seen something of the room.
+  function joinRequest(name) {
+    const room = state.rooms.get(name);
+    const req = { type: 'join', room: name };
+    if (room && room.lastId && room.epoch) {
+      req.since = room.lastId;
+      req.epoch = room.epoch;
     }
-    conv.items.push(item);
+    return req;
+  }
+  function dmHistoryRequest(dm) {
+    const req = { type: 'dm_history', with: dm.peer };
+    if (dm.lastId && dm.epoch) {
+      req.since = dm.lastId;
+      req.epoch = dm.epoch;
+    }
+    dm.asked = true;
+    return req;
+  }
+
+  function trim(conv) {
     if (conv.items.length > 1000) {
       const gone = conv.items.splice(0, conv.items.length - 1000);
       for (const g of gone) if (g.key) conv.keys.delete(g.key);
     }
-    return true;
+  }
+
+  function addNotice(conv, notice) {
+    conv.items.push({ kind: 'notice', ...notice });
+    trim(conv);
+  }
+
+  // A new epoch: the server's stream started over, so its ids say nothing
+  // about the old ones. What is shown stays; ids are compared afresh.
+  function setEpoch(conv, epoch) {
+    if (!epoch || conv.epoch === epoch) return;
+    if (conv.epoch !== null) {
+      conv.keys.clear();
+      conv.lastId = null;
+    } else {
+      // Messages that came before we knew the epoch (a direct message
+      // opening a conversation) belong to this one.
+      for (const item of conv.items) if (item.kind === 'msg' && item.epoch === null) item.epoch = epoch;
+    }
+    conv.epoch = epoch;
+  }
+
+  // Adds a message unless its id was seen already in this conversation.
+  // Returns 'end' when it went at the end, 'inside' when an older message
+  // arrived after newer ones (a history merged in) and was put in its
+  // place, or false for a repeat.
+  function addMessage(conv, item) {
+    if (conv.keys.has(item.id)) return false;
+    conv.keys.add(item.id);
+    item.key = item.id;
+    item.epoch = conv.epoch;
+    let where = 'end';
+    if (conv.lastId === null || compareIds(item.id, conv.lastId) > 0) {
+      conv.lastId = item.id;
+      conv.items.push(item);
+    } else {
+      let at = conv.items.length;
+      while (at > 0) {
+        const other = conv.items[at - 1];
+        if (other.kind === 'msg' && other.epoch === conv.epoch && compareIds(other.id, item.id) < 0) break;
+        at -= 1;
+      }
+      // Older than all we show of this epoch: after the last message of an
+      // earlier epoch, or first.
+      if (at === 0) {
+        at = conv.items.findIndex((i) => i.kind === 'msg' && i.epoch === conv.epoch);
+        if (at < 0) at = conv.items.length;
+      }
+      conv.items.splice(at, 0, item);
+      where = at === conv.items.length - 1 ? 'end' : 'inside';
+    }
+    trim(conv);
+    return where;
   }
 
   function lineItem(line) {
-    return { kind: 'msg', key: `${state.instance}:${line.id}`, from: line.from, text: line.text, ts: line.ts };
+    return { kind: 'msg', id: String(line.id), from: line.from, text: line.text, ts: line.ts };
   }
 
   function onJoined(ev) {
@@ -305,9 +409,15 @@
     room.members = ev.members || [];
     state.wanted.add(ev.room);
     saveSession();
-    for (const line of ev.history || []) addItem(room, lineItem(line));
+    if (ev.recovered === false) {
+      // Never a silent gap: the server could not replay everything since
+      // our last message (trimmed, or its store lost it), so say so.
+      addNotice(room, { system: true, warn: true, text: `Some messages of #${ev.room} could not be recovered` });
+    }
+    setEpoch(room, ev.epoch);
+    for (const line of ev.history || []) addMessage(room, lineItem(line));
     if (first && room.items.every((i) => i.kind !== 'notice' || !i.you)) {
-      addItem(room, { kind: 'notice', you: true, text: `You joined #${ev.room}` });
+      addNotice(room, { you: true, text: `You joined #${ev.room}` });
     }
     if (state.pendingSwitch === ev.room || !state.current ||
         (state.current.kind === 'room' && !state.rooms.get(state.current.key))) {
@@ -347,7 +457,7 @@
       room.members = room.members.filter((n) => n !== ev.name);
     }
     if (ev.name !== state.me) {
-      addItem(room, { kind: 'notice', text: `${ev.name} ${ev.event === 'join' ? 'joined' : 'left'}` });
+      addNotice(room, { text: `${ev.name} ${ev.event === 'join' ? 'joined' : 'left'}` });
       if (isCurrent('room', ev.room)) appendLast(room);
     }
     renderSidebar();
@@ -358,9 +468,11 @@
   function onMessage(ev) {
     const room = state.rooms.get(ev.room);
     if (!room) return;
-    if (!addItem(room, lineItem(ev))) return;
+    const where = addMessage(room, lineItem(ev));
+    if (!where) return;
     if (isCurrent('room', ev.room) && document.visibilityState !== 'hidden') {
-      appendLast(room);
+      if (where === 'end') appendLast(room);
+      else renderMessages();
     } else if (ev.from !== state.me) {
       room.unread += 1;
       if (!isCurrent('room', ev.room)) renderSidebar();
@@ -372,15 +484,53 @@
     const mine = ev.from === state.me;
     const peer = mine ? ev.to : ev.from;
     const dm = dmState(peer);
-    if (!addItem(dm, { kind: 'msg', key: `${state.instance}:${ev.id}`, from: ev.from, text: ev.text, ts: ev.ts, dm: true })) return;
+    if (ev.epoch) setEpoch(dm, ev.epoch);
+    const where = addMessage(dm, { ...lineItem(ev), dm: true });
+    // A conversation new to this page: fetch what the server keeps of it
+    // (and its epoch, for recovery after a reconnect).
+    if (!dm.asked) send(dmHistoryRequest(dm));
+    if (!where) return;
     if (isCurrent('dm', peer.toLowerCase())) {
-      appendLast(dm);
+      if (where === 'end') appendLast(dm);
+      else renderMessages();
     } else if (!mine) {
       dm.unread += 1;
       toast(`${ev.from} sent you a direct message`, 'info');
     }
     renderSidebar();
     renderTitle();
+  }
+
+  function onDmHistory(ev) {
+    if (typeof ev.with !== 'string') return;
+    const dm = state.dms.get(ev.with.toLowerCase());
+    if (!dm) return;
+    if (ev.recovered === false && dm.lastId) {
+      addNotice(dm, { system: true, warn: true, text: `Some messages with ${dm.peer} could not be recovered` });
+    }
+    setEpoch(dm, ev.epoch);
+    let inside = false;
+    for (const line of ev.history || []) {
+      if (addMessage(dm, { ...lineItem(line), dm: true }) === 'inside') inside = true;
+    }
+    if (isCurrent('dm', ev.with.toLowerCase())) renderMessages();
+    else if (inside) renderSidebar();
+  }
+
+  function onStatus(ev) {
+    if (typeof ev.redis !== 'string') return;
+    const down = ev.redis === 'down';
+    if (down === state.redisDown) return;
+    state.redisDown = down;
+    renderConn();
+  }
+
+  // The server may have missed messages of a room (its store restarted or
+  // lost them): ask again from our last id; `joined` says whether all came.
+  function onGap(ev) {
+    const room = state.rooms.get(ev.room);
+    if (!room || !room.joined) return;
+    send(joinRequest(ev.room));
   }
 
   function onError(ev) {
@@ -455,6 +605,7 @@
       send({ type: 'leave', room: state.current.key });
     } else {
       state.dms.delete(state.current.key);
+      saveSession();
       const next = state.rooms.keys().next().value;
       state.current = next ? { kind: 'room', key: next } : null;
       renderAll();
@@ -463,7 +614,8 @@
 
   function openDm(name) {
     if (name === state.me) return;
-    dmState(name);
+    const dm = dmState(name);
+    if (!dm.asked) send(dmHistoryRequest(dm));
     switchTo({ kind: 'dm', key: name.toLowerCase() });
   }
 
@@ -480,7 +632,7 @@
     if (e) e.preventDefault();
     const input = $('composer-input');
     const text = input.value.replace(/\s+$/, '');
-    if (!text.trim() || state.conn !== 'online' || !state.current) return;
+    if (!text.trim() || state.conn !== 'online' || state.redisDown || !state.current) return;
     if ([...text].length > state.limits.text_chars) {
       toast(`A message has at most ${state.limits.text_chars} characters.`, 'error');
       return;
@@ -505,6 +657,7 @@
     state.dms.clear();
     state.current = null;
     state.welcomedOnce = false;
+    state.redisDown = false;
     dropSocket();
     state.attempt = 0;
     showLogin();
@@ -534,6 +687,9 @@
     let banner = '';
     if (conn === 'online') {
       text = state.me ? 'Online' : 'Connected';
+      if (state.redisDown) {
+        banner = 'The chat\u2019s message store is unreachable. You can send again once it is back.';
+      }
     } else if (conn === 'connecting') {
       text = 'Connecting…';
     } else if (conn === 'reconnecting') {
@@ -553,12 +709,13 @@
     $('login-dot').dataset.state = conn;
     $('login-status').textContent = text;
     $('banner').hidden = !banner;
-    $('banner').dataset.state = conn;
+    $('banner').dataset.state = conn === 'online' && state.redisDown ? 'degraded' : conn;
     $('banner-text').textContent = banner;
     $('retry-button').hidden = conn !== 'reconnecting' || !!state.ws;
-    const ready = conn === 'online' && !!state.me;
+    const ready = conn === 'online' && !!state.me && !state.redisDown;
     $('send-button').disabled = !ready;
-    $('composer-input').placeholder = ready ? composerPlaceholder() : 'Waiting for the connection…';
+    $('composer-input').placeholder = ready ? composerPlaceholder()
+      : conn === 'online' && state.redisDown ? 'Waiting for the message store…' : 'Waiting for the connection…';
     $('login-button').disabled = conn !== 'online' && conn !== 'reconnecting' && conn !== 'connecting';
   }
 
@@ -734,7 +891,8 @@
       leave.hidden = false;
       members.hidden = true;
     }
-    $('composer-input').placeholder = state.conn === 'online' ? composerPlaceholder() : 'Waiting for the connection…';
+    $('composer-input').placeholder = state.conn === 'online' && !state.redisDown ? composerPlaceholder()
+      : state.conn === 'online' ? 'Waiting for the message store…' : 'Waiting for the connection…';
   }
 
   function renderMembers() {
@@ -789,13 +947,14 @@
 
   function itemNode(item, prev) {
     if (item.kind === 'notice') {
-      const n = node('div', `notice${item.system ? ' system' : ''}`, item.text);
+      const n = node('div', `notice${item.system ? ' system' : ''}${item.warn ? ' warn' : ''}`, item.text);
       n.dataset.testid = 'notice';
       return n;
     }
     const first = !prev || prev.kind !== 'msg' || prev.from !== item.from || item.ts - prev.ts > 5 * 60 * 1000;
     const row = node('div', `msg${first ? ' first' : ''}${item.from === state.me ? ' mine' : ''}`);
     row.dataset.testid = 'message';
+    row.dataset.id = item.id;
     row.dataset.from = item.from;
     row.append(avatar(item.from));
     const head = node('div', 'head');
@@ -942,7 +1101,19 @@
   Object.defineProperty(window, 'duplexChat', {
     value: Object.freeze({
       get state() {
-        return { conn: state.conn, me: state.me, current: state.current, rooms: [...state.rooms.keys()], instance: state.instance };
+        return {
+          conn: state.conn,
+          me: state.me,
+          current: state.current,
+          rooms: [...state.rooms.keys()],
+          instance: state.instance,
+          redisDown: state.redisDown,
+          // Where each conversation stands: its stream's epoch and last id.
+          marks: Object.fromEntries([
+            ...[...state.rooms.values()].map((r) => [`#${r.name}`, { epoch: r.epoch, lastId: r.lastId }]),
+            ...[...state.dms.values()].map((d) => [`@${d.peer}`, { epoch: d.epoch, lastId: d.lastId }]),
+          ]),
+        };
       },
     }),
   });
