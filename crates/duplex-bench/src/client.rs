@@ -186,8 +186,9 @@ pub struct FrameInfo<'a> {
     pub rsv1: bool,
     /// Its payload length.
     pub len: u64,
-    /// The payload, unmasked, for frames of at most [`PEEK_MAX`] bytes;
-    /// larger payloads are skipped unread.
+    /// The payload, unmasked, for frames of at most [`PEEK_MAX`] bytes (or
+    /// the reader's own bound, [`FrameReader::with_peek`]); larger payloads
+    /// are skipped unread.
     pub payload: Option<&'a [u8]>,
 }
 
@@ -205,13 +206,22 @@ pub struct FrameReader {
     skip: u64,
     /// The large frame being skipped: opcode, FIN, RSV1, length.
     skipping: Option<(u8, bool, bool, u64)>,
+    /// Payloads up to this size are handed over whole.
+    peek_max: usize,
 }
 
 impl FrameReader {
     /// A reader with a `capacity`-byte buffer (at least 2 × [`PEEK_MAX`])
     /// that starts with `leftover`, the bytes read past the handshake.
     pub fn new(capacity: usize, leftover: &[u8]) -> Self {
-        let capacity = capacity.max(2 * PEEK_MAX + 16).max(leftover.len());
+        Self::with_peek(capacity, leftover, PEEK_MAX)
+    }
+
+    /// As [`FrameReader::new`], handing over payloads of up to `peek_max`
+    /// bytes whole (the buffer is at least twice that): for a client that
+    /// must read large messages, such as a chat room's member list.
+    pub fn with_peek(capacity: usize, leftover: &[u8], peek_max: usize) -> Self {
+        let capacity = capacity.max(2 * peek_max + 16).max(leftover.len());
         let mut buf = vec![0u8; capacity];
         buf[..leftover.len()].copy_from_slice(leftover);
         FrameReader {
@@ -220,6 +230,7 @@ impl FrameReader {
             end: leftover.len(),
             skip: 0,
             skipping: None,
+            peek_max,
         }
     }
 
@@ -297,7 +308,7 @@ impl FrameReader {
                 break;
             };
             let rsv1 = data[0] & 0x40 != 0;
-            if len <= PEEK_MAX as u64 {
+            if len <= self.peek_max as u64 {
                 let total = head + len as usize;
                 if data.len() < total {
                     break;
@@ -325,7 +336,7 @@ impl FrameReader {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
-        } else if self.buf.len() - self.end < PEEK_MAX + 16 {
+        } else if self.buf.len() - self.end < self.peek_max + 16 {
             self.compact();
         }
         Ok(())
