@@ -11,8 +11,6 @@ use axum::{
     serve::{Listener, ListenerExt, TapIo},
 };
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower_service::Service;
@@ -58,6 +56,7 @@ pub struct App {
     max_header_bytes: usize,
     max_connections: usize,
     raise_open_files: bool,
+    http2: bool,
 }
 
 impl Default for App {
@@ -71,6 +70,7 @@ impl Default for App {
             max_header_bytes: 32 * 1024,
             max_connections: 10_000,
             raise_open_files: true,
+            http2: true,
         }
     }
 }
@@ -200,6 +200,19 @@ impl App {
         self
     }
 
+    /// Whether [`serve`](Self::serve) and [`serve_tls`](Self::serve_tls)
+    /// speak HTTP/2 besides HTTP/1.1: in clear to clients that start with
+    /// the HTTP/2 preface (prior knowledge), over TLS to those that choose
+    /// `h2` by ALPN (offered first when the rustls configuration names no
+    /// protocol). Over HTTP/2 every WebSocket route also accepts an
+    /// extended CONNECT (RFC 8441): the same handler, session, limits and
+    /// shutdown, each session a stream of the connection. Default true.
+    #[must_use]
+    pub fn http2(mut self, enabled: bool) -> Self {
+        self.http2 = enabled;
+        self
+    }
+
     /// The axum `Router` with every route mounted, to serve it yourself.
     pub fn into_router(self) -> Router {
         let websockets = self.websockets;
@@ -279,18 +292,24 @@ impl App {
     {
         // TLS sets no-delay itself; the tap gives axum the listener shape
         // it knows how to report peer addresses for.
+        let config = if self.http2 {
+            crate::h2::with_alpn(config)
+        } else {
+            config
+        };
         let listener = TlsListener::new(listener, config)?.tap_io(|_| {});
         self.serve_listener(listener, signal).await
     }
 
     /// The accept loop: each connection is served by hyper's HTTP/1 with
-    /// upgrades, directly on the accepted stream. (axum's `serve` would first
-    /// peek at the bytes to tell HTTP/2 from HTTP/1 and wrap the stream, so
-    /// an upgraded connection could never be taken back as a `TcpStream`.)
+    /// upgrades, or its HTTP/2, directly on the accepted stream (`h2.rs`
+    /// tells them apart without reading; axum's `serve` would read the first
+    /// bytes into a buffer and wrap the stream, so an upgraded connection
+    /// could never be taken back as a `TcpStream`).
     async fn serve_listener<L, T, F>(self, mut listener: TapIo<L, T>, signal: F) -> io::Result<()>
     where
         L: Listener<Addr = SocketAddr>,
-        L::Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        L::Io: crate::h2::Transport,
         T: FnMut(&mut L::Io) + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
@@ -303,12 +322,11 @@ impl App {
         let websockets = self.websockets.clone();
         let grace = self.shutdown_grace;
         let max_connections = self.max_connections;
-        let mut http = hyper::server::conn::http1::Builder::new();
-        // A client that never finishes its request head is dropped.
-        http.timer(TokioTimer::new())
-            .header_read_timeout(Some(self.header_read_timeout))
-            .max_header_size(self.max_header_bytes)
-            .max_buf_size(self.max_header_bytes.max(64 * 1024));
+        let http = Arc::new(crate::h2::Http::new(
+            self.header_read_timeout,
+            self.max_header_bytes,
+            self.http2,
+        ));
         let router = self.into_router();
         // Every WebSocket route notes its configuration here on its first
         // request, whichever configuration it was built with.
@@ -341,20 +359,10 @@ impl App {
                 // entry would grow every session's map.
                 SERVED.scope(served.clone(), Service::call(&mut router.clone(), request))
             });
-            let connection = http
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades();
             let stopping = stopping.clone();
+            let http = Arc::clone(&http);
             connections.spawn(async move {
-                let mut connection = std::pin::pin!(connection);
-                let result = tokio::select! {
-                    result = connection.as_mut() => result,
-                    () = stopping.cancelled() => {
-                        connection.as_mut().graceful_shutdown();
-                        connection.await
-                    }
-                };
-                if let Err(err) = result {
+                if let Err(err) = http.serve_connection(io, service, stopping).await {
                     tracing::debug!(%peer, "HTTP connection ended: {err}");
                 }
             });

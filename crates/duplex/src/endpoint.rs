@@ -188,11 +188,12 @@ where
 /// rest of the handshake is checked by the endpoint, which answers a
 /// malformed upgrade with its own error rather than handing it to a page.
 fn is_websocket_upgrade(request: &http::Request<Body>) -> bool {
-    request
-        .headers()
-        .get_all(http::header::UPGRADE)
-        .iter()
-        .any(|value| duplex_proto::header_has_token(value.as_bytes(), "websocket"))
+    crate::h2::is_extended_connect(request)
+        || request
+            .headers()
+            .get_all(http::header::UPGRADE)
+            .iter()
+            .any(|value| duplex_proto::header_has_token(value.as_bytes(), "websocket"))
 }
 
 type MakeSession<S> = fn(Sender, Arc<Request>, Option<String>, Vec<ExtensionOffer>) -> S;
@@ -316,13 +317,25 @@ where
     if config.lifecycle.is_shutting_down() {
         return Rejection::ShuttingDown.into_response();
     }
-    let mut accepted = match handshake::accept(
-        &parts.method,
-        parts.version,
-        &parts.headers,
-        protocols,
-        &config.origins,
-    ) {
+    let checked = if parts.version == http::Version::HTTP_2 {
+        crate::h2::accept(
+            &parts.method,
+            &parts.uri,
+            &parts.extensions,
+            &parts.headers,
+            protocols,
+            &config.origins,
+        )
+    } else {
+        handshake::accept(
+            &parts.method,
+            parts.version,
+            &parts.headers,
+            protocols,
+            &config.origins,
+        )
+    };
+    let mut accepted = match checked {
         Ok(accepted) => accepted,
         Err(rejection) => {
             tracing::debug!(path = %parts.uri.path(), "WebSocket upgrade rejected: {rejection}");

@@ -21,10 +21,17 @@ pub enum Rejection {
     /// Older than HTTP/1.1 (400).
     #[error("WebSocket upgrades need HTTP/1.1")]
     HttpVersion,
-    /// No `Upgrade: websocket` or no `Connection: upgrade`: a plain request
-    /// to a WebSocket route (400, as Ktor).
-    #[error("expected a WebSocket upgrade request (Upgrade: websocket, Connection: Upgrade)")]
+    /// No `Upgrade: websocket` or no `Connection: upgrade` (over HTTP/2: not
+    /// an extended CONNECT): a plain request to a WebSocket route (400, as
+    /// Ktor).
+    #[error(
+        "expected a WebSocket upgrade request (Upgrade: websocket, Connection: Upgrade; over HTTP/2 a CONNECT with :protocol websocket)"
+    )]
     NotUpgrade,
+    /// An HTTP/2 extended CONNECT (RFC 8441 §4) for a `:protocol` other
+    /// than `websocket` (501: the server does not implement it).
+    #[error("extended CONNECT for a protocol other than websocket")]
+    UnsupportedProtocol,
     /// `Sec-WebSocket-Version` is not 13 (426 with `Sec-WebSocket-Version: 13`).
     #[error("unsupported Sec-WebSocket-Version; this server speaks 13")]
     UnsupportedVersion,
@@ -69,6 +76,7 @@ impl Rejection {
             Rejection::MethodNotGet => StatusCode::METHOD_NOT_ALLOWED,
             Rejection::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
             Rejection::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Rejection::UnsupportedProtocol => StatusCode::NOT_IMPLEMENTED,
             Rejection::ShuttingDown | Rejection::ServerFull => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::TooManySessions | Rejection::HandshakeRate { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -133,7 +141,8 @@ impl IntoResponse for Rejection {
 /// An accepted upgrade: what the 101 response carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Accepted {
-    accept: HeaderValue,
+    /// `Sec-WebSocket-Accept`; none over HTTP/2 (RFC 8441 §5).
+    pub(crate) accept: Option<HeaderValue>,
     /// The subprotocol chosen, if the route names any.
     pub(crate) protocol: Option<String>,
     /// The `Sec-WebSocket-Extensions` answer, if any extension was accepted.
@@ -141,14 +150,19 @@ pub(crate) struct Accepted {
 }
 
 impl Accepted {
-    /// The `101 Switching Protocols` response.
+    /// The `101 Switching Protocols` response, or over HTTP/2 the `200` to
+    /// the extended CONNECT (RFC 8441 §5).
     pub(crate) fn response(&self) -> Response {
         let mut response = Response::new(Body::empty());
-        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        if self.accept.is_some() {
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        }
         let headers = response.headers_mut();
-        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        headers.insert(header::SEC_WEBSOCKET_ACCEPT, self.accept.clone());
+        if let Some(accept) = &self.accept {
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept.clone());
+        }
         if let Some(protocol) = self
             .protocol
             .as_deref()
@@ -207,7 +221,21 @@ pub(crate) fn accept(
     {
         return Err(Rejection::OriginNotAllowed);
     }
-    let protocol = if protocols.is_empty() {
+    Ok(Accepted {
+        // Base64 is always a valid header value; the String is not copied.
+        accept: Some(HeaderValue::try_from(accept_key(key)).map_err(|_| Rejection::InvalidKey)?),
+        protocol: choose_protocol(headers, protocols)?,
+        extensions: None,
+    })
+}
+
+/// The subprotocol: the first of the client's offers, in the client's
+/// order, that `protocols` holds; none when the route names none.
+pub(crate) fn choose_protocol(
+    headers: &HeaderMap,
+    protocols: &[String],
+) -> Result<Option<String>, Rejection> {
+    Ok(if protocols.is_empty() {
         None
     } else {
         let offered = headers
@@ -219,12 +247,6 @@ pub(crate) fn accept(
             .find(|p| protocols.iter().any(|ours| ours == p))
             .ok_or(Rejection::NoSubprotocol)?;
         Some(chosen.to_owned())
-    };
-    Ok(Accepted {
-        // Base64 is always a valid header value; the String is not copied.
-        accept: HeaderValue::try_from(accept_key(key)).map_err(|_| Rejection::InvalidKey)?,
-        protocol,
-        extensions: None,
     })
 }
 
@@ -242,7 +264,7 @@ pub(crate) struct Origins {
 }
 
 impl Origins {
-    fn allows(&self, origin: &[u8], host: Option<&HeaderValue>) -> bool {
+    pub(crate) fn allows(&self, origin: &[u8], host: Option<&HeaderValue>) -> bool {
         self.any
             || self
                 .allowed

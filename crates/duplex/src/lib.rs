@@ -102,6 +102,7 @@ mod convert;
 mod driver;
 mod endpoint;
 mod error;
+mod h2;
 mod handler;
 mod handshake;
 mod hub;
