@@ -234,6 +234,32 @@ impl FrameReader {
         }
     }
 
+    /// Parses bytes that came some other way than a socket (an HTTP/2
+    /// stream's DATA), as [`FrameReader::parse`] does after a read: as much
+    /// as fits at a time, then the frames it completed.
+    ///
+    /// # Errors
+    /// As [`FrameReader::parse`].
+    pub fn feed(
+        &mut self,
+        mut data: &[u8],
+        mut on_frame: impl FnMut(FrameInfo<'_>),
+    ) -> io::Result<()> {
+        while !data.is_empty() {
+            if self.end == self.buf.len() {
+                self.compact();
+            }
+            // Never empty after compacting: the buffer holds two peeked
+            // frames and parse leaves at most one incomplete.
+            let n = data.len().min(self.buf.len() - self.end);
+            self.buf[self.end..self.end + n].copy_from_slice(&data[..n]);
+            self.end += n;
+            data = &data[n..];
+            self.parse(&mut on_frame)?;
+        }
+        Ok(())
+    }
+
     /// Reads what the socket has without waiting (`try_read`).
     ///
     /// A read shorter than the room it had drained the socket: readiness is

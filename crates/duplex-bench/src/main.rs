@@ -48,12 +48,14 @@ struct Args {
     /// Subscribers of scenarios 6 and 9.
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
-    /// Scenarios to run (1-10), comma-separated. 7-9 compare duplex with
+    /// Scenarios to run (1-11), comma-separated. 7-9 compare duplex with
     /// permessage-deflate against duplex without it: echo, idle
     /// connections, hub broadcast. 10: duplex-chat, one publisher and
     /// `--chat-subscribers` in one room, on one node without Redis, one
     /// with, and two nodes on Redis (needs `redis-server` on the PATH).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7,8,9,10")]
+    /// 11: duplex's echo, 100 WebSockets on one HTTP/2 connection (RFC
+    /// 8441) against 100 TCP connections of HTTP/1.1.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7,8,9,10,11")]
     scenarios: Vec<usize>,
     /// Subscribers of scenario 10.
     #[arg(long, default_value_t = 1000)]
@@ -65,11 +67,12 @@ struct Args {
     /// Servers to run, comma-separated: duplex, tokio-tungstenite,
     /// fastwebsockets, axum, raw-tcp, duplex-hub (broadcast only),
     /// duplex-deflate (scenarios 7 and 8), duplex-hub-deflate (scenario 9),
-    /// chat-1-node, chat-1-node-redis, chat-2-nodes-redis (scenario 10).
+    /// chat-1-node, chat-1-node-redis, chat-2-nodes-redis (scenario 10),
+    /// duplex-http1, duplex-http2 (scenario 11).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "duplex,tokio-tungstenite,fastwebsockets,axum,raw-tcp,duplex-hub,duplex-deflate,duplex-hub-deflate,chat-1-node,chat-1-node-redis,chat-2-nodes-redis"
+        default_value = "duplex,tokio-tungstenite,fastwebsockets,axum,raw-tcp,duplex-hub,duplex-deflate,duplex-hub-deflate,duplex-http1,duplex-http2,chat-1-node,chat-1-node-redis,chat-2-nodes-redis"
     )]
     servers: Vec<String>,
     /// Where the charts (SVG) and `results.json` go. Default: `docs/bench`,
@@ -128,6 +131,10 @@ struct Server {
     plain: Option<&'static str>,
     /// A duplex-chat cluster instead of one bench server (scenario 10).
     chat: Option<Chat>,
+    /// Takes part in the echo over HTTP/2 (scenario 11): `Some(true)` has
+    /// its WebSockets on one HTTP/2 connection, `Some(false)` one TCP
+    /// connection (HTTP/1.1) each.
+    http2: Option<bool>,
     /// The configuration the comparison table (scenarios 10 and up)
     /// compares this one against, measured in the same round.
     baseline: Option<&'static str>,
@@ -160,6 +167,7 @@ const SERVERS: &[Server] = &[
         deflate_hub: false,
         plain: None,
         chat: None,
+        http2: None,
         baseline: None,
     },
     Server {
@@ -172,6 +180,7 @@ const SERVERS: &[Server] = &[
         deflate_hub: false,
         plain: None,
         chat: None,
+        http2: None,
         baseline: None,
     },
     Server {
@@ -184,6 +193,7 @@ const SERVERS: &[Server] = &[
         deflate_hub: false,
         plain: None,
         chat: None,
+        http2: None,
         baseline: None,
     },
     Server {
@@ -196,6 +206,7 @@ const SERVERS: &[Server] = &[
         deflate_hub: false,
         plain: None,
         chat: None,
+        http2: None,
         baseline: None,
     },
     Server {
@@ -208,6 +219,7 @@ const SERVERS: &[Server] = &[
         deflate_hub: false,
         plain: None,
         chat: None,
+        http2: None,
         baseline: None,
     },
     Server {
@@ -220,6 +232,7 @@ const SERVERS: &[Server] = &[
         deflate_hub: false,
         plain: Some("duplex"),
         chat: None,
+        http2: None,
         baseline: None,
     },
     Server {
@@ -232,6 +245,7 @@ const SERVERS: &[Server] = &[
         deflate_hub: true,
         plain: None,
         chat: None,
+        http2: None,
         baseline: None,
     },
     Server {
@@ -244,7 +258,34 @@ const SERVERS: &[Server] = &[
         deflate_hub: true,
         plain: Some("duplex-hub"),
         chat: None,
+        http2: None,
         baseline: None,
+    },
+    Server {
+        name: "duplex-http1",
+        bin: "server-duplex",
+        args: &[],
+        echo: false,
+        broadcast: false,
+        deflate: false,
+        deflate_hub: false,
+        plain: None,
+        chat: None,
+        http2: Some(false),
+        baseline: None,
+    },
+    Server {
+        name: "duplex-http2",
+        bin: "server-duplex",
+        args: &[],
+        echo: false,
+        broadcast: false,
+        deflate: false,
+        deflate_hub: false,
+        plain: None,
+        chat: None,
+        http2: Some(true),
+        baseline: Some("duplex-http1"),
     },
     Server {
         name: "chat-1-node",
@@ -259,6 +300,7 @@ const SERVERS: &[Server] = &[
             nodes: 1,
             redis: false,
         }),
+        http2: None,
         baseline: None,
     },
     Server {
@@ -274,6 +316,7 @@ const SERVERS: &[Server] = &[
             nodes: 1,
             redis: true,
         }),
+        http2: None,
         baseline: Some("chat-1-node"),
     },
     Server {
@@ -289,6 +332,7 @@ const SERVERS: &[Server] = &[
             nodes: 2,
             redis: true,
         }),
+        http2: None,
         baseline: Some("chat-1-node"),
     },
 ];
@@ -307,6 +351,9 @@ enum Kind {
     /// duplex-chat's `/chat`: one publisher, N subscribers in one room, on
     /// one node or two.
     Chat,
+    /// An echo of WebSockets on one HTTP/2 connection against as many TCP
+    /// connections.
+    Http2Echo,
 }
 
 /// A scenario: a title and the load generator's arguments.
@@ -321,7 +368,7 @@ impl Scenario {
     /// The number that ratios compare.
     fn primary(&self) -> (&'static str, &'static str) {
         match self.kind {
-            Kind::Echo | Kind::DeflateEcho => ("msgs_per_s", "msg/s"),
+            Kind::Echo | Kind::DeflateEcho | Kind::Http2Echo => ("msgs_per_s", "msg/s"),
             Kind::Connections | Kind::DeflateIdle => ("handshakes_per_s", "handshakes/s"),
             Kind::Broadcast | Kind::DeflateBroadcast | Kind::Chat => {
                 ("deliveries_per_s", "deliveries/s")
@@ -336,13 +383,14 @@ impl Scenario {
             Kind::DeflateEcho | Kind::DeflateIdle => server.deflate,
             Kind::DeflateBroadcast => server.deflate_hub,
             Kind::Chat => server.chat.is_some(),
+            Kind::Http2Echo => server.http2.is_some(),
         }
     }
 
     /// Reported in the comparison table (configurations against a
     /// baseline) instead of the table of peers.
     fn compares_configurations(&self) -> bool {
-        matches!(self.kind, Kind::Chat)
+        matches!(self.kind, Kind::Chat | Kind::Http2Echo)
     }
 
     /// Compares servers with permessage-deflate against the same without.
@@ -474,6 +522,12 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
                 Kind::Chat,
                 chat("20", "4"),
             ),
+            (
+                11,
+                "echo 4 WebSockets, 20 B text, 2 in flight: HTTP/1.1 or HTTP/2".into(),
+                Kind::Http2Echo,
+                echo("4", "20", false, "2"),
+            ),
         ]
     } else {
         let n = args.connections.to_string();
@@ -549,6 +603,13 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
                     &args.chat_subscribers.to_string(),
                     &args.chat_window.to_string(),
                 ),
+            ),
+            (
+                11,
+                "echo 100 WebSockets, 20 B text, 1 in flight: 100 TCP connections (HTTP/1.1) or one HTTP/2 connection"
+                    .into(),
+                Kind::Http2Echo,
+                echo("100", "20", false, "1"),
             ),
         ]
     };
@@ -1148,7 +1209,14 @@ fn run_one(
     }
 
     let mut load_args = vec!["--addr".to_owned(), addr];
-    load_args.extend(scenario.load_args.iter().cloned());
+    let mut scenario_args = scenario.load_args.clone();
+    if server.http2 == Some(true)
+        && let Some(mode) = scenario_args.first_mut()
+    {
+        // The same echo, its WebSockets on one HTTP/2 connection.
+        "echo-h2".clone_into(mode);
+    }
+    load_args.extend(scenario_args);
     load_args.extend(["--server-pid".to_owned(), server_pid.to_string()]);
     let path = if matches!(scenario.kind, Kind::Broadcast | Kind::DeflateBroadcast) {
         "/broadcast"

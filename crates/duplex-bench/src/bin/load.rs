@@ -90,6 +90,29 @@ enum Mode {
         #[arg(long, short = 'd', default_value_t = 5.0)]
         duration: f64,
     },
+    /// As `echo`, with the C WebSockets on one HTTP/2 connection
+    /// (extended CONNECT, RFC 8441; prior knowledge, no TLS) instead of C
+    /// TCP connections.
+    EchoH2 {
+        /// The echo endpoint.
+        #[arg(long, default_value = "/mirror")]
+        path: String,
+        /// WebSockets (HTTP/2 streams).
+        #[arg(long, short = 'c', default_value_t = 100)]
+        connections: usize,
+        /// Payload bytes per message (text).
+        #[arg(long, short = 's', default_value_t = 20)]
+        size: usize,
+        /// Messages in flight per WebSocket.
+        #[arg(long, short = 'p', default_value_t = 1)]
+        in_flight: usize,
+        /// Seconds of warm-up, not measured.
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Seconds measured.
+        #[arg(long, short = 'd', default_value_t = 5.0)]
+        duration: f64,
+    },
     /// Opens N idle connections: handshakes/s and the server's memory per
     /// connection.
     Connections {
@@ -231,6 +254,7 @@ async fn run(args: Args) -> io::Result<Outcome> {
         sources: args.sources.unwrap_or_else(|| {
             let n = match &args.mode {
                 Mode::Echo { connections, .. } => *connections,
+                Mode::EchoH2 { .. } => 1,
                 Mode::Connections { count, .. } => *count,
                 Mode::Broadcast { subscribers, .. } | Mode::Chat { subscribers, .. } => {
                     *subscribers + 1
@@ -268,6 +292,25 @@ async fn run(args: Args) -> io::Result<Outcome> {
                 duration: secs(duration),
             };
             echo(&common, &path, spec).await
+        }
+        Mode::EchoH2 {
+            path,
+            connections,
+            size,
+            in_flight,
+            warmup,
+            duration,
+        } => {
+            let spec = EchoSpec {
+                connections,
+                size,
+                any_len: false,
+                opcode: OP_TEXT,
+                in_flight: in_flight.max(1),
+                warmup: secs(warmup),
+                duration: secs(duration),
+            };
+            echo_h2(&common, &path, spec).await
         }
         Mode::Connections {
             path,
@@ -1639,5 +1682,207 @@ async fn chat_publish(
             BroadcastState::add(&state.stalls, 1);
             state.completed.set(state.completed.get() + 1);
         }
+    }
+}
+
+// ---- echo over HTTP/2 ----
+
+/// Opens one HTTP/2 connection and `spec.connections` WebSockets on it,
+/// then runs the echo of [`echo`] on every one.
+async fn echo_h2(common: &Common, path: &str, spec: EchoSpec) -> io::Result<Outcome> {
+    let h2_error = |what: &str, e: h2::Error| io::Error::other(format!("{what}: {e}"));
+    let payload: Vec<u8> = (0..spec.size).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut one = Vec::new();
+    client::push_frame(&mut one, spec.opcode, &payload);
+    let frame_len = one.len();
+    let out = bytes::Bytes::from(one.repeat(spec.in_flight));
+    let tcp = TcpStream::connect(common.addr).await?;
+    tcp.set_nodelay(true)?;
+    let (client, connection) = h2::client::Builder::new()
+        // Windows far above what is in flight: flow control never waits.
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(1 << 26)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .map_err(|e| h2_error("HTTP/2 handshake", e))?;
+    let stats = Rc::new(EchoStats {
+        measuring: Cell::new(false),
+        messages: Cell::new(0),
+        hist: RefCell::new(histogram()),
+        failures: RefCell::new(Vec::new()),
+    });
+    let mut tasks: Vec<JoinHandle<()>> = Vec::with_capacity(spec.connections + 1);
+    {
+        let stats = Rc::clone(&stats);
+        tasks.push(tokio::task::spawn_local(async move {
+            if let Err(e) = connection.await {
+                stats
+                    .failures
+                    .borrow_mut()
+                    .push(format!("the HTTP/2 connection: {e}"));
+            }
+        }));
+    }
+    let mut client = client
+        .ready()
+        .await
+        .map_err(|e| h2_error("HTTP/2 connection", e))?;
+    // Extended CONNECT may be sent once the server's SETTINGS allowed it.
+    let deadline = Instant::now() + common.timeout;
+    while !client.is_extended_connect_protocol_enabled() {
+        if Instant::now() >= deadline {
+            return Err(io::Error::other(
+                "the server did not send SETTINGS_ENABLE_CONNECT_PROTOCOL",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let uri = format!("http://{}{path}", common.addr);
+    for i in 0..spec.connections {
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(&uri)
+            .header("sec-websocket-version", "13")
+            .extension(h2::ext::Protocol::from_static("websocket"))
+            .body(())
+            .map_err(io::Error::other)?;
+        let (response, send) = client
+            .send_request(request, false)
+            .map_err(|e| h2_error("extended CONNECT", e))?;
+        client = client
+            .ready()
+            .await
+            .map_err(|e| h2_error("HTTP/2 connection", e))?;
+        let response = tokio::time::timeout(common.timeout, response)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "extended CONNECT timed out"))?
+            .map_err(|e| h2_error("extended CONNECT", e))?;
+        if response.status() != http::StatusCode::OK {
+            return Err(io::Error::other(format!(
+                "WebSocket {i}: extended CONNECT answered {}",
+                response.status()
+            )));
+        }
+        let stream = EchoStream {
+            send,
+            recv: response.into_body(),
+            reader: FrameReader::new(256 << 10, &[]),
+            out: out.clone(),
+            frame_len,
+            spec_len: spec.size as u64,
+            opcode: spec.opcode,
+            in_flight: spec.in_flight,
+            stats: Rc::clone(&stats),
+        };
+        let stats = Rc::clone(&stats);
+        tasks.push(tokio::task::spawn_local(async move {
+            if let Err(err) = stream.run().await {
+                stats
+                    .failures
+                    .borrow_mut()
+                    .push(format!("WebSocket {i}: {err}"));
+            }
+        }));
+    }
+    tokio::time::sleep(spec.warmup).await;
+    check_running(&tasks, &stats.failures)?;
+    stats.measuring.set(true);
+    let start = Instant::now();
+    let cpu_start = CpuSnapshot::take(common.server_pid);
+    tokio::time::sleep(spec.duration).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    stats.measuring.set(false);
+    let cpu_end = CpuSnapshot::take(common.server_pid);
+    check_running(&tasks, &stats.failures)?;
+    tasks.iter().for_each(JoinHandle::abort);
+    let messages = stats.messages.get() as f64;
+    if messages == 0.0 {
+        return Err(io::Error::other("no message came back"));
+    }
+    let mut outcome = Outcome::new("echo");
+    outcome
+        .set("msgs_per_s", messages / elapsed)
+        .set("mb_per_s", messages * spec.size as f64 / elapsed / 1e6)
+        .set("messages", messages)
+        .set("seconds", elapsed);
+    percentiles(&mut outcome, &stats.hist.borrow());
+    cpu(&mut outcome, &cpu_start, &cpu_end);
+    Ok(outcome)
+}
+
+/// One WebSocket on an HTTP/2 stream: keeps `in_flight` frames out and
+/// sends one more for every frame that comes back, all those of one DATA
+/// frame in one send.
+struct EchoStream {
+    send: h2::SendStream<bytes::Bytes>,
+    recv: h2::RecvStream,
+    reader: FrameReader,
+    /// `in_flight` frames back to back.
+    out: bytes::Bytes,
+    frame_len: usize,
+    spec_len: u64,
+    opcode: u8,
+    in_flight: usize,
+    stats: Rc<EchoStats>,
+}
+
+impl EchoStream {
+    async fn run(mut self) -> io::Result<()> {
+        let h2_error = |e: h2::Error| io::Error::other(e.to_string());
+        let mut sent: VecDeque<Instant> = VecDeque::with_capacity(self.in_flight);
+        sent.extend(std::iter::repeat_n(Instant::now(), self.in_flight));
+        self.send
+            .send_data(self.out.clone(), false)
+            .map_err(h2_error)?;
+        while let Some(data) = self.recv.data().await {
+            let data = data.map_err(h2_error)?;
+            let _ = self.recv.flow_control().release_capacity(data.len());
+            let mut replies = 0usize;
+            let mut bad = None;
+            let (spec_len, opcode) = (self.spec_len, self.opcode);
+            self.reader.feed(&data, |f| {
+                if f.opcode != opcode || !f.fin || f.len != spec_len {
+                    bad.get_or_insert_with(|| {
+                        format!(
+                            "a frame with opcode {}, FIN {}, {} bytes came back",
+                            f.opcode, f.fin, f.len
+                        )
+                    });
+                }
+                replies += 1;
+            })?;
+            if let Some(bad) = bad {
+                return Err(io::Error::other(bad));
+            }
+            if replies == 0 {
+                continue;
+            }
+            let now = Instant::now();
+            if self.stats.measuring.get() {
+                let mut hist = self.stats.hist.borrow_mut();
+                for _ in 0..replies {
+                    let at = sent.pop_front().unwrap_or(now);
+                    let us = now.duration_since(at).as_micros() as u64;
+                    hist.saturating_record(us.max(1));
+                }
+                drop(hist);
+                let m = &self.stats.messages;
+                m.set(m.get() + replies as u64);
+            } else {
+                for _ in 0..replies {
+                    sent.pop_front();
+                }
+            }
+            sent.extend(std::iter::repeat_n(now, replies));
+            // `replies` never exceeds what is in flight.
+            let more = self
+                .out
+                .slice(..(replies.min(self.in_flight) * self.frame_len));
+            self.send.send_data(more, false).map_err(h2_error)?;
+        }
+        Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the server ended the stream",
+        ))
     }
 }
