@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 
 use crate::protocol::{
     self, DirectLine, ErrorCode, Event, Limits, MAX_NAME_CHARS, Problem, Request, RoomInfo,
+    StreamId,
 };
 
 /// The chat's limits; see `duplex-chat --help`. Every default is safe to
@@ -35,7 +36,9 @@ use crate::protocol::{
 /// at most `max_total_rooms × history_bytes` (125 MiB by default).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatOptions {
-    /// Messages of a room kept and sent on joining it. Default 50.
+    /// Messages of a room (and of a pair's direct messages) kept for
+    /// recovery; `joined` without `since` sends the last
+    /// `min(history, 50)`. Default 200.
     pub history: usize,
     /// Bytes of a room's history, as sent in `joined`: the oldest messages
     /// go first when it is over. Default 128 KiB.
@@ -69,7 +72,7 @@ pub struct ChatOptions {
 impl Default for ChatOptions {
     fn default() -> Self {
         ChatOptions {
-            history: 50,
+            history: 200,
             history_bytes: 128 << 10,
             max_text_chars: 2000,
             max_text_bytes: 4096,
@@ -109,6 +112,9 @@ impl ChatOptions {
     }
 }
 
+/// The most messages a `joined` without `since` carries.
+pub const SNAPSHOT_MAX: usize = 50;
+
 /// The most rooms and names a `directory` lists.
 pub const DIRECTORY_MAX: usize = 500;
 
@@ -134,7 +140,7 @@ pub struct Chat {
 struct ChatInner {
     hub: Hub,
     options: ChatOptions,
-    instance: String,
+    instance: Arc<str>,
     state: Mutex<ChatState>,
     /// The last `directory` built, for new connections: built outside the
     /// state lock, at most once per [`DIRECTORY_DELAY`] of changes.
@@ -156,8 +162,20 @@ struct ChatState {
     /// outbox, so that a leave and the next join of one connection are
     /// delivered in order.
     retired: HashMap<Arc<str>, Weak<Outbox>>,
-    /// The id of the last message, and the clock of room activity.
-    last_id: u64,
+    /// The clock of room and pair activity.
+    clock: u64,
+    /// Direct messages kept, by pair of lowercased names (sorted).
+    pairs: HashMap<(String, String), Pair>,
+}
+
+/// The direct messages of two people, kept as sent (the `dm` event's JSON
+/// without its `type`).
+#[derive(Default)]
+struct Pair {
+    last: StreamId,
+    lines: VecDeque<(StreamId, Arc<str>)>,
+    bytes: usize,
+    last_active: u64,
 }
 
 struct User {
@@ -179,7 +197,7 @@ struct Named {
 /// ([`protocol::line_tail`]).
 #[derive(Clone)]
 struct Line {
-    id: u64,
+    id: StreamId,
     tail: Arc<str>,
 }
 
@@ -189,6 +207,8 @@ struct Room {
     history: VecDeque<Line>,
     /// What `history` takes in a `joined` ([`protocol::history_entry_len`]).
     history_bytes: usize,
+    /// The id of the last message (kept or not).
+    last: StreamId,
     last_active: u64,
     outbox: Arc<Outbox>,
 }
@@ -199,8 +219,37 @@ impl Room {
             members: BTreeMap::new(),
             history: VecDeque::new(),
             history_bytes: 0,
+            last: StreamId::default(),
             last_active: 0,
             outbox,
+        }
+    }
+
+    /// What a `joined` carries: without `since`, the last
+    /// [`SNAPSHOT_MAX`] lines; with it, every line after it if it is still
+    /// kept and `epoch` is this room's, else the snapshot and `false`.
+    fn history_for(
+        &self,
+        since: Option<&str>,
+        epoch: Option<&str>,
+        own_epoch: &str,
+    ) -> (Vec<Line>, Option<bool>) {
+        let snapshot = || {
+            let skip = self.history.len().saturating_sub(SNAPSHOT_MAX);
+            self.history.iter().skip(skip).cloned().collect()
+        };
+        let Some(since) = since else {
+            return (snapshot(), None);
+        };
+        let found = StreamId::parse(since)
+            .filter(|_| epoch == Some(own_epoch))
+            .and_then(|id| self.history.iter().position(|l| l.id == id));
+        match found {
+            Some(at) => (
+                self.history.iter().skip(at + 1).cloned().collect(),
+                Some(true),
+            ),
+            None => (snapshot(), Some(false)),
         }
     }
 
@@ -244,6 +293,8 @@ enum Outgoing {
     /// after the answer, so it gets what follows its snapshot.
     Joined {
         to: Arc<Membership>,
+        epoch: Arc<str>,
+        recovered: Option<bool>,
         members: Vec<Arc<str>>,
         history: Vec<Line>,
         subscribe: bool,
@@ -333,7 +384,9 @@ impl Outbox {
     fn deliver(&self, hub: &Hub, item: Outgoing) {
         let room = &*self.room;
         match item {
-            Outgoing::Line(line) => hub.publish(room, protocol::message(line.id, &line.tail)),
+            Outgoing::Line(line) => {
+                hub.publish(room, protocol::message(&line.id.to_string(), &line.tail));
+            }
             Outgoing::Presence { event, name, count } => {
                 let presence = Event::Presence {
                     room,
@@ -345,14 +398,21 @@ impl Outbox {
             }
             Outgoing::Joined {
                 to,
+                epoch,
+                recovered,
                 members,
                 history,
                 subscribe,
             } => {
+                let ids: Vec<String> = history.iter().map(|l| l.id.to_string()).collect();
                 let joined = protocol::joined(
                     room,
+                    &epoch,
+                    recovered,
                     members.iter().map(|m| &**m),
-                    history.iter().map(|l| (l.id, &*l.tail)),
+                    ids.iter()
+                        .map(String::as_str)
+                        .zip(history.iter().map(|l| &*l.tail)),
                 );
                 hub.send_to(to.id(), joined);
                 if subscribe {
@@ -569,7 +629,7 @@ impl Chat {
             inner: Arc::new(ChatInner {
                 hub,
                 options,
-                instance: random_hex(6),
+                instance: Arc::from(random_hex(6)),
                 state: Mutex::new(ChatState::default()),
                 directory: Mutex::new(directory),
                 directory_dirty: AtomicBool::new(false),
@@ -748,7 +808,12 @@ impl Chat {
                 self.reply(&conn.me, &Event::Pong { id });
                 Ok(())
             }
-            Request::Join { room } => self.join(conn, &room),
+            Request::Join { room, since, epoch } => {
+                self.join(conn, &room, since.as_deref(), epoch.as_deref())
+            }
+            Request::DmHistory { with, since, epoch } => {
+                self.dm_history(conn, &with, since.as_deref(), epoch.as_deref())
+            }
             Request::Leave { room } => self.leave(conn, &room),
             Request::Message { room, text } => self.say(conn, &room, &text),
             Request::Dm { to, text } => self.direct(conn, &to, &text),
@@ -845,7 +910,14 @@ impl Chat {
         Ok(())
     }
 
-    fn join(&self, conn: &Connection, room: &str) -> Result<(), Problem> {
+    fn join(
+        &self,
+        conn: &Connection,
+        room: &str,
+        since: Option<&str>,
+        epoch: Option<&str>,
+    ) -> Result<(), Problem> {
+        let own_epoch = &self.inner.instance;
         let me = &conn.me;
         let room: Arc<str> = Arc::from(protocol::check_room(room)?);
         let options = &self.inner.options;
@@ -860,14 +932,17 @@ impl Chat {
                 // Joining again: the member list, but the history only if
                 // this connection has not had it (a take-over).
                 let r = state.rooms.get(&room).expect("a member's room is kept");
-                let history = if *synced {
-                    Vec::new()
+                let (history, recovered) = if *synced {
+                    // This connection has had every message since.
+                    (Vec::new(), since.map(|_| true))
                 } else {
-                    r.history.iter().cloned().collect()
+                    r.history_for(since, epoch, own_epoch)
                 };
                 *synced = true;
                 r.outbox.push(Outgoing::Joined {
                     to: Arc::clone(me),
+                    epoch: Arc::clone(own_epoch),
+                    recovered,
                     members: r.member_names(),
                     history,
                     subscribe: false,
@@ -925,10 +1000,13 @@ impl Chat {
                     .insert(Arc::clone(&room), true);
                 let r = state.rooms.get_mut(&room).expect("made above");
                 r.members.insert(key, (me.id(), Arc::clone(&name)));
+                let (history, recovered) = r.history_for(since, epoch, own_epoch);
                 r.outbox.push(Outgoing::Joined {
                     to: Arc::clone(me),
+                    epoch: Arc::clone(own_epoch),
+                    recovered,
                     members: r.member_names(),
-                    history: r.history.iter().cloned().collect(),
+                    history,
                     subscribe: true,
                 });
                 r.outbox.push(Outgoing::Presence {
@@ -1005,16 +1083,15 @@ impl Chat {
             if !named.rooms.contains_key(room.as_str()) {
                 return Err(not_in_room(&room));
             }
-            state.last_id += 1;
-            let line = Line {
-                id: state.last_id,
-                tail,
-            };
+            state.clock += 1;
+            let clock = state.clock;
             let r = state
                 .rooms
                 .get_mut(room.as_str())
                 .expect("a member's room is kept");
-            r.last_active = line.id;
+            r.last = r.last.next(now_ms());
+            let line = Line { id: r.last, tail };
+            r.last_active = clock;
             r.outbox.push(Outgoing::Line(line.clone()));
             r.remember(line, options.history, options.history_bytes);
             Arc::clone(&r.outbox)
@@ -1029,36 +1106,77 @@ impl Chat {
         let options = &self.inner.options;
         let from = conn.name.clone().ok_or_else(not_identified)?;
         let text = protocol::check_text(text, options.max_text_chars, options.max_text_bytes)?;
-        let (id, recipient, recipient_name) = {
-            let mut guard = self.lock();
-            let state = &mut *guard;
-            let Some(user) = state.users.get(&to.trim().to_lowercase()) else {
-                return Err(Problem::new(
-                    ErrorCode::UnknownUser,
-                    format!("Nobody called {} is here", to.trim()),
-                ));
-            };
-            if user.id == me.id() {
-                return Err(Problem::new(
-                    ErrorCode::InvalidRecipient,
-                    "A direct message goes to someone else",
-                ));
-            }
-            let (recipient, recipient_name) = (user.id, Arc::clone(&user.name));
-            state.last_id += 1;
-            (state.last_id, recipient, recipient_name)
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(user) = state.users.get(&to.trim().to_lowercase()) else {
+            return Err(Problem::new(
+                ErrorCode::UnknownUser,
+                format!("Nobody called {} is here", to.trim()),
+            ));
         };
+        if user.id == me.id() {
+            return Err(Problem::new(
+                ErrorCode::InvalidRecipient,
+                "A direct message goes to someone else",
+            ));
+        }
+        let (recipient, recipient_name) = (user.id, Arc::clone(&user.name));
+        state.clock += 1;
+        let clock = state.clock;
+        let key = pair_key(&from, &recipient_name);
+        let max_pairs = options.max_total_rooms;
+        if !state.pairs.contains_key(&key) && state.pairs.len() >= max_pairs {
+            // The least recently used pair goes: the cap bounds memory.
+            if let Some(oldest) = state
+                .pairs
+                .iter()
+                .min_by_key(|(_, p)| p.last_active)
+                .map(|(k, _)| k.clone())
+            {
+                state.pairs.remove(&oldest);
+            }
+        }
+        let pair = state.pairs.entry(key).or_default();
+        pair.last = pair.last.next(now_ms());
+        pair.last_active = clock;
         let line = DirectLine {
-            id,
+            id: pair.last.to_string(),
             from: from.to_string(),
             to: recipient_name.to_string(),
             text,
             ts: now_ms(),
         };
-        let message = Event::Dm(&line).to_message();
+        let kept: Arc<str> = Arc::from(serde_json::to_string(&line).expect("a line serializes"));
+        let message = protocol::dm_event(&kept);
+        pair.remember(pair.last, kept, options.history, options.history_bytes);
+        // Sent under the lock (queueing only): the two see a pair's
+        // messages in the order of its ids.
         self.inner.hub.send_to(recipient, message.clone());
         self.inner.hub.send_to(me.id(), message);
+        drop(guard);
         metrics::counter!("duplex_chat_messages_total", "kind" => "direct").increment(1);
+        Ok(())
+    }
+
+    fn dm_history(
+        &self,
+        conn: &Connection,
+        with: &str,
+        since: Option<&str>,
+        epoch: Option<&str>,
+    ) -> Result<(), Problem> {
+        let name = conn.name.clone().ok_or_else(not_identified)?;
+        let with = protocol::check_name(with)?;
+        let own_epoch = &self.inner.instance;
+        let (lines, recovered) = {
+            let state = self.lock();
+            match state.pairs.get(&pair_key(&name, &with)) {
+                Some(pair) => pair.history_for(since, epoch, own_epoch),
+                None => (Vec::new(), since.map(|_| false)),
+            }
+        };
+        let answer = protocol::dm_history(&with, own_epoch, recovered, lines.iter().map(|l| &**l));
+        self.inner.hub.send_to(conn.me.id(), answer);
         Ok(())
     }
 
@@ -1089,6 +1207,65 @@ impl Chat {
         }
         self.directory_changed();
         gauges(counts);
+    }
+}
+
+/// The key of two people's direct messages: their lowercased names,
+/// sorted.
+fn pair_key(a: &str, b: &str) -> (String, String) {
+    let (a, b) = (a.trim().to_lowercase(), b.trim().to_lowercase());
+    if a <= b { (a, b) } else { (b, a) }
+}
+
+impl Pair {
+    /// Keeps a line, then drops the oldest until within both budgets.
+    fn remember(&mut self, id: StreamId, json: Arc<str>, max_lines: usize, max_bytes: usize) {
+        let cost = json.len() + 1;
+        if max_lines == 0 || cost > max_bytes {
+            return;
+        }
+        self.bytes += cost;
+        self.lines.push_back((id, json));
+        while self.lines.len() > max_lines || self.bytes > max_bytes {
+            let Some((_, old)) = self.lines.pop_front() else {
+                break;
+            };
+            self.bytes -= old.len() + 1;
+        }
+    }
+
+    /// As [`Room::history_for`], for `dm_history`.
+    fn history_for(
+        &self,
+        since: Option<&str>,
+        epoch: Option<&str>,
+        own_epoch: &str,
+    ) -> (Vec<Arc<str>>, Option<bool>) {
+        let snapshot = || {
+            let skip = self.lines.len().saturating_sub(SNAPSHOT_MAX);
+            self.lines
+                .iter()
+                .skip(skip)
+                .map(|(_, j)| Arc::clone(j))
+                .collect()
+        };
+        let Some(since) = since else {
+            return (snapshot(), None);
+        };
+        let found = StreamId::parse(since)
+            .filter(|_| epoch == Some(own_epoch))
+            .and_then(|id| self.lines.iter().position(|(i, _)| *i == id));
+        match found {
+            Some(at) => (
+                self.lines
+                    .iter()
+                    .skip(at + 1)
+                    .map(|(_, j)| Arc::clone(j))
+                    .collect(),
+                Some(true),
+            ),
+            None => (snapshot(), Some(false)),
+        }
     }
 }
 

@@ -28,7 +28,7 @@ mod chat;
 pub mod memory;
 pub mod protocol;
 
-pub use chat::{Chat, ChatOptions, DIRECTORY_MAX, REPLACED};
+pub use chat::{Chat, ChatOptions, DIRECTORY_MAX, REPLACED, SNAPSHOT_MAX};
 
 use chat::TokenBucket;
 
@@ -183,6 +183,7 @@ pub const METRICS: &[Metric] = &[
                 "server_full",
                 "room_full",
                 "server_rooms_full",
+                "unavailable",
             ],
         )),
     },

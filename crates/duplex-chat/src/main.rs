@@ -26,8 +26,8 @@ struct Args {
     /// Address to listen on (use 0.0.0.0:PORT to accept other machines).
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
-    /// Messages of a room kept in memory and sent to whoever joins it.
-    #[arg(long, default_value_t = 50)]
+    /// Messages kept per room and per pair of direct messages, for recovery; joining sends the last 50 at most.
+    #[arg(long, default_value_t = 200)]
     history: usize,
     /// Bytes of a room's history kept (as sent on joining); the oldest messages go first.
     #[arg(long, default_value_t = 128 << 10)]

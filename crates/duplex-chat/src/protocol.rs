@@ -54,6 +54,8 @@ pub enum ErrorCode {
     /// Joining a new room when the server keeps as many rooms as it allows
     /// and none of them can be forgotten.
     ServerRoomsFull,
+    /// The request needs Redis, which does not answer right now.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -80,6 +82,7 @@ impl ErrorCode {
             ErrorCode::ServerFull => "server_full",
             ErrorCode::RoomFull => "room_full",
             ErrorCode::ServerRoomsFull => "server_rooms_full",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }
@@ -141,10 +144,23 @@ pub enum Request {
         /// The token of an earlier `welcome`.
         token: Option<String>,
     },
-    /// Join a room.
+    /// Join a room; with `since`, recover what came after that id.
     Join {
         /// The room.
         room: String,
+        /// The id of the last message the client has of the room.
+        since: Option<String>,
+        /// The room's epoch the client had `since` from.
+        epoch: Option<String>,
+    },
+    /// The history of the direct messages with one person.
+    DmHistory {
+        /// The other person's name.
+        with: String,
+        /// The id of the last direct message the client has with them.
+        since: Option<String>,
+        /// The epoch the client had `since` from.
+        epoch: Option<String>,
     },
     /// Leave a room.
     Leave {
@@ -182,6 +198,7 @@ impl Request {
             Request::Message { .. } => "message",
             Request::Dm { .. } => "dm",
             Request::Ping { .. } => "ping",
+            Request::DmHistory { .. } => "dm_history",
         }
     }
 }
@@ -196,6 +213,24 @@ struct HelloFields {
 #[derive(Deserialize)]
 struct RoomFields {
     room: String,
+}
+
+#[derive(Deserialize)]
+struct JoinFields {
+    room: String,
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(default)]
+    epoch: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct DmHistoryFields {
+    with: String,
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(default)]
+    epoch: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -252,9 +287,22 @@ pub fn parse(text: &str) -> Result<Request, Problem> {
                 token: f.token,
             }
         }
-        "join" => Request::Join {
-            room: fields::<RoomFields>(value, &kind)?.room,
-        },
+        "join" => {
+            let f: JoinFields = fields(value, &kind)?;
+            Request::Join {
+                room: f.room,
+                since: f.since,
+                epoch: f.epoch,
+            }
+        }
+        "dm_history" => {
+            let f: DmHistoryFields = fields(value, &kind)?;
+            Request::DmHistory {
+                with: f.with,
+                since: f.since,
+                epoch: f.epoch,
+            }
+        }
         "leave" => Request::Leave {
             room: fields::<RoomFields>(value, &kind)?.room,
         },
@@ -380,8 +428,8 @@ pub fn check_text(raw: &str, max_chars: usize, max_bytes: usize) -> Result<Strin
 /// One message of a room, as sent and as kept in its history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChatLine {
-    /// Increases by one for every message of the server.
-    pub id: u64,
+    /// The room stream's id, `"<ms>-<seq>"`: increases within a room.
+    pub id: String,
     /// The room.
     pub room: String,
     /// The sender's name.
@@ -392,11 +440,57 @@ pub struct ChatLine {
     pub ts: u64,
 }
 
+/// The id of an entry of a room's (or DM pair's) stream: Redis's stream id
+/// shape, `"<ms>-<seq>"`, ordered by `ms` then `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct StreamId {
+    /// Milliseconds since the Unix epoch (when the entry was added, or
+    /// later if the clock went back).
+    pub ms: u64,
+    /// Which entry of that millisecond.
+    pub seq: u64,
+}
+
+impl StreamId {
+    /// The id after `self` for an entry added at `now_ms`: that
+    /// millisecond, or `self`'s with the next `seq` when the clock did not
+    /// move on (or went back).
+    pub fn next(self, now_ms: u64) -> StreamId {
+        if now_ms > self.ms {
+            StreamId { ms: now_ms, seq: 0 }
+        } else {
+            StreamId {
+                ms: self.ms,
+                seq: self.seq.saturating_add(1),
+            }
+        }
+    }
+
+    /// Parses `"<ms>-<seq>"` (or `"<ms>"`, seq 0, as Redis does).
+    pub fn parse(text: &str) -> Option<StreamId> {
+        let (ms, seq) = text.split_once('-').unwrap_or((text, "0"));
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(ms) || !digits(seq) {
+            return None;
+        }
+        Some(StreamId {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
 /// A direct message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DirectLine {
-    /// From the same sequence as [`ChatLine::id`].
-    pub id: u64,
+    /// The id in the pair's stream, shaped as [`ChatLine::id`].
+    pub id: String,
     /// The sender's name.
     pub from: String,
     /// The recipient's name.
@@ -475,10 +569,39 @@ pub enum Event<'a> {
     Joined {
         /// The room.
         room: &'a str,
+        /// The epoch of the room's stream.
+        epoch: &'a str,
+        /// With `since` in the `join`: whether `history` is everything
+        /// after it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
         /// Who is in it, sorted.
         members: Vec<&'a str>,
-        /// Its last messages, oldest first.
+        /// Its last messages, or those after `since`, oldest first.
         history: &'a [ChatLine],
+    },
+    /// The answer to `dm_history`.
+    DmHistory {
+        /// The other person, as asked.
+        with: &'a str,
+        /// The epoch of the pair's stream.
+        epoch: &'a str,
+        /// With `since`: whether `history` is everything after it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+        /// The direct messages, oldest first, without `type`.
+        history: &'a [DirectLine],
+    },
+    /// Messages of a room may have been missed (the stream lost them):
+    /// join it again with `since`.
+    Gap {
+        /// The room.
+        room: &'a str,
+    },
+    /// Whether the node reaches Redis (`up` or `down`).
+    Status {
+        /// `up` or `down`.
+        redis: &'a str,
     },
     /// The answer to `leave`.
     Left {
@@ -546,29 +669,48 @@ pub fn line_tail(room: &str, from: &str, text: &str, ts: u64) -> String {
 /// The bytes one line of [`line_tail`] takes in a `joined` history: its
 /// opening, the longest id, the tail and a separating comma.
 pub fn history_entry_len(tail: &str) -> usize {
-    r#"{"id":,"#.len() + 20 + tail.len() + 1
+    r#"{"id":"","#.len() + MAX_ID_LEN + tail.len() + 1
 }
 
+/// The longest id: two `u64` and a dash.
+pub const MAX_ID_LEN: usize = 41;
+
 /// The `message` event of the line with this id and [`line_tail`].
-pub fn message(id: u64, tail: &str) -> Message {
-    let mut json = String::with_capacity(40 + tail.len());
-    json.push_str(r#"{"type":"message","id":"#);
-    json.push_str(&id.to_string());
-    json.push(',');
+pub fn message(id: &str, tail: &str) -> Message {
+    let mut json = String::with_capacity(80 + tail.len());
+    json.push_str(r#"{"type":"message","id":""#);
+    json.push_str(id);
+    json.push_str("\",");
     json.push_str(tail);
     Message::from(json)
 }
 
-/// The `joined` event: the members, sorted, and the history as `(id,
+/// The `joined` event: the room's epoch, whether `since` was recovered
+/// (when it was given), the members, sorted, and the history as `(id,
 /// tail)` pairs of [`line_tail`], oldest first.
-pub fn joined<'a, M, H>(room: &str, members: M, history: H) -> Message
+pub fn joined<'a, M, H>(
+    room: &str,
+    epoch: &str,
+    recovered: Option<bool>,
+    members: M,
+    history: H,
+) -> Message
 where
     M: IntoIterator<Item = &'a str>,
-    H: IntoIterator<Item = (u64, &'a str)>,
+    H: IntoIterator<Item = (&'a str, &'a str)>,
 {
     let quoted = |s: &str| serde_json::to_string(s).expect("a string serializes");
     let mut json = String::from(r#"{"type":"joined","room":"#);
     json.push_str(&quoted(room));
+    json.push_str(r#","epoch":"#);
+    json.push_str(&quoted(epoch));
+    if let Some(recovered) = recovered {
+        json.push_str(if recovered {
+            r#","recovered":true"#
+        } else {
+            r#","recovered":false"#
+        });
+    }
     json.push_str(r#","members":["#);
     for (i, member) in members.into_iter().enumerate() {
         if i > 0 {
@@ -581,10 +723,46 @@ where
         if i > 0 {
             json.push(',');
         }
-        json.push_str(r#"{"id":"#);
-        json.push_str(&id.to_string());
-        json.push(',');
+        json.push_str(r#"{"id":""#);
+        json.push_str(id);
+        json.push_str("\",");
         json.push_str(tail);
+    }
+    json.push_str("]}");
+    Message::from(json)
+}
+
+/// The `dm` event of a direct message kept as [`DirectLine`]'s JSON.
+pub fn dm_event(line_json: &str) -> Message {
+    let mut json = String::with_capacity(12 + line_json.len());
+    json.push_str(r#"{"type":"dm","#);
+    json.push_str(line_json.strip_prefix('{').unwrap_or(line_json));
+    Message::from(json)
+}
+
+/// The `dm_history` answer, with the lines as [`DirectLine`]'s JSON.
+pub fn dm_history<'a, H>(with: &str, epoch: &str, recovered: Option<bool>, history: H) -> Message
+where
+    H: IntoIterator<Item = &'a str>,
+{
+    let quoted = |s: &str| serde_json::to_string(s).expect("a string serializes");
+    let mut json = String::from(r#"{"type":"dm_history","with":"#);
+    json.push_str(&quoted(with));
+    json.push_str(r#","epoch":"#);
+    json.push_str(&quoted(epoch));
+    if let Some(recovered) = recovered {
+        json.push_str(if recovered {
+            r#","recovered":true"#
+        } else {
+            r#","recovered":false"#
+        });
+    }
+    json.push_str(r#","history":["#);
+    for (i, line) in history.into_iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push_str(line);
     }
     json.push_str("]}");
     Message::from(json)
@@ -627,6 +805,30 @@ mod tests {
                 .code,
             ErrorCode::BadRequest
         );
+    }
+
+    #[test]
+    fn stream_ids_order_and_parse() {
+        let a = StreamId { ms: 5, seq: 0 };
+        assert_eq!(a.next(9), StreamId { ms: 9, seq: 0 });
+        assert_eq!(a.next(5), StreamId { ms: 5, seq: 1 });
+        assert_eq!(a.next(3), StreamId { ms: 5, seq: 1 }, "the clock went back");
+        assert!(StreamId { ms: 5, seq: 10 } > StreamId { ms: 5, seq: 9 });
+        assert!(StreamId { ms: 6, seq: 0 } > StreamId { ms: 5, seq: 9 });
+        assert_eq!(StreamId::parse("17-3"), Some(StreamId { ms: 17, seq: 3 }));
+        assert_eq!(StreamId::parse("17"), Some(StreamId { ms: 17, seq: 0 }));
+        assert_eq!(StreamId { ms: 17, seq: 3 }.to_string(), "17-3");
+        for bad in [
+            "",
+            "-",
+            "a-1",
+            "1-",
+            "1--2",
+            "+1-2",
+            "99999999999999999999999-0",
+        ] {
+            assert_eq!(StreamId::parse(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
@@ -696,7 +898,7 @@ mod tests {
     #[test]
     fn events_serialize_with_their_type() {
         let line = ChatLine {
-            id: 1,
+            id: "1-0".into(),
             room: "general".into(),
             from: "Ada".into(),
             text: "hi".into(),
@@ -707,7 +909,7 @@ mod tests {
         };
         assert_eq!(
             text.as_str(),
-            r#"{"type":"message","id":1,"room":"general","from":"Ada","text":"hi","ts":5}"#
+            r#"{"type":"message","id":"1-0","room":"general","from":"Ada","text":"hi","ts":5}"#
         );
         let problem = Problem::new(ErrorCode::NameTaken, "taken").request("hello");
         let Message::Text(text) = Event::Error(&problem).to_message() else {
@@ -723,14 +925,14 @@ mod tests {
     fn lines_serialised_once_read_as_the_reference_events() {
         let lines = [
             ChatLine {
-                id: 7,
+                id: "1732531234567-7".into(),
                 room: "général".into(),
                 from: "Zoë \"Z\"".into(),
                 text: "a\nb\t𝄞 \\ </script>".into(),
                 ts: 1_732_531_234_567,
             },
             ChatLine {
-                id: u64::MAX,
+                id: format!("{}-{}", u64::MAX, u64::MAX),
                 room: "général".into(),
                 from: "Ada".into(),
                 text: "x".into(),
@@ -749,21 +951,28 @@ mod tests {
         };
         for (line, tail) in lines.iter().zip(&tails) {
             assert_eq!(
-                value(message(line.id, tail)),
+                value(message(&line.id, tail)),
                 value(Event::Message(line).to_message())
             );
         }
         let members = ["Ada", "Zoë \"Z\""];
         let built = joined(
             "général",
+            "e1",
+            Some(true),
             members,
-            lines.iter().zip(&tails).map(|(l, t)| (l.id, t.as_str())),
+            lines
+                .iter()
+                .zip(&tails)
+                .map(|(l, t)| (l.id.as_str(), t.as_str())),
         );
         let Message::Text(text) = &built else {
             panic!("text expected")
         };
         let reference = Event::Joined {
             room: "général",
+            epoch: "e1",
+            recovered: Some(true),
             members: members.to_vec(),
             history: &lines,
         };
@@ -773,8 +982,8 @@ mod tests {
         let envelope = text.len() - text.find(r#""history":["#).expect("history");
         assert!(envelope <= history_len + r#""history":[]}"#.len());
         assert_eq!(
-            value(joined("x", [], [])),
-            serde_json::json!({"type": "joined", "room": "x", "members": [], "history": []})
+            value(joined("x", "e", None, [], [])),
+            serde_json::json!({"type": "joined", "room": "x", "epoch": "e", "members": [], "history": []})
         );
     }
 }

@@ -49,7 +49,7 @@ async fn hello_gets_a_welcome_and_everyone_sees_the_name_in_the_directory() {
         welcome["limits"],
         json!({
             "name_chars": 32, "text_chars": 2000, "text_bytes": 4096, "rate": 5.0, "burst": 10,
-            "rooms": 20, "history": 50, "history_bytes": 131072, "room_members": 1000
+            "rooms": 20, "history": 200, "history_bytes": 131072, "room_members": 1000
         })
     );
     let directory = next_of(&mut watcher, "directory").await;
@@ -98,7 +98,7 @@ async fn a_room_message_reaches_its_members_and_no_one_else() {
     assert_eq!(at_ada["room"], "general");
     assert_eq!(at_ada["from"], "Bob");
     assert_eq!(at_ada["text"], "hi Ada");
-    assert!(at_ada["id"].as_u64().is_some() && at_ada["ts"].as_u64().is_some());
+    assert!(at_ada["id"].as_str().is_some() && at_ada["ts"].as_u64().is_some());
     quiet(&mut cyd, "Cyd in another room").await;
 
     // Leaving: the leaver gets `left`, the others a presence update.
@@ -459,4 +459,173 @@ async fn a_disconnect_is_a_leave_for_every_room() {
             break;
         }
     }
+}
+
+async fn join_since(ws: &mut Ws, room: &str, since: &str, epoch: &str) -> Value {
+    send(
+        ws,
+        json!({"type": "join", "room": room, "since": since, "epoch": epoch}),
+    )
+    .await;
+    next_of(ws, "joined").await
+}
+
+fn ids_and_texts(history: &Value) -> Vec<(String, String)> {
+    history
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().expect("id").to_owned(),
+                m["text"].as_str().expect("text").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A client that lost its connection rejoins with the last id it saw and
+/// gets exactly what it missed; an id the room no longer holds, or another
+/// epoch, gets `recovered: false` and the usual snapshot, never a part.
+#[tokio::test]
+async fn a_rejoin_with_since_recovers_exactly_what_was_missed() {
+    let server = start(ChatOptions {
+        history: 6,
+        ..ChatOptions::default()
+    })
+    .await;
+    let mut ada = connect(&server).await;
+    hello(&mut ada, "Ada").await;
+    let joined = join(&mut ada, "general").await;
+    let epoch = joined["epoch"].as_str().expect("epoch").to_owned();
+    assert!(joined.get("recovered").is_none(), "{joined}");
+    next(&mut ada).await;
+    let mut bob = connect(&server).await;
+    hello(&mut bob, "Bob").await;
+    join(&mut bob, "general").await;
+    let mut said = Vec::new();
+    for i in 0..3 {
+        send(
+            &mut ada,
+            json!({"type": "message", "room": "general", "text": format!("a{i}")}),
+        )
+        .await;
+        let m = next_of(&mut bob, "message").await;
+        assert_eq!(next_of(&mut ada, "message").await, m);
+        said.push((m["id"].as_str().expect("id").to_owned(), format!("a{i}")));
+    }
+    let seen = said[2].0.clone();
+    // Bob's connection goes; Ada goes on talking.
+    drop(bob);
+    for i in 3..6 {
+        send(
+            &mut ada,
+            json!({"type": "message", "room": "general", "text": format!("a{i}")}),
+        )
+        .await;
+        let m = next_of(&mut ada, "message").await;
+        said.push((m["id"].as_str().expect("id").to_owned(), format!("a{i}")));
+    }
+    let ids: Vec<&String> = said.iter().map(|(id, _)| id).collect();
+    let parse = |id: &str| {
+        let (ms, seq) = id.split_once('-').expect("<ms>-<seq>");
+        (
+            ms.parse::<u64>().expect("ms"),
+            seq.parse::<u64>().expect("seq"),
+        )
+    };
+    assert!(
+        ids.windows(2).all(|w| parse(w[0]) < parse(w[1])),
+        "ids grow: {ids:?}"
+    );
+    let mut bob = connect(&server).await;
+    hello(&mut bob, "Bob").await;
+    let joined = join_since(&mut bob, "general", &seen, &epoch).await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(joined["epoch"], epoch.as_str());
+    assert_eq!(ids_and_texts(&joined["history"]), said[3..].to_vec());
+    // Nothing of it comes again: the next is the next message.
+    send(
+        &mut ada,
+        json!({"type": "message", "room": "general", "text": "a6"}),
+    )
+    .await;
+    assert_eq!(next_of(&mut bob, "message").await["text"], "a6");
+
+    // The room keeps 6 messages: the first is gone, so a client that saw
+    // only it cannot be made whole, and is told so.
+    let mut cyd = connect(&server).await;
+    hello(&mut cyd, "Cyd").await;
+    let joined = join_since(&mut cyd, "general", &said[0].0, &epoch).await;
+    assert_eq!(joined["recovered"], false, "{joined}");
+    assert_eq!(joined["history"].as_array().map(Vec::len), Some(6));
+    // Another epoch (a restarted server): not recovered either.
+    let mut dan = connect(&server).await;
+    hello(&mut dan, "Dan").await;
+    let joined = join_since(&mut dan, "general", &said[4].0, "another").await;
+    assert_eq!(joined["recovered"], false, "{joined}");
+    // The newest id: recovered, nothing to send.
+    let mut eve = connect(&server).await;
+    hello(&mut eve, "Eve").await;
+    let last = ids_and_texts(&joined["history"])
+        .last()
+        .expect("a line")
+        .0
+        .clone();
+    let joined = join_since(&mut eve, "general", &last, &epoch).await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(joined["history"], json!([]));
+}
+
+/// `dm_history` returns a pair's direct messages, and with `since` exactly
+/// those after it.
+#[tokio::test]
+async fn dm_history_returns_the_pairs_messages_after_since() {
+    let server = start(ChatOptions::default()).await;
+    let mut ada = connect(&server).await;
+    hello(&mut ada, "Ada").await;
+    let mut bob = connect(&server).await;
+    hello(&mut bob, "Bob").await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        send(
+            &mut ada,
+            json!({"type": "dm", "to": "bob", "text": format!("d{i}")}),
+        )
+        .await;
+        let dm = next_of(&mut bob, "dm").await;
+        assert_eq!(dm["text"], format!("d{i}"));
+        ids.push(dm["id"].as_str().expect("id").to_owned());
+    }
+    send(&mut bob, json!({"type": "dm_history", "with": "ADA"})).await;
+    let all = next_of(&mut bob, "dm_history").await;
+    assert_eq!(all["with"], "ADA");
+    assert!(all.get("recovered").is_none(), "{all}");
+    let epoch = all["epoch"].as_str().expect("epoch").to_owned();
+    let got: Vec<String> = ids_and_texts(&all["history"])
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(got, ids);
+    assert!(all["history"][0]["type"].is_null() && all["history"][0]["from"] == "Ada");
+    send(
+        &mut bob,
+        json!({"type": "dm_history", "with": "Ada", "since": ids[1], "epoch": epoch}),
+    )
+    .await;
+    let after = next_of(&mut bob, "dm_history").await;
+    assert_eq!(after["recovered"], true, "{after}");
+    let texts: Vec<String> = ids_and_texts(&after["history"])
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    assert_eq!(texts, ["d2", "d3"]);
+    send(
+        &mut ada,
+        json!({"type": "dm_history", "with": "Bob", "since": ids[1], "epoch": "old"}),
+    )
+    .await;
+    let other = next_of(&mut ada, "dm_history").await;
+    assert_eq!(other["recovered"], false, "{other}");
+    assert_eq!(other["history"].as_array().map(Vec::len), Some(4));
 }
