@@ -595,7 +595,7 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
             (
                 10,
                 format!(
-                    "duplex-chat: 1 publisher, {} subscribers in one room, {} messages in flight",
+                    "duplex-chat: 1 publisher, {} subscribers in one room, {} in flight",
                     args.chat_subscribers, args.chat_window
                 ),
                 Kind::Chat,
