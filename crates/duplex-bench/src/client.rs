@@ -450,4 +450,28 @@ mod tests {
             assert_eq!(found, sizes, "step {step}");
         }
     }
+
+    #[test]
+    fn fed_bytes_give_the_same_frames_as_reads() {
+        let mut wire = Vec::new();
+        let sizes = [0usize, 20, 4096, 4097, 70_000, 300_000];
+        for &size in &sizes {
+            push_frame(&mut wire, OP_TEXT, &vec![b'x'; size]);
+        }
+        for step in [1usize, 7, 4096, 100_000, wire.len()] {
+            let mut reader = FrameReader::new(64 << 10, &[]);
+            let mut found = Vec::new();
+            for chunk in wire.chunks(step) {
+                reader
+                    .feed(chunk, |f| {
+                        if let Some(p) = f.payload {
+                            assert!(p.iter().all(|&b| b == b'x'));
+                        }
+                        found.push(f.len as usize);
+                    })
+                    .unwrap();
+            }
+            assert_eq!(found, sizes, "step {step}");
+        }
+    }
 }

@@ -1886,3 +1886,24 @@ impl EchoStream {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_messages_give_their_sequence_and_send_time() {
+        let event = br#"{"type":"message","id":"1733130000000-0","room":"bench","from":"publisher","text":"bench 00000000000000000042 00000000000123456789","ts":1733130000000}"#;
+        assert_eq!(chat_seq_and_time(event).unwrap(), Some((42, 123_456_789)));
+        let presence =
+            br#"{"type":"presence","room":"bench","event":"join","name":"s1","count":2}"#;
+        assert_eq!(chat_seq_and_time(presence).unwrap(), None);
+        // A message event that is not the publisher's, or cut short, fails.
+        let other =
+            br#"{"type":"message","id":"1-0","room":"bench","from":"x","text":"hi","ts":1}"#;
+        assert!(chat_seq_and_time(other).is_err());
+        let short =
+            br#"{"type":"message","id":"1-0","room":"bench","from":"x","text":"bench 0042"}"#;
+        assert!(chat_seq_and_time(short).is_err());
+    }
+}
