@@ -15,7 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/duplex/target}"
 
-cargo build --release --locked --quiet -p duplex-bench --bins
+# duplex-chat: scenario 10 runs it.
+cargo build --release --locked --quiet -p duplex-bench -p duplex-chat --bins
 # 10,000 connections need more descriptors than the usual 1024.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 65536 2>/dev/null || true
 exec "$CARGO_TARGET_DIR/release/duplex-bench" --no-build "$@"

@@ -186,8 +186,9 @@ pub struct FrameInfo<'a> {
     pub rsv1: bool,
     /// Its payload length.
     pub len: u64,
-    /// The payload, unmasked, for frames of at most [`PEEK_MAX`] bytes;
-    /// larger payloads are skipped unread.
+    /// The payload, unmasked, for frames of at most [`PEEK_MAX`] bytes (or
+    /// the reader's own bound, [`FrameReader::with_peek`]); larger payloads
+    /// are skipped unread.
     pub payload: Option<&'a [u8]>,
 }
 
@@ -205,13 +206,22 @@ pub struct FrameReader {
     skip: u64,
     /// The large frame being skipped: opcode, FIN, RSV1, length.
     skipping: Option<(u8, bool, bool, u64)>,
+    /// Payloads up to this size are handed over whole.
+    peek_max: usize,
 }
 
 impl FrameReader {
     /// A reader with a `capacity`-byte buffer (at least 2 × [`PEEK_MAX`])
     /// that starts with `leftover`, the bytes read past the handshake.
     pub fn new(capacity: usize, leftover: &[u8]) -> Self {
-        let capacity = capacity.max(2 * PEEK_MAX + 16).max(leftover.len());
+        Self::with_peek(capacity, leftover, PEEK_MAX)
+    }
+
+    /// As [`FrameReader::new`], handing over payloads of up to `peek_max`
+    /// bytes whole (the buffer is at least twice that): for a client that
+    /// must read large messages, such as a chat room's member list.
+    pub fn with_peek(capacity: usize, leftover: &[u8], peek_max: usize) -> Self {
+        let capacity = capacity.max(2 * peek_max + 16).max(leftover.len());
         let mut buf = vec![0u8; capacity];
         buf[..leftover.len()].copy_from_slice(leftover);
         FrameReader {
@@ -220,7 +230,34 @@ impl FrameReader {
             end: leftover.len(),
             skip: 0,
             skipping: None,
+            peek_max,
         }
+    }
+
+    /// Parses bytes that came some other way than a socket (an HTTP/2
+    /// stream's DATA), as [`FrameReader::parse`] does after a read: as much
+    /// as fits at a time, then the frames it completed.
+    ///
+    /// # Errors
+    /// As [`FrameReader::parse`].
+    pub fn feed(
+        &mut self,
+        mut data: &[u8],
+        mut on_frame: impl FnMut(FrameInfo<'_>),
+    ) -> io::Result<()> {
+        while !data.is_empty() {
+            if self.end == self.buf.len() {
+                self.compact();
+            }
+            // Never empty after compacting: the buffer holds two peeked
+            // frames and parse leaves at most one incomplete.
+            let n = data.len().min(self.buf.len() - self.end);
+            self.buf[self.end..self.end + n].copy_from_slice(&data[..n]);
+            self.end += n;
+            data = &data[n..];
+            self.parse(&mut on_frame)?;
+        }
+        Ok(())
     }
 
     /// Reads what the socket has without waiting (`try_read`).
@@ -297,7 +334,7 @@ impl FrameReader {
                 break;
             };
             let rsv1 = data[0] & 0x40 != 0;
-            if len <= PEEK_MAX as u64 {
+            if len <= self.peek_max as u64 {
                 let total = head + len as usize;
                 if data.len() < total {
                     break;
@@ -325,7 +362,7 @@ impl FrameReader {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
-        } else if self.buf.len() - self.end < PEEK_MAX + 16 {
+        } else if self.buf.len() - self.end < self.peek_max + 16 {
             self.compact();
         }
         Ok(())
@@ -405,6 +442,30 @@ mod tests {
                     .parse(|f| {
                         if let Some(p) = f.payload {
                             assert!(p.iter().all(|&b| b == 7));
+                        }
+                        found.push(f.len as usize);
+                    })
+                    .unwrap();
+            }
+            assert_eq!(found, sizes, "step {step}");
+        }
+    }
+
+    #[test]
+    fn fed_bytes_give_the_same_frames_as_reads() {
+        let mut wire = Vec::new();
+        let sizes = [0usize, 20, 4096, 4097, 70_000, 300_000];
+        for &size in &sizes {
+            push_frame(&mut wire, OP_TEXT, &vec![b'x'; size]);
+        }
+        for step in [1usize, 7, 4096, 100_000, wire.len()] {
+            let mut reader = FrameReader::new(64 << 10, &[]);
+            let mut found = Vec::new();
+            for chunk in wire.chunks(step) {
+                reader
+                    .feed(chunk, |f| {
+                        if let Some(p) = f.payload {
+                            assert!(p.iter().all(|&b| b == b'x'));
                         }
                         found.push(f.len as usize);
                     })

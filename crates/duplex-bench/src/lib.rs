@@ -59,13 +59,21 @@ const TICKS_PER_SECOND: f64 = 100.0;
 impl CpuSnapshot {
     /// Reads the counters now; missing files read as zero.
     pub fn take(server_pid: Option<u32>) -> Self {
+        Self::take_all(server_pid.as_slice())
+    }
+
+    /// As [`CpuSnapshot::take`], with the ticks of every process in
+    /// `server_pids` added up as the server's (a server made of several
+    /// processes: chat nodes and their redis-server).
+    pub fn take_all(server_pids: &[u32]) -> Self {
         CpuSnapshot {
             at: Some(std::time::Instant::now()),
             system_busy: system_busy_ticks().unwrap_or(0),
             own: process_ticks("self").unwrap_or(0),
-            server: server_pid
-                .and_then(|pid| process_ticks(&pid.to_string()))
-                .unwrap_or(0),
+            server: server_pids
+                .iter()
+                .filter_map(|pid| process_ticks(&pid.to_string()))
+                .sum(),
         }
     }
 

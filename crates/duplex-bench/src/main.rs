@@ -48,18 +48,31 @@ struct Args {
     /// Subscribers of scenarios 6 and 9.
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
-    /// Scenarios to run (1-9), comma-separated. 7-9 compare duplex with
+    /// Scenarios to run (1-11), comma-separated. 7-9 compare duplex with
     /// permessage-deflate against duplex without it: echo, idle
-    /// connections, hub broadcast.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7,8,9")]
+    /// connections, hub broadcast. 10: duplex-chat, one publisher and
+    /// `--chat-subscribers` in one room, on one node without Redis, one
+    /// with, and two nodes on Redis (needs `redis-server` on the PATH).
+    /// 11: duplex's echo, 100 WebSockets on one HTTP/2 connection (RFC
+    /// 8441) against 100 TCP connections of HTTP/1.1.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7,8,9,10,11")]
     scenarios: Vec<usize>,
+    /// Subscribers of scenario 10.
+    #[arg(long, default_value_t = 1000)]
+    chat_subscribers: usize,
+    /// Chat messages of scenario 10 in flight: sent and not yet delivered
+    /// to every subscriber.
+    #[arg(long, default_value_t = 16)]
+    chat_window: u64,
     /// Servers to run, comma-separated: duplex, tokio-tungstenite,
     /// fastwebsockets, axum, raw-tcp, duplex-hub (broadcast only),
-    /// duplex-deflate (scenarios 7 and 8), duplex-hub-deflate (scenario 9).
+    /// duplex-deflate (scenarios 7 and 8), duplex-hub-deflate (scenario 9),
+    /// chat-1-node, chat-1-node-redis, chat-2-nodes-redis (scenario 10),
+    /// duplex-http1, duplex-http2 (scenario 11).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "duplex,tokio-tungstenite,fastwebsockets,axum,raw-tcp,duplex-hub,duplex-deflate,duplex-hub-deflate"
+        default_value = "duplex,tokio-tungstenite,fastwebsockets,axum,raw-tcp,duplex-hub,duplex-deflate,duplex-hub-deflate,duplex-http1,duplex-http2,chat-1-node,chat-1-node-redis,chat-2-nodes-redis"
     )]
     servers: Vec<String>,
     /// Where the charts (SVG) and `results.json` go. Default: `docs/bench`,
@@ -116,6 +129,24 @@ struct Server {
     /// The server without deflate that the "vs no deflate" column compares
     /// this one against.
     plain: Option<&'static str>,
+    /// A duplex-chat cluster instead of one bench server (scenario 10).
+    chat: Option<Chat>,
+    /// Takes part in the echo over HTTP/2 (scenario 11): `Some(true)` has
+    /// its WebSockets on one HTTP/2 connection, `Some(false)` one TCP
+    /// connection (HTTP/1.1) each.
+    http2: Option<bool>,
+    /// The configuration the comparison table (scenarios 10 and up)
+    /// compares this one against, measured in the same round.
+    baseline: Option<&'static str>,
+}
+
+/// `duplex-chat` processes, on a redis-server of their own or not.
+#[derive(Debug, Clone, Copy)]
+struct Chat {
+    /// Chat nodes: the subscribers on the last, the publisher on the first.
+    nodes: usize,
+    /// Every node gets `--redis-url` of one redis-server started for the run.
+    redis: bool,
 }
 
 impl Server {
@@ -135,6 +166,9 @@ const SERVERS: &[Server] = &[
         deflate: true,
         deflate_hub: false,
         plain: None,
+        chat: None,
+        http2: None,
+        baseline: None,
     },
     Server {
         name: "tokio-tungstenite",
@@ -145,6 +179,9 @@ const SERVERS: &[Server] = &[
         deflate: false,
         deflate_hub: false,
         plain: None,
+        chat: None,
+        http2: None,
+        baseline: None,
     },
     Server {
         name: "fastwebsockets",
@@ -155,6 +192,9 @@ const SERVERS: &[Server] = &[
         deflate: false,
         deflate_hub: false,
         plain: None,
+        chat: None,
+        http2: None,
+        baseline: None,
     },
     Server {
         name: "axum",
@@ -165,6 +205,9 @@ const SERVERS: &[Server] = &[
         deflate: false,
         deflate_hub: false,
         plain: None,
+        chat: None,
+        http2: None,
+        baseline: None,
     },
     Server {
         name: "raw-tcp",
@@ -175,6 +218,9 @@ const SERVERS: &[Server] = &[
         deflate: false,
         deflate_hub: false,
         plain: None,
+        chat: None,
+        http2: None,
+        baseline: None,
     },
     Server {
         name: "duplex-deflate",
@@ -185,6 +231,9 @@ const SERVERS: &[Server] = &[
         deflate: true,
         deflate_hub: false,
         plain: Some("duplex"),
+        chat: None,
+        http2: None,
+        baseline: None,
     },
     Server {
         name: "duplex-hub",
@@ -195,6 +244,9 @@ const SERVERS: &[Server] = &[
         deflate: false,
         deflate_hub: true,
         plain: None,
+        chat: None,
+        http2: None,
+        baseline: None,
     },
     Server {
         name: "duplex-hub-deflate",
@@ -205,6 +257,83 @@ const SERVERS: &[Server] = &[
         deflate: false,
         deflate_hub: true,
         plain: Some("duplex-hub"),
+        chat: None,
+        http2: None,
+        baseline: None,
+    },
+    Server {
+        name: "duplex-http1",
+        bin: "server-duplex",
+        args: &[],
+        echo: false,
+        broadcast: false,
+        deflate: false,
+        deflate_hub: false,
+        plain: None,
+        chat: None,
+        http2: Some(false),
+        baseline: None,
+    },
+    Server {
+        name: "duplex-http2",
+        bin: "server-duplex",
+        args: &[],
+        echo: false,
+        broadcast: false,
+        deflate: false,
+        deflate_hub: false,
+        plain: None,
+        chat: None,
+        http2: Some(true),
+        baseline: Some("duplex-http1"),
+    },
+    Server {
+        name: "chat-1-node",
+        bin: "duplex-chat",
+        args: &[],
+        echo: false,
+        broadcast: false,
+        deflate: false,
+        deflate_hub: false,
+        plain: None,
+        chat: Some(Chat {
+            nodes: 1,
+            redis: false,
+        }),
+        http2: None,
+        baseline: None,
+    },
+    Server {
+        name: "chat-1-node-redis",
+        bin: "duplex-chat",
+        args: &[],
+        echo: false,
+        broadcast: false,
+        deflate: false,
+        deflate_hub: false,
+        plain: None,
+        chat: Some(Chat {
+            nodes: 1,
+            redis: true,
+        }),
+        http2: None,
+        baseline: Some("chat-1-node"),
+    },
+    Server {
+        name: "chat-2-nodes-redis",
+        bin: "duplex-chat",
+        args: &[],
+        echo: false,
+        broadcast: false,
+        deflate: false,
+        deflate_hub: false,
+        plain: None,
+        chat: Some(Chat {
+            nodes: 2,
+            redis: true,
+        }),
+        http2: None,
+        baseline: Some("chat-1-node"),
     },
 ];
 
@@ -219,6 +348,12 @@ enum Kind {
     DeflateIdle,
     /// The hub's broadcast to subscribers that negotiated permessage-deflate.
     DeflateBroadcast,
+    /// duplex-chat's `/chat`: one publisher, N subscribers in one room, on
+    /// one node or two.
+    Chat,
+    /// An echo of WebSockets on one HTTP/2 connection against as many TCP
+    /// connections.
+    Http2Echo,
 }
 
 /// A scenario: a title and the load generator's arguments.
@@ -233,9 +368,11 @@ impl Scenario {
     /// The number that ratios compare.
     fn primary(&self) -> (&'static str, &'static str) {
         match self.kind {
-            Kind::Echo | Kind::DeflateEcho => ("msgs_per_s", "msg/s"),
+            Kind::Echo | Kind::DeflateEcho | Kind::Http2Echo => ("msgs_per_s", "msg/s"),
             Kind::Connections | Kind::DeflateIdle => ("handshakes_per_s", "handshakes/s"),
-            Kind::Broadcast | Kind::DeflateBroadcast => ("deliveries_per_s", "deliveries/s"),
+            Kind::Broadcast | Kind::DeflateBroadcast | Kind::Chat => {
+                ("deliveries_per_s", "deliveries/s")
+            }
         }
     }
 
@@ -245,7 +382,15 @@ impl Scenario {
             Kind::Broadcast => server.broadcast,
             Kind::DeflateEcho | Kind::DeflateIdle => server.deflate,
             Kind::DeflateBroadcast => server.deflate_hub,
+            Kind::Chat => server.chat.is_some(),
+            Kind::Http2Echo => server.http2.is_some(),
         }
+    }
+
+    /// Reported in the comparison table (configurations against a
+    /// baseline) instead of the table of peers.
+    fn compares_configurations(&self) -> bool {
+        matches!(self.kind, Kind::Chat | Kind::Http2Echo)
     }
 
     /// Compares servers with permessage-deflate against the same without.
@@ -309,6 +454,8 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
             every,
         ]))
     };
+    let chat =
+        |n: &str, window: &str| timed(strings(&["chat", "--subscribers", n, "--window", window]));
     let all: Vec<(usize, String, Kind, Vec<String>)> = if args.smoke {
         vec![
             (
@@ -368,6 +515,18 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
                     .into(),
                 Kind::DeflateBroadcast,
                 deflate_broadcast("10", "1024", "2"),
+            ),
+            (
+                10,
+                "duplex-chat: 1 publisher, 20 subscribers in one room".into(),
+                Kind::Chat,
+                chat("20", "4"),
+            ),
+            (
+                11,
+                "echo 4 WebSockets, 20 B text, 2 in flight: HTTP/1.1 or HTTP/2".into(),
+                Kind::Http2Echo,
+                echo("4", "20", false, "2"),
             ),
         ]
     } else {
@@ -432,6 +591,25 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
                 ),
                 Kind::DeflateBroadcast,
                 deflate_broadcast(&subs, "1024", "8"),
+            ),
+            (
+                10,
+                format!(
+                    "duplex-chat: 1 publisher, {} subscribers in one room, {} in flight",
+                    args.chat_subscribers, args.chat_window
+                ),
+                Kind::Chat,
+                chat(
+                    &args.chat_subscribers.to_string(),
+                    &args.chat_window.to_string(),
+                ),
+            ),
+            (
+                11,
+                "echo 100 WebSockets, 20 B text, 1 in flight: 100 TCP connections (HTTP/1.1) or one HTTP/2 connection"
+                    .into(),
+                Kind::Http2Echo,
+                echo("100", "20", false, "1"),
             ),
         ]
     };
@@ -656,8 +834,21 @@ fn report(results: &Results) -> String {
         "Command: `{}` ({} round(s), {:.0} s, rounds alternate the servers; medians)\n",
         results.command, results.rounds, results.seconds
     );
-    out.push_str(&table(&results.scenarios(), &results.servers(), &runs));
-    if !results.smoke {
+    let (configurations, peers): (Vec<Scenario>, Vec<Scenario>) = results
+        .scenarios()
+        .into_iter()
+        .partition(Scenario::compares_configurations);
+    if !peers.is_empty() {
+        out.push_str(&table(&peers, &results.servers(), &runs));
+    }
+    if !configurations.is_empty() {
+        out.push_str(&configurations_table(
+            &configurations,
+            &results.servers(),
+            &runs,
+        ));
+    }
+    if !results.smoke && !peers.is_empty() {
         out.push_str(&goals(&runs));
     }
     out
@@ -865,7 +1056,16 @@ fn bin_dir() -> Result<PathBuf, String> {
 fn build(dir: &Path) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut command = Command::new(cargo);
-    command.args(["build", "--quiet", "-p", "duplex-bench", "--bins"]);
+    // duplex-chat for scenario 10.
+    command.args([
+        "build",
+        "--quiet",
+        "-p",
+        "duplex-bench",
+        "-p",
+        "duplex-chat",
+        "--bins",
+    ]);
     if dir.file_name().is_some_and(|n| n == "release") {
         command.arg("--release");
     }
@@ -936,7 +1136,10 @@ fn run_quietly(
             wait_quiet(args);
         }
         *port = next_free_port(*port, args.base_port);
-        let outcome = run_one(dir, server, scenario, *port, pin, args)?;
+        let outcome = match server.chat {
+            Some(chat) => run_chat(dir, chat, scenario, port, pin, args)?,
+            None => run_one(dir, server, scenario, *port, pin, args)?,
+        };
         let other = outcome.get("other_cpu").unwrap_or(0.0);
         let best_other = best
             .as_ref()
@@ -1006,7 +1209,14 @@ fn run_one(
     }
 
     let mut load_args = vec!["--addr".to_owned(), addr];
-    load_args.extend(scenario.load_args.iter().cloned());
+    let mut scenario_args = scenario.load_args.clone();
+    if server.http2 == Some(true)
+        && let Some(mode) = scenario_args.first_mut()
+    {
+        // The same echo, its WebSockets on one HTTP/2 connection.
+        "echo-h2".clone_into(mode);
+    }
+    load_args.extend(scenario_args);
     load_args.extend(["--server-pid".to_owned(), server_pid.to_string()]);
     let path = if matches!(scenario.kind, Kind::Broadcast | Kind::DeflateBroadcast) {
         "/broadcast"
@@ -1059,6 +1269,196 @@ fn run_one(
         }
     }
     Ok(outcome)
+}
+
+/// Scenario 10 on one configuration: a redis-server of its own (if the
+/// configuration has one), the chat nodes, then the load generator with
+/// the publisher on the first node and the subscribers on the last. Every
+/// server-side process runs on CPU 0 (pinned), so that each configuration
+/// has the same CPU to spend; the load's CPU figure for the server is their
+/// sum. Takes ports from `port` on.
+fn run_chat(
+    dir: &Path,
+    chat: Chat,
+    scenario: &Scenario,
+    port: &mut u16,
+    pin: bool,
+    args: &Args,
+) -> Result<Outcome, String> {
+    let server_cpu = pin.then_some(0);
+    let mut guards = Vec::new();
+    let mut redis_pid = None;
+    let mut node_args = strings(&[
+        // The bench connections all come from 127.0.0.1 and send as fast as
+        // the window lets them: lift /chat's per-connection rate limit and
+        // the per-address and per-room caps (all on by default).
+        "--rate",
+        "0",
+        "--max-members",
+        "100000",
+        "--max-users",
+        "100000",
+        "--max-sessions",
+        "100000",
+        "--max-sessions-per-ip",
+        "0",
+        "--handshake-rate",
+        "0",
+        // No server pings: the load generator does not answer them.
+        "--ping-period",
+        "0",
+    ]);
+    if chat.redis {
+        let redis_port = *port;
+        let child = command(
+            Path::new("redis-server"),
+            &strings(&[
+                "--port",
+                &redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]),
+            server_cpu,
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("redis-server did not start: {e}"))?;
+        let mut guard = Guard(child);
+        wait_redis(&mut guard.0, redis_port, Duration::from_secs(10))?;
+        redis_pid = Some(guard.0.id());
+        guards.push(guard);
+        node_args.extend([
+            "--redis-url".to_owned(),
+            format!("redis://127.0.0.1:{redis_port}/"),
+        ]);
+        *port = next_free_port(*port, args.base_port);
+    }
+    let mut nodes = Vec::new();
+    for i in 0..chat.nodes.max(1) {
+        if i > 0 {
+            *port = next_free_port(*port, args.base_port);
+        }
+        let addr = format!("127.0.0.1:{port}");
+        let mut own = vec!["--addr".to_owned(), addr.clone()];
+        own.extend(node_args.iter().cloned());
+        let child = command(&dir.join("duplex-chat"), &own, server_cpu)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("duplex-chat did not start: {e}"))?;
+        let mut guard = Guard(child);
+        wait_tcp(&mut guard.0, "duplex-chat", *port, Duration::from_secs(10))?;
+        nodes.push((addr, guard.0.id()));
+        guards.push(guard);
+    }
+    let (first, first_pid) = nodes.first().cloned().expect("one node at least");
+    let (last, _) = nodes.last().cloned().expect("one node at least");
+    let mut load_args = vec![
+        "--addr".to_owned(),
+        first,
+        "--server-pid".to_owned(),
+        first_pid.to_string(),
+    ];
+    for pid in nodes.iter().skip(1).map(|(_, pid)| *pid).chain(redis_pid) {
+        load_args.extend(["--also-pid".to_owned(), pid.to_string()]);
+    }
+    load_args.extend(scenario.load_args.iter().cloned());
+    load_args.extend(["--subscribe-addr".to_owned(), last]);
+    let load = command(&dir.join("load"), &load_args, pin.then_some(1))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("load did not start: {e}"))?;
+    let limit = Duration::from_secs_f64(args.warmup + args.duration + 120.0);
+    let output = wait_output(load, limit)?;
+    for guard in &mut guards {
+        if let Ok(Some(status)) = guard.0.try_wait() {
+            return Err(format!(
+                "a server process (pid {}) died during the run: {status}",
+                guard.0.id()
+            ));
+        }
+    }
+    drop(guards);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(format!(
+            "load failed ({}): {}",
+            output.status,
+            stderr.trim()
+        ));
+    }
+    let line = stdout.lines().last().unwrap_or_default();
+    let outcome: Outcome =
+        serde_json::from_str(line).map_err(|e| format!("unreadable load output {line:?}: {e}"))?;
+    if outcome.get("dropped").unwrap_or(0.0) > 0.0 {
+        // The chat promises every member every message: a loss is a
+        // failure, not a figure.
+        return Err(format!(
+            "{:.0} chat message(s) never reached a subscriber",
+            outcome.get("dropped").unwrap_or(0.0)
+        ));
+    }
+    Ok(outcome)
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port`,
+/// failing if `child` exits first.
+fn wait_tcp(child: &mut Child, what: &str, port: u16, limit: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("{what} exited before listening: {status}"));
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("{what} did not listen on port {port} in time"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the redis-server on `port` answers `PING`.
+fn wait_redis(child: &mut Child, port: u16, limit: Duration) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "redis-server exited before listening ({status}); is it installed?"
+            ));
+        }
+        let pong = std::net::TcpStream::connect(("127.0.0.1", port))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                s.write_all(b"PING\r\n")?;
+                let mut buf = [0u8; 7];
+                s.read_exact(&mut buf)?;
+                Ok(buf == *b"+PONG\r\n")
+            })
+            .unwrap_or(false);
+        if pong {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "redis-server did not answer PING on port {port} in time"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn wait_listening(stdout: std::process::ChildStdout, limit: Duration) -> Result<(), String> {
@@ -1262,6 +1662,86 @@ fn table(scenarios: &[Scenario], servers: &[&Server], runs: &Runs) -> String {
                 plain,
                 spread,
                 cpu,
+                per_op,
+            );
+        }
+    }
+    out.push('\n');
+    out
+}
+
+/// Scenarios that compare configurations of one server (duplex-chat on
+/// one node or two): each against its baseline, measured in the same round.
+fn configurations_table(scenarios: &[Scenario], servers: &[&Server], runs: &Runs) -> String {
+    let mut out = String::from(
+        "| # | Scenario | Configuration | Result | p50 µs | p99 µs | p99.9 µs | vs baseline \
+         | spread | dropped | CPU % srv/load/other | srv µs/op |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for scenario in scenarios {
+        let (key, unit) = scenario.primary();
+        for server in servers.iter().filter(|s| scenario.runs_on(s)) {
+            let Some(outcomes) = runs.get(&(scenario.id, server.name)) else {
+                continue;
+            };
+            let m = |k: &str| median_of(runs, scenario.id, server.name, k);
+            let primary: Vec<f64> = outcomes
+                .iter()
+                .flatten()
+                .filter_map(|o| o.get(key))
+                .collect();
+            let failed = outcomes.iter().filter(|o| o.is_none()).count();
+            let result = match m(key) {
+                Some(v) if failed == 0 => format!("{} {unit}", num(Some(v))),
+                Some(v) => format!("{} {unit} ({failed} failed)", num(Some(v))),
+                None => "FAILED".into(),
+            };
+            let range = |k: &str| {
+                let values: Vec<f64> = outcomes.iter().flatten().filter_map(|o| o.get(k)).collect();
+                let max = values.iter().copied().fold(f64::MIN, f64::max);
+                let min = values.iter().copied().fold(f64::MAX, f64::min);
+                match values.len() {
+                    0 => "—".to_owned(),
+                    1 => num(Some(min)),
+                    _ => format!("{} ({}–{})", num(m(k)), num(Some(min)), num(Some(max))),
+                }
+            };
+            let spread = match (median(&primary), primary.len()) {
+                (Some(mid), 2..) if mid > 0.0 => {
+                    let max = primary.iter().copied().fold(f64::MIN, f64::max);
+                    let min = primary.iter().copied().fold(f64::MAX, f64::min);
+                    format!("±{:.0}%", (max - min) / mid * 50.0)
+                }
+                _ => "—".into(),
+            };
+            let vs = match server.baseline {
+                Some(base) => format!(
+                    "{} {base}",
+                    times(ratio(runs, scenario.id, server.name, &[base], key))
+                ),
+                None => "baseline".to_owned(),
+            };
+            let pct = |k: &str| m(k).map_or_else(|| "—".to_owned(), |v| format!("{v:.0}"));
+            let per_op = match (m("server_cpu"), m(key)) {
+                (Some(cpu), Some(v)) if v > 0.0 => format!("{:.2}", cpu * 1e4 / v),
+                _ => "—".into(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{}/{} | {} |",
+                scenario.id,
+                scenario.title,
+                server.name,
+                result,
+                range("p50_us"),
+                range("p99_us"),
+                num(m("p999_us")),
+                vs,
+                spread,
+                num(m("dropped")),
+                pct("server_cpu"),
+                pct("load_cpu"),
+                pct("other_cpu"),
                 per_op,
             );
         }

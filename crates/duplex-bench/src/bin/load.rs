@@ -51,6 +51,10 @@ struct Args {
     /// its CPU use while measuring.
     #[arg(long, global = true)]
     server_pid: Option<u32>,
+    /// More server-side processes whose CPU counts as the server's (the
+    /// other chat node, redis-server); repeat for each.
+    #[arg(long, global = true)]
+    also_pid: Vec<u32>,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -79,6 +83,29 @@ enum Mode {
         /// their compressed length, so the server's compression is measured.
         #[arg(long)]
         deflate: bool,
+        /// Seconds of warm-up, not measured.
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Seconds measured.
+        #[arg(long, short = 'd', default_value_t = 5.0)]
+        duration: f64,
+    },
+    /// As `echo`, with the C WebSockets on one HTTP/2 connection
+    /// (extended CONNECT, RFC 8441; prior knowledge, no TLS) instead of C
+    /// TCP connections.
+    EchoH2 {
+        /// The echo endpoint.
+        #[arg(long, default_value = "/mirror")]
+        path: String,
+        /// WebSockets (HTTP/2 streams).
+        #[arg(long, short = 'c', default_value_t = 100)]
+        connections: usize,
+        /// Payload bytes per message (text).
+        #[arg(long, short = 's', default_value_t = 20)]
+        size: usize,
+        /// Messages in flight per WebSocket.
+        #[arg(long, short = 'p', default_value_t = 1)]
+        in_flight: usize,
         /// Seconds of warm-up, not measured.
         #[arg(long, default_value_t = 1.0)]
         warmup: f64,
@@ -151,6 +178,37 @@ enum Mode {
         #[arg(long, short = 'd', default_value_t = 5.0)]
         duration: f64,
     },
+    /// duplex-chat's JSON protocol on `/chat`: N subscribers say `hello`
+    /// and join one room on `--subscribe-addr`, one publisher on `--addr`
+    /// joins it and sends chat messages stamped with their send time:
+    /// deliveries/s and send-to-delivery latency.
+    Chat {
+        /// Where the subscribers connect (node B); default: `--addr`.
+        #[arg(long)]
+        subscribe_addr: Option<SocketAddr>,
+        /// The chat endpoint.
+        #[arg(long, default_value = "/chat")]
+        path: String,
+        /// The room.
+        #[arg(long, default_value = "bench")]
+        room: String,
+        /// Subscribers.
+        #[arg(long, short = 'n', default_value_t = 1000)]
+        subscribers: usize,
+        /// Chat messages sent and not yet delivered to every subscriber.
+        #[arg(long, short = 'w', default_value_t = 64)]
+        window: u64,
+        /// Seconds the subscribers and the publisher may take to say
+        /// `hello` and join.
+        #[arg(long, default_value_t = 60.0)]
+        join_timeout: f64,
+        /// Seconds of warm-up, not measured.
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Seconds measured.
+        #[arg(long, short = 'd', default_value_t = 5.0)]
+        duration: f64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -196,8 +254,11 @@ async fn run(args: Args) -> io::Result<Outcome> {
         sources: args.sources.unwrap_or_else(|| {
             let n = match &args.mode {
                 Mode::Echo { connections, .. } => *connections,
+                Mode::EchoH2 { .. } => 1,
                 Mode::Connections { count, .. } => *count,
-                Mode::Broadcast { subscribers, .. } => *subscribers + 1,
+                Mode::Broadcast { subscribers, .. } | Mode::Chat { subscribers, .. } => {
+                    *subscribers + 1
+                }
             };
             if n <= 20_000 {
                 0
@@ -207,6 +268,7 @@ async fn run(args: Args) -> io::Result<Outcome> {
         }),
         timeout: Duration::from_secs_f64(args.handshake_timeout),
         server_pid: args.server_pid,
+        also_pids: args.also_pid,
     };
     match args.mode {
         Mode::Echo {
@@ -230,6 +292,25 @@ async fn run(args: Args) -> io::Result<Outcome> {
                 duration: secs(duration),
             };
             echo(&common, &path, spec).await
+        }
+        Mode::EchoH2 {
+            path,
+            connections,
+            size,
+            in_flight,
+            warmup,
+            duration,
+        } => {
+            let spec = EchoSpec {
+                connections,
+                size,
+                any_len: false,
+                opcode: OP_TEXT,
+                in_flight: in_flight.max(1),
+                warmup: secs(warmup),
+                duration: secs(duration),
+            };
+            echo_h2(&common, &path, spec).await
         }
         Mode::Connections {
             path,
@@ -282,6 +363,27 @@ async fn run(args: Args) -> io::Result<Outcome> {
             };
             broadcast(&common, &path, spec).await
         }
+        Mode::Chat {
+            subscribe_addr,
+            path,
+            room,
+            subscribers,
+            window,
+            join_timeout,
+            warmup,
+            duration,
+        } => {
+            let spec = ChatSpec {
+                subscribe_addr: subscribe_addr.unwrap_or(common.addr),
+                room,
+                subscribers: subscribers.max(1),
+                window: window.max(1),
+                join_timeout: secs(join_timeout),
+                warmup: secs(warmup),
+                duration: secs(duration),
+            };
+            chat(&common, &path, spec).await
+        }
     }
 }
 
@@ -296,6 +398,7 @@ struct Common {
     sources: u8,
     timeout: Duration,
     server_pid: Option<u32>,
+    also_pids: Vec<u32>,
 }
 
 /// Adds the CPU use between two snapshots to `outcome`.
@@ -318,14 +421,12 @@ impl Common {
     }
 
     async fn connect(&self, i: usize, path: &str) -> io::Result<Connected> {
-        client::connect_negotiated(
-            self.addr,
-            self.source(i),
-            path,
-            self.timeout,
-            self.extra_headers,
-        )
-        .await
+        self.connect_to(self.addr, i, path).await
+    }
+
+    async fn connect_to(&self, addr: SocketAddr, i: usize, path: &str) -> io::Result<Connected> {
+        client::connect_negotiated(addr, self.source(i), path, self.timeout, self.extra_headers)
+            .await
     }
 
     /// Opens `n` connections, `concurrency` handshakes at a time.
@@ -929,6 +1030,28 @@ impl BroadcastState {
     fn add(cell: &Cell<u64>, n: u64) {
         cell.set(cell.get() + n);
     }
+
+    /// One subscriber got message `seq` after `last` (its previous one):
+    /// counts what it skipped as dropped and moves `completed` on when
+    /// every subscriber has got or skipped past a message.
+    fn arrived(&self, seq: u64, last: &mut u64, measuring: bool) {
+        if seq <= *last {
+            return;
+        }
+        let mut seen = self.seen.borrow_mut();
+        for s in *last + 1..=seq {
+            if s < seq && measuring {
+                BroadcastState::add(&self.dropped, 1);
+            }
+            let slot = &mut seen[s as usize % RING];
+            *slot += 1;
+            if *slot == self.subscribers && s > self.completed.get() {
+                self.completed.set(s);
+                self.progress.notify_one();
+            }
+        }
+        *last = seq;
+    }
 }
 
 async fn broadcast(common: &Common, path: &str, spec: BroadcastSpec) -> io::Result<Outcome> {
@@ -1111,7 +1234,6 @@ impl Subscriber {
     ) -> io::Result<()> {
         let mut reader = FrameReader::new(64 << 10, &leftover);
         let mut last = 0u64;
-        let n = state.subscribers;
         let want = if self.text { OP_TEXT } else { OP_BINARY };
         loop {
             let mut result = Ok(());
@@ -1149,21 +1271,7 @@ impl Subscriber {
                         state.hist.borrow_mut().saturating_record(us.max(1));
                     }
                 }
-                if seq > last {
-                    let mut seen = state.seen.borrow_mut();
-                    for s in last + 1..=seq {
-                        if s < seq && measuring {
-                            BroadcastState::add(&state.dropped, 1);
-                        }
-                        let slot = &mut seen[s as usize % RING];
-                        *slot += 1;
-                        if *slot == n && s > state.completed.get() {
-                            state.completed.set(s);
-                            state.progress.notify_one();
-                        }
-                    }
-                    last = seq;
-                }
+                state.arrived(seq, &mut last, measuring);
             })?;
             result?;
             if reader.read(&mut stream).await? == 0 {
@@ -1208,5 +1316,594 @@ impl Subscriber {
         BroadcastState::add(&state.inflated, 1);
         let (seq, sent) = seq_and_time(&text, self.text, &state.text_tail)?;
         Ok(Some((seq, Some(sent))))
+    }
+}
+
+// ---- chat ----
+
+struct ChatSpec {
+    /// Where the subscribers connect.
+    subscribe_addr: SocketAddr,
+    room: String,
+    subscribers: usize,
+    window: u64,
+    join_timeout: Duration,
+    warmup: Duration,
+    duration: Duration,
+}
+
+/// Payloads up to this size are read whole by the chat clients: a `joined`
+/// lists every member of the room (about 7 bytes a name).
+const CHAT_PEEK: usize = 32 << 10;
+
+/// How a `message` event starts (PROTOCOL.md; the server writes `type`
+/// first).
+const CHAT_EVENT: &[u8] = br#"{"type":"message""#;
+
+/// What a bench message's text starts with; its sequence number and send
+/// time follow, 20 digits each, a space between.
+const CHAT_MARK: &[u8] = br#""text":"bench "#;
+
+/// One masked text frame holding `json`.
+fn chat_frame(json: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    client::push_frame(&mut out, OP_TEXT, json.as_bytes());
+    out
+}
+
+/// The sequence number and send time of a bench chat message, `None` for
+/// any other event.
+fn chat_seq_and_time(payload: &[u8]) -> io::Result<Option<(u64, u64)>> {
+    if !payload.starts_with(CHAT_EVENT) {
+        return Ok(None);
+    }
+    let bad = || {
+        io::Error::other(format!(
+            "a chat message that was not published: {}",
+            String::from_utf8_lossy(payload)
+        ))
+    };
+    let at = payload
+        .windows(CHAT_MARK.len())
+        .position(|w| w == CHAT_MARK)
+        .ok_or_else(bad)?
+        + CHAT_MARK.len();
+    let digits = payload.get(at..at + 41).ok_or_else(bad)?;
+    let number = |field: &[u8]| -> Option<u64> { std::str::from_utf8(field).ok()?.parse().ok() };
+    match (number(&digits[..20]), digits[20], number(&digits[21..])) {
+        (Some(seq), b' ', Some(sent)) => Ok(Some((seq, sent))),
+        _ => Err(bad()),
+    }
+}
+
+/// Sends `request` and reads until a text event starting with `want`
+/// (`{"type":"welcome"` ...) has come; an `error` event or a Close fails.
+/// Whatever else comes meanwhile (directory, presence) is skipped.
+async fn chat_request(
+    stream: &mut TcpStream,
+    reader: &mut FrameReader,
+    request: &str,
+    want: &[u8],
+) -> io::Result<()> {
+    stream.write_all(&chat_frame(request)).await?;
+    loop {
+        let mut found = false;
+        let mut failure = None;
+        reader.parse(|f| {
+            if found || failure.is_some() {
+                return;
+            }
+            if f.opcode == OP_CLOSE {
+                failure = Some("the server sent a Close".to_owned());
+                return;
+            }
+            let Some(payload) = f.payload.filter(|_| f.opcode == OP_TEXT) else {
+                return;
+            };
+            if payload.starts_with(want) {
+                found = true;
+            } else if payload.starts_with(br#"{"type":"error""#) {
+                failure = Some(String::from_utf8_lossy(payload).into_owned());
+            }
+        })?;
+        if let Some(failure) = failure {
+            return Err(io::Error::other(format!("{request}: {failure}")));
+        }
+        if found {
+            return Ok(());
+        }
+        if reader.read(stream).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{request}: the server closed the connection"),
+            ));
+        }
+    }
+}
+
+/// Connects to `addr`, says `hello` as `name` and joins `room`.
+async fn chat_join(
+    common: &Common,
+    addr: SocketAddr,
+    i: usize,
+    path: &str,
+    name: &str,
+    room: &str,
+) -> io::Result<(TcpStream, FrameReader)> {
+    let Connected {
+        mut stream,
+        leftover,
+        ..
+    } = common.connect_to(addr, i, path).await?;
+    let mut reader = FrameReader::with_peek(64 << 10, &leftover, CHAT_PEEK);
+    let hello = format!(r#"{{"type":"hello","name":"{name}"}}"#);
+    chat_request(&mut stream, &mut reader, &hello, br#"{"type":"welcome""#).await?;
+    let join = format!(r#"{{"type":"join","room":"{room}"}}"#);
+    chat_request(&mut stream, &mut reader, &join, br#"{"type":"joined""#).await?;
+    Ok((stream, reader))
+}
+
+/// A subscriber's reading side: every bench message, in order.
+async fn chat_subscriber(
+    mut stream: TcpStream,
+    mut reader: FrameReader,
+    state: &BroadcastState,
+) -> io::Result<()> {
+    let mut last = 0u64;
+    loop {
+        let now = state.now_ns();
+        let measuring = state.measuring.get();
+        let mut result = Ok(());
+        reader.parse(|f| {
+            if result.is_err() {
+                return;
+            }
+            if f.opcode == OP_CLOSE {
+                result = Err(io::Error::other("the server sent a Close"));
+                return;
+            }
+            if f.opcode != OP_TEXT {
+                return;
+            }
+            // Large text frames are directories and member lists.
+            let Some(payload) = f.payload else { return };
+            let (seq, sent) = match chat_seq_and_time(payload) {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(e) => {
+                    result = Err(e);
+                    return;
+                }
+            };
+            if seq <= last {
+                result = Err(io::Error::other(format!(
+                    "message {seq} after {last}: out of order or twice"
+                )));
+                return;
+            }
+            if measuring {
+                BroadcastState::add(&state.deliveries, 1);
+                let us = now.saturating_sub(sent) / 1000;
+                state.hist.borrow_mut().saturating_record(us.max(1));
+            }
+            state.arrived(seq, &mut last, measuring);
+        })?;
+        result?;
+        if reader.read(&mut stream).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection",
+            ));
+        }
+    }
+}
+
+async fn chat(common: &Common, path: &str, spec: ChatSpec) -> io::Result<Outcome> {
+    let state = Rc::new(BroadcastState {
+        subscribers: spec.subscribers as u32,
+        base: Instant::now(),
+        seen: RefCell::new(vec![0; RING]),
+        completed: Cell::new(0),
+        progress: Notify::new(),
+        measuring: Cell::new(false),
+        deliveries: Cell::new(0),
+        publishes: Cell::new(0),
+        dropped: Cell::new(0),
+        stalls: Cell::new(0),
+        hist: RefCell::new(histogram()),
+        failures: RefCell::new(Vec::new()),
+        negotiated: Cell::new(0),
+        compressed: Cell::new(0),
+        wire_bytes: Cell::new(0),
+        inflated: Cell::new(0),
+        text_tail: Vec::new(),
+    });
+    let joining = Rc::new(tokio::sync::Semaphore::new(64));
+    let ready = Rc::new(Cell::new(0usize));
+    let joined = Rc::new(Notify::new());
+    let started = Instant::now();
+    let mut tasks: Vec<JoinHandle<()>> = Vec::with_capacity(spec.subscribers + 2);
+    // Each subscriber reads as soon as it has joined: the presence events of
+    // those joining after it would pile up in its queue otherwise.
+    for i in 0..spec.subscribers {
+        let (state, joining, ready, joined) = (
+            Rc::clone(&state),
+            Rc::clone(&joining),
+            Rc::clone(&ready),
+            Rc::clone(&joined),
+        );
+        let (common, path, room) = (
+            Common {
+                extra_headers: common.extra_headers,
+                addr: spec.subscribe_addr,
+                sources: common.sources,
+                timeout: common.timeout,
+                server_pid: None,
+                also_pids: Vec::new(),
+            },
+            path.to_owned(),
+            spec.room.clone(),
+        );
+        tasks.push(tokio::task::spawn_local(async move {
+            let permit = joining.acquire().await.expect("never closed");
+            let name = format!("s{i}");
+            let result = chat_join(&common, common.addr, i, &path, &name, &room).await;
+            drop(permit);
+            let result = match result {
+                Ok((stream, reader)) => {
+                    ready.set(ready.get() + 1);
+                    joined.notify_one();
+                    chat_subscriber(stream, reader, &state).await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(err) = result {
+                state.failures.borrow_mut().push(format!("{name}: {err}"));
+                joined.notify_one();
+            }
+        }));
+    }
+    while ready.get() < spec.subscribers {
+        check_running(&tasks, &state.failures)?;
+        let left = spec.join_timeout.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(io::Error::other(format!(
+                "{} of {} subscribers joined in {:.0} s",
+                ready.get(),
+                spec.subscribers,
+                spec.join_timeout.as_secs_f64()
+            )));
+        }
+        let _ = tokio::time::timeout(left.min(Duration::from_millis(500)), joined.notified()).await;
+    }
+    let join_s = started.elapsed().as_secs_f64();
+    let (publisher, reader) = chat_join(
+        common,
+        common.addr,
+        spec.subscribers,
+        path,
+        "publisher",
+        &spec.room,
+    )
+    .await
+    .map_err(|e| io::Error::new(e.kind(), format!("publisher: {e}")))?;
+    let (mut drain, writer) = publisher.into_split();
+    drop(reader);
+    // The publisher gets its own messages back too: read and forget them.
+    tasks.push(tokio::task::spawn_local(async move {
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n) = tokio::io::AsyncReadExt::read(&mut drain, &mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    }));
+    {
+        let state = Rc::clone(&state);
+        let (room, window) = (spec.room.clone(), spec.window);
+        tasks.push(tokio::task::spawn_local(async move {
+            if let Err(err) = chat_publish(writer, &room, window, &state).await {
+                state
+                    .failures
+                    .borrow_mut()
+                    .push(format!("publisher: {err}"));
+            }
+        }));
+    }
+    tokio::time::sleep(spec.warmup).await;
+    check_running(&tasks, &state.failures)?;
+    let pids: Vec<u32> = common
+        .server_pid
+        .iter()
+        .chain(&common.also_pids)
+        .copied()
+        .collect();
+    state.measuring.set(true);
+    let start = Instant::now();
+    let cpu_start = CpuSnapshot::take_all(&pids);
+    tokio::time::sleep(spec.duration).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    state.measuring.set(false);
+    let cpu_end = CpuSnapshot::take_all(&pids);
+    check_running(&tasks, &state.failures)?;
+    tasks.iter().for_each(JoinHandle::abort);
+    let deliveries = state.deliveries.get() as f64;
+    if deliveries == 0.0 {
+        return Err(io::Error::other("no chat message was delivered"));
+    }
+    let mut outcome = Outcome::new("chat");
+    outcome
+        .set("deliveries_per_s", deliveries / elapsed)
+        .set("publishes_per_s", state.publishes.get() as f64 / elapsed)
+        .set("dropped", state.dropped.get() as f64)
+        .set("stalls", state.stalls.get() as f64)
+        .set("join_s", join_s)
+        .set("seconds", elapsed);
+    percentiles(&mut outcome, &state.hist.borrow());
+    cpu(&mut outcome, &cpu_start, &cpu_end);
+    Ok(outcome)
+}
+
+/// Sends chat messages while fewer than `window` are short of a
+/// subscriber, every allowed one in one write.
+async fn chat_publish(
+    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    room: &str,
+    window: u64,
+    state: &BroadcastState,
+) -> io::Result<()> {
+    let mut next = 1u64;
+    let mut batch = Vec::new();
+    loop {
+        let allowed = state.completed.get() + window;
+        if next <= allowed {
+            batch.clear();
+            let now = state.now_ns();
+            let mut count = 0;
+            while next <= allowed && count < 64 {
+                state.seen.borrow_mut()[next as usize % RING] = 0;
+                let json = format!(
+                    r#"{{"type":"message","room":"{room}","text":"bench {next:020} {now:020}"}}"#
+                );
+                client::push_frame(&mut batch, OP_TEXT, json.as_bytes());
+                next += 1;
+                count += 1;
+            }
+            writer.write_all(&batch).await?;
+            if state.measuring.get() {
+                BroadcastState::add(&state.publishes, count);
+            }
+            continue;
+        }
+        let wait = tokio::time::timeout(Duration::from_millis(200), state.progress.notified());
+        if wait.await.is_err() {
+            // Nothing completed for a while (a message lost for everyone):
+            // let one more out.
+            BroadcastState::add(&state.stalls, 1);
+            state.completed.set(state.completed.get() + 1);
+        }
+    }
+}
+
+// ---- echo over HTTP/2 ----
+
+/// Opens one HTTP/2 connection and `spec.connections` WebSockets on it,
+/// then runs the echo of [`echo`] on every one.
+async fn echo_h2(common: &Common, path: &str, spec: EchoSpec) -> io::Result<Outcome> {
+    let h2_error = |what: &str, e: h2::Error| io::Error::other(format!("{what}: {e}"));
+    let payload: Vec<u8> = (0..spec.size).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut one = Vec::new();
+    client::push_frame(&mut one, spec.opcode, &payload);
+    let frame_len = one.len();
+    let out = bytes::Bytes::from(one.repeat(spec.in_flight));
+    let tcp = TcpStream::connect(common.addr).await?;
+    tcp.set_nodelay(true)?;
+    let (client, connection) = h2::client::Builder::new()
+        // Windows far above what is in flight: flow control never waits.
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(1 << 26)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .map_err(|e| h2_error("HTTP/2 handshake", e))?;
+    let stats = Rc::new(EchoStats {
+        measuring: Cell::new(false),
+        messages: Cell::new(0),
+        hist: RefCell::new(histogram()),
+        failures: RefCell::new(Vec::new()),
+    });
+    let mut tasks: Vec<JoinHandle<()>> = Vec::with_capacity(spec.connections + 1);
+    {
+        let stats = Rc::clone(&stats);
+        tasks.push(tokio::task::spawn_local(async move {
+            if let Err(e) = connection.await {
+                stats
+                    .failures
+                    .borrow_mut()
+                    .push(format!("the HTTP/2 connection: {e}"));
+            }
+        }));
+    }
+    let mut client = client
+        .ready()
+        .await
+        .map_err(|e| h2_error("HTTP/2 connection", e))?;
+    // Extended CONNECT may be sent once the server's SETTINGS allowed it.
+    let deadline = Instant::now() + common.timeout;
+    while !client.is_extended_connect_protocol_enabled() {
+        if Instant::now() >= deadline {
+            return Err(io::Error::other(
+                "the server did not send SETTINGS_ENABLE_CONNECT_PROTOCOL",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let uri = format!("http://{}{path}", common.addr);
+    for i in 0..spec.connections {
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(&uri)
+            .header("sec-websocket-version", "13")
+            .extension(h2::ext::Protocol::from_static("websocket"))
+            .body(())
+            .map_err(io::Error::other)?;
+        let (response, send) = client
+            .send_request(request, false)
+            .map_err(|e| h2_error("extended CONNECT", e))?;
+        client = client
+            .ready()
+            .await
+            .map_err(|e| h2_error("HTTP/2 connection", e))?;
+        let response = tokio::time::timeout(common.timeout, response)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "extended CONNECT timed out"))?
+            .map_err(|e| h2_error("extended CONNECT", e))?;
+        if response.status() != http::StatusCode::OK {
+            return Err(io::Error::other(format!(
+                "WebSocket {i}: extended CONNECT answered {}",
+                response.status()
+            )));
+        }
+        let stream = EchoStream {
+            send,
+            recv: response.into_body(),
+            reader: FrameReader::new(256 << 10, &[]),
+            out: out.clone(),
+            frame_len,
+            spec_len: spec.size as u64,
+            opcode: spec.opcode,
+            in_flight: spec.in_flight,
+            stats: Rc::clone(&stats),
+        };
+        let stats = Rc::clone(&stats);
+        tasks.push(tokio::task::spawn_local(async move {
+            if let Err(err) = stream.run().await {
+                stats
+                    .failures
+                    .borrow_mut()
+                    .push(format!("WebSocket {i}: {err}"));
+            }
+        }));
+    }
+    tokio::time::sleep(spec.warmup).await;
+    check_running(&tasks, &stats.failures)?;
+    stats.measuring.set(true);
+    let start = Instant::now();
+    let cpu_start = CpuSnapshot::take(common.server_pid);
+    tokio::time::sleep(spec.duration).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    stats.measuring.set(false);
+    let cpu_end = CpuSnapshot::take(common.server_pid);
+    check_running(&tasks, &stats.failures)?;
+    tasks.iter().for_each(JoinHandle::abort);
+    let messages = stats.messages.get() as f64;
+    if messages == 0.0 {
+        return Err(io::Error::other("no message came back"));
+    }
+    let mut outcome = Outcome::new("echo");
+    outcome
+        .set("msgs_per_s", messages / elapsed)
+        .set("mb_per_s", messages * spec.size as f64 / elapsed / 1e6)
+        .set("messages", messages)
+        .set("seconds", elapsed);
+    percentiles(&mut outcome, &stats.hist.borrow());
+    cpu(&mut outcome, &cpu_start, &cpu_end);
+    Ok(outcome)
+}
+
+/// One WebSocket on an HTTP/2 stream: keeps `in_flight` frames out and
+/// sends one more for every frame that comes back, all those of one DATA
+/// frame in one send.
+struct EchoStream {
+    send: h2::SendStream<bytes::Bytes>,
+    recv: h2::RecvStream,
+    reader: FrameReader,
+    /// `in_flight` frames back to back.
+    out: bytes::Bytes,
+    frame_len: usize,
+    spec_len: u64,
+    opcode: u8,
+    in_flight: usize,
+    stats: Rc<EchoStats>,
+}
+
+impl EchoStream {
+    async fn run(mut self) -> io::Result<()> {
+        let h2_error = |e: h2::Error| io::Error::other(e.to_string());
+        let mut sent: VecDeque<Instant> = VecDeque::with_capacity(self.in_flight);
+        sent.extend(std::iter::repeat_n(Instant::now(), self.in_flight));
+        self.send
+            .send_data(self.out.clone(), false)
+            .map_err(h2_error)?;
+        while let Some(data) = self.recv.data().await {
+            let data = data.map_err(h2_error)?;
+            let _ = self.recv.flow_control().release_capacity(data.len());
+            let mut replies = 0usize;
+            let mut bad = None;
+            let (spec_len, opcode) = (self.spec_len, self.opcode);
+            self.reader.feed(&data, |f| {
+                if f.opcode != opcode || !f.fin || f.len != spec_len {
+                    bad.get_or_insert_with(|| {
+                        format!(
+                            "a frame with opcode {}, FIN {}, {} bytes came back",
+                            f.opcode, f.fin, f.len
+                        )
+                    });
+                }
+                replies += 1;
+            })?;
+            if let Some(bad) = bad {
+                return Err(io::Error::other(bad));
+            }
+            if replies == 0 {
+                continue;
+            }
+            let now = Instant::now();
+            if self.stats.measuring.get() {
+                let mut hist = self.stats.hist.borrow_mut();
+                for _ in 0..replies {
+                    let at = sent.pop_front().unwrap_or(now);
+                    let us = now.duration_since(at).as_micros() as u64;
+                    hist.saturating_record(us.max(1));
+                }
+                drop(hist);
+                let m = &self.stats.messages;
+                m.set(m.get() + replies as u64);
+            } else {
+                for _ in 0..replies {
+                    sent.pop_front();
+                }
+            }
+            sent.extend(std::iter::repeat_n(now, replies));
+            // `replies` never exceeds what is in flight.
+            let more = self
+                .out
+                .slice(..(replies.min(self.in_flight) * self.frame_len));
+            self.send.send_data(more, false).map_err(h2_error)?;
+        }
+        Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the server ended the stream",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_messages_give_their_sequence_and_send_time() {
+        let event = br#"{"type":"message","id":"1733130000000-0","room":"bench","from":"publisher","text":"bench 00000000000000000042 00000000000123456789","ts":1733130000000}"#;
+        assert_eq!(chat_seq_and_time(event).unwrap(), Some((42, 123_456_789)));
+        let presence =
+            br#"{"type":"presence","room":"bench","event":"join","name":"s1","count":2}"#;
+        assert_eq!(chat_seq_and_time(presence).unwrap(), None);
+        // A message event that is not the publisher's, or cut short, fails.
+        let other =
+            br#"{"type":"message","id":"1-0","room":"bench","from":"x","text":"hi","ts":1}"#;
+        assert!(chat_seq_and_time(other).is_err());
+        let short =
+            br#"{"type":"message","id":"1-0","room":"bench","from":"x","text":"bench 0042"}"#;
+        assert!(chat_seq_and_time(short).is_err());
     }
 }
