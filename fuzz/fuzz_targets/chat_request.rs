@@ -90,9 +90,21 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             assert_eq!(field("token"), token.as_deref());
             checks(name);
         }
-        Request::Join { room } | Request::Leave { room } => {
+        Request::Join { room, since, epoch } => {
+            assert_eq!(field("room"), Some(room.as_str()));
+            assert_eq!(field("since"), since.as_deref());
+            assert_eq!(field("epoch"), epoch.as_deref());
+            checks(room);
+        }
+        Request::Leave { room } => {
             assert_eq!(field("room"), Some(room.as_str()));
             checks(room);
+        }
+        Request::DmHistory { with, since, epoch } => {
+            assert_eq!(field("with"), Some(with.as_str()));
+            assert_eq!(field("since"), since.as_deref());
+            assert_eq!(field("epoch"), epoch.as_deref());
+            checks(with);
         }
         Request::Message { room, text } => {
             assert_eq!(field("room"), Some(room.as_str()));
