@@ -67,12 +67,14 @@ struct Args {
     /// Servers to run, comma-separated: duplex, tokio-tungstenite,
     /// fastwebsockets, axum, raw-tcp, duplex-hub (broadcast only),
     /// duplex-deflate (scenarios 7 and 8), duplex-hub-deflate (scenario 9),
-    /// chat-1-node, chat-1-node-redis, chat-2-nodes-redis (scenario 10),
+    /// chat-1-node, chat-1-node-redis, chat-2-nodes-redis (scenario 10;
+    /// the two Redis ones need duplex-chat's `--redis-url`, which is not
+    /// built yet, so they are not in the default list),
     /// duplex-http1, duplex-http2 (scenario 11).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "duplex,tokio-tungstenite,fastwebsockets,axum,raw-tcp,duplex-hub,duplex-deflate,duplex-hub-deflate,duplex-http1,duplex-http2,chat-1-node,chat-1-node-redis,chat-2-nodes-redis"
+        default_value = "duplex,tokio-tungstenite,fastwebsockets,axum,raw-tcp,duplex-hub,duplex-deflate,duplex-hub-deflate,duplex-http1,duplex-http2,chat-1-node"
     )]
     servers: Vec<String>,
     /// Where the charts (SVG) and `results.json` go. Default: `docs/bench`,
