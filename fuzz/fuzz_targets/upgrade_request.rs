@@ -192,7 +192,9 @@ fn meets_requirements(version: Version, route: &str, headers: &HeaderMap) -> boo
             .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
             .iter()
             .all(|v| v.to_str().is_ok_and(|t| proto::parse_extensions(t).is_ok()));
-    version >= Version::HTTP_11
+    // HTTP/2 has no Upgrade (RFC 9113 §8.2.2): its WebSockets come by
+    // extended CONNECT (RFC 8441 §4), so a GET upgrade over it is refused.
+    version == Version::HTTP_11
         && has_token(headers, header::UPGRADE, "websocket")
         && has_token(headers, header::CONNECTION, "upgrade")
         && first(header::SEC_WEBSOCKET_VERSION) == Some(&b"13"[..])
