@@ -23,6 +23,7 @@ import {
   waitForMessage,
   waitOnline,
 } from './harness.mjs';
+import { ID_SHAPE, assertShows, openDmWith, openRoom, recoveries, warnings } from './recovery-helpers.mjs';
 
 try {
   checkPrerequisites();
@@ -40,48 +41,6 @@ before(async () => {
 after(async () => {
   await browser?.close();
 });
-
-const ID_SHAPE = /^\d+-\d+$/;
-
-/**
- * Checks that the current conversation shows exactly `texts`, in that
- * order, each once, under distinct ids of the "<ms>-<seq>" shape.
- */
-async function assertShows(page, texts, what) {
-  const deadline = Date.now() + 10_000;
-  let shown = await shownMessages(page);
-  // Wait for the last one, then check everything at once.
-  while (!shown.some((m) => m.text === texts.at(-1)) && Date.now() < deadline) {
-    await page.waitForTimeout(50);
-    shown = await shownMessages(page);
-  }
-  // A repeat would come right after; give it the chance to show.
-  await page.waitForTimeout(300);
-  shown = await shownMessages(page);
-  assert.deepEqual(shown.map((m) => m.text), texts, `${what}: the messages shown`);
-  const ids = shown.map((m) => m.id);
-  assert.equal(new Set(ids).size, ids.length, `${what}: an id shown twice: ${JSON.stringify(ids)}`);
-  for (const id of ids) assert.match(id, ID_SHAPE, `${what}: message id`);
-}
-
-async function openRoom(page, room) {
-  await page.locator(`${sel.roomList} [data-testid="room-${room}"]`).click();
-  await page.locator(sel.title, { hasText: `# ${room}` }).waitFor();
-}
-
-async function openDmWith(page, peer) {
-  await page.locator(`${sel.dmList} [data-testid="person-${peer}"]`).click();
-  await page.locator(sel.title, { hasText: peer }).waitFor();
-}
-
-function warnings(page) {
-  return page.locator(`${sel.messages} .notice.warn`);
-}
-
-/** The `joined` answers the page got for `room` with a `since` in the request. */
-function recoveries(page, room) {
-  return eventsReceived(page, 'joined', { room }).filter((e) => 'recovered' in e);
-}
 
 test('two nodes on Redis: pages on different nodes chat, every node restarts, and the pages recover all of it once', async () => {
   const redis = await startRedis(await freePort(), { log: 'redis-nodes' });
