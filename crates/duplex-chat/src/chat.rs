@@ -26,6 +26,10 @@ use std::{
 use duplex::{CloseCode, CloseReason, Hub, Membership, Message, Session, SessionId, SlowConsumer};
 use tokio::sync::Notify;
 
+mod cluster;
+
+pub use cluster::{BEAT, HEALTH_PERIOD, RedisOptions, RedisStartError, TTL};
+
 use crate::protocol::{
     self, DirectLine, ErrorCode, Event, Limits, MAX_NAME_CHARS, Problem, Request, RoomInfo,
     StreamId,
@@ -148,6 +152,8 @@ struct ChatInner {
     directory_dirty: AtomicBool,
     directory_wake: Arc<Notify>,
     directory_task: Once,
+    /// With Redis: what is shared between nodes.
+    cluster: Option<Arc<cluster::Cluster>>,
 }
 
 #[derive(Default)]
@@ -303,6 +309,8 @@ enum Outgoing {
     Subscribe(Arc<Membership>),
     /// The answer to `leave`, after the leaver stops getting the room.
     Left(Arc<Membership>),
+    /// Lines were lost before the next one (Redis mode).
+    Gap { epoch: Arc<str> },
 }
 
 /// A room's queue of [`Outgoing`] events and who delivers them.
@@ -420,6 +428,16 @@ impl Outbox {
                 }
             }
             Outgoing::Subscribe(to) => to.join(room),
+            Outgoing::Gap { epoch } => {
+                hub.publish(
+                    room,
+                    Event::Gap {
+                        room,
+                        epoch: &epoch,
+                    }
+                    .to_message(),
+                );
+            }
             Outgoing::Left(to) => {
                 to.leave(room);
                 hub.send_to(to.id(), Event::Left { room }.to_message());
@@ -606,7 +624,10 @@ struct Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.chat.disconnect(&self.me);
+        match &self.chat.inner.cluster {
+            Some(cluster) => cluster.disconnect(&self.me),
+            None => self.chat.disconnect(&self.me),
+        }
     }
 }
 
@@ -621,9 +642,35 @@ impl Chat {
     /// with 1013 (its page reconnects and gets the history again) rather
     /// than silently missing messages.
     pub fn new(options: ChatOptions) -> Chat {
-        let hub = Hub::builder()
+        Chat::with_cluster(Chat::hub_for_chat(), options, None)
+    }
+
+    fn hub_for_chat() -> Hub {
+        Hub::builder()
             .slow_consumer(SlowConsumer::Close(CloseCode::TRY_AGAIN_LATER))
-            .build();
+            .build()
+    }
+
+    /// A chat whose names, rooms, presence, direct messages and history
+    /// are shared through Redis with every node of the same
+    /// `redis.prefix` (see the crate's README, "Several nodes").
+    ///
+    /// # Errors
+    /// Redis cannot be reached (unless `redis.retry`, which waits for it).
+    pub async fn with_redis(
+        options: ChatOptions,
+        redis: RedisOptions,
+    ) -> Result<Chat, RedisStartError> {
+        let hub = Chat::hub_for_chat();
+        let cluster = cluster::Cluster::start(hub.clone(), options.clone(), redis).await?;
+        Ok(Chat::with_cluster(hub, options, Some(cluster)))
+    }
+
+    fn with_cluster(
+        hub: Hub,
+        options: ChatOptions,
+        cluster: Option<Arc<cluster::Cluster>>,
+    ) -> Chat {
         let directory = ChatState::default().directory_snapshot().to_message();
         Chat {
             inner: Arc::new(ChatInner {
@@ -635,6 +682,7 @@ impl Chat {
                 directory_dirty: AtomicBool::new(false),
                 directory_wake: Arc::new(Notify::new()),
                 directory_task: Once::new(),
+                cluster,
             }),
         }
     }
@@ -698,12 +746,9 @@ impl Chat {
 
     /// Serves one `/chat` connection until it ends.
     pub async fn serve(self, mut session: Session) {
-        self.inner.directory_task.call_once(|| {
-            tokio::spawn(Chat::publish_directory(
-                Arc::downgrade(&self.inner),
-                Arc::clone(&self.inner.directory_wake),
-            ));
-        });
+        if self.inner.cluster.is_none() {
+            self.start_directory_task();
+        }
         let options = &self.inner.options;
         let mut conn = Connection {
             me: Arc::new(self.inner.hub.register(&session.sender())),
@@ -713,12 +758,24 @@ impl Chat {
             quiet_until: None,
             chat: self.clone(),
         };
-        self.inner
-            .hub
-            .send_to(conn.me.id(), self.cached_directory());
+        match &self.inner.cluster {
+            Some(cluster) => {
+                self.inner
+                    .hub
+                    .send_to(conn.me.id(), cluster.cached_directory());
+                if let Some(status) = cluster.greeting() {
+                    self.inner.hub.send_to(conn.me.id(), status);
+                }
+            }
+            None => {
+                self.inner
+                    .hub
+                    .send_to(conn.me.id(), self.cached_directory());
+            }
+        }
         loop {
             match session.recv().await {
-                Ok(Some(message)) => self.receive(&mut conn, message),
+                Ok(Some(message)) => self.receive(&mut conn, message).await,
                 Ok(None) => break,
                 Err(err) => {
                     tracing::debug!("chat session {} ended: {err}", conn.me.id());
@@ -726,6 +783,15 @@ impl Chat {
                 }
             }
         }
+    }
+
+    fn start_directory_task(&self) {
+        self.inner.directory_task.call_once(|| {
+            tokio::spawn(Chat::publish_directory(
+                Arc::downgrade(&self.inner),
+                Arc::clone(&self.inner.directory_wake),
+            ));
+        });
     }
 
     fn reply(&self, me: &Membership, event: &Event<'_>) {
@@ -737,7 +803,7 @@ impl Chat {
         self.reply(me, &Event::Error(problem));
     }
 
-    fn receive(&self, conn: &mut Connection, message: Message) {
+    async fn receive(&self, conn: &mut Connection, message: Message) {
         let now = Instant::now();
         if let Err(wait) = conn.bucket.take(now) {
             metrics::counter!("duplex_chat_rate_limited_total").increment(1);
@@ -786,7 +852,11 @@ impl Chat {
             Err(problem) => return self.refuse(&conn.me, &problem),
         };
         let kind = request.kind();
-        if let Err(mut problem) = self.handle(conn, request) {
+        let handled = match &self.inner.cluster {
+            Some(cluster) => Self::handle_shared(cluster, conn, request).await,
+            None => self.handle(conn, request),
+        };
+        if let Err(mut problem) = handled {
             if problem.request.is_none() {
                 problem.request = Some(kind.to_owned());
             }
@@ -817,6 +887,34 @@ impl Chat {
             Request::Leave { room } => self.leave(conn, &room),
             Request::Message { room, text } => self.say(conn, &room, &text),
             Request::Dm { to, text } => self.direct(conn, &to, &text),
+        }
+    }
+
+    /// [`Chat::handle`] with Redis: the same requests, the state shared.
+    async fn handle_shared(
+        cluster: &cluster::Cluster,
+        conn: &mut Connection,
+        request: Request,
+    ) -> Result<(), Problem> {
+        match request {
+            Request::Hello { name, token } => cluster.hello(conn, &name, token.as_deref()).await,
+            Request::Ping { id } => {
+                conn.chat.reply(&conn.me, &Event::Pong { id });
+                Ok(())
+            }
+            Request::Join { room, since, epoch } => {
+                cluster
+                    .join(conn, &room, since.as_deref(), epoch.as_deref())
+                    .await
+            }
+            Request::DmHistory { with, since, epoch } => {
+                cluster
+                    .dm_history(conn, &with, since.as_deref(), epoch.as_deref())
+                    .await
+            }
+            Request::Leave { room } => cluster.leave(conn, &room).await,
+            Request::Message { room, text } => cluster.say(conn, &room, &text).await,
+            Request::Dm { to, text } => cluster.direct(conn, &to, &text).await,
         }
     }
 

@@ -28,7 +28,10 @@ mod chat;
 pub mod memory;
 pub mod protocol;
 
-pub use chat::{Chat, ChatOptions, DIRECTORY_MAX, REPLACED, SNAPSHOT_MAX};
+pub use chat::{
+    BEAT, Chat, ChatOptions, DIRECTORY_MAX, HEALTH_PERIOD, REPLACED, RedisOptions, RedisStartError,
+    SNAPSHOT_MAX, TTL,
+};
 
 use chat::TokenBucket;
 
@@ -49,13 +52,20 @@ pub fn app(websockets: WebSockets) -> App {
 /// need to send as fast as they can (put them behind a proxy, or leave them
 /// to the library's connection limits, on a public server).
 pub fn app_with(websockets: WebSockets, options: ChatOptions) -> App {
+    app_for(websockets, Chat::new(options))
+}
+
+/// Every route of the server around `chat` (one made with
+/// [`Chat::with_redis`], for example), with `chat`'s options; as
+/// [`app_with`] otherwise.
+pub fn app_for(websockets: WebSockets, chat: Chat) -> App {
+    let options = chat.options().clone();
     let limit = (options.max_request_bytes() as u64 * 4).max(64 << 10);
     let chat_websockets = websockets
         .clone()
         .max_message_size(limit)
         .max_frame_size(limit.min(websockets.get_max_frame_size()));
     let plain = ChatRoom::new(&options);
-    let chat = Chat::new(options);
     let metrics = prometheus();
     App::new()
         .install(websockets)
@@ -186,6 +196,34 @@ pub const METRICS: &[Metric] = &[
                 "unavailable",
             ],
         )),
+    },
+    Metric {
+        name: "duplex_chat_redis_up",
+        kind: Kind::Gauge,
+        unit: Unit::Count,
+        help: "1 while Redis answers this node's PINGs (with --redis-url), else 0.",
+        label: None,
+    },
+    Metric {
+        name: "duplex_chat_redis_stalls_total",
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        help: "Times Redis stopped answering (two PINGs a second apart unanswered), or the subscription went deaf.",
+        label: None,
+    },
+    Metric {
+        name: "duplex_chat_redis_reconnects_total",
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        help: "Times Redis answered again after being marked down.",
+        label: None,
+    },
+    Metric {
+        name: "duplex_chat_redis_gaps_total",
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        help: "Times a room's stream no longer held messages this node had not delivered (members got a gap event).",
+        label: None,
     },
     Metric {
         name: "duplex_chat_rate_limited_total",

@@ -100,6 +100,21 @@ struct Args {
     /// WebSocket handshakes from one address in a burst.
     #[arg(long, default_value_t = 1_000)]
     handshake_burst: u32,
+    /// Share names, rooms, presence, direct messages and history with every
+    /// node on this Redis (redis://HOST:PORT/); without it, all is kept in
+    /// this process.
+    #[arg(long, value_name = "URL")]
+    redis_url: Option<String>,
+    /// The prefix of the chat's Redis keys and channels: nodes with the same
+    /// prefix on one Redis are one chat.
+    #[arg(long, default_value = "duplex-chat", requires = "redis_url")]
+    redis_prefix: String,
+    /// When Redis cannot be reached at start, keep trying instead of exiting.
+    #[arg(long, requires = "redis_url")]
+    redis_retry: bool,
+    /// This node's id in Redis (random by default).
+    #[arg(long, requires = "redis_url")]
+    node_id: Option<String>,
 }
 
 #[tokio::main]
@@ -132,11 +147,6 @@ async fn main() -> std::io::Result<()> {
             .extension(Deflate::default())
             .map_err(std::io::Error::other)?
     };
-    let listener = tokio::net::TcpListener::bind(args.addr).await?;
-    tracing::info!(
-        "duplex-chat listening: open http://{} in a browser",
-        listener.local_addr()?
-    );
     let options = duplex_chat::ChatOptions {
         history: args.history,
         history_bytes: args.history_bytes,
@@ -153,7 +163,31 @@ async fn main() -> std::io::Result<()> {
     tokio::spawn(duplex_chat::memory::release_after_sessions_end(
         websockets.clone(),
     ));
-    duplex_chat::app_with(websockets, options)
+    let chat = match args.redis_url {
+        Some(url) => {
+            let redis = duplex_chat::RedisOptions {
+                url,
+                prefix: args.redis_prefix,
+                node_id: args.node_id,
+                retry: args.redis_retry,
+            };
+            match duplex_chat::Chat::with_redis(options, redis).await {
+                Ok(chat) => chat,
+                Err(err) => {
+                    tracing::error!("{err}");
+                    eprintln!("duplex-chat: {err}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        None => duplex_chat::Chat::new(options),
+    };
+    let listener = tokio::net::TcpListener::bind(args.addr).await?;
+    tracing::info!(
+        "duplex-chat listening: open http://{} in a browser",
+        listener.local_addr()?
+    );
+    duplex_chat::app_for(websockets, chat)
         .shutdown_grace(Duration::from_secs(args.shutdown_grace))
         .serve(listener)
         .await

@@ -592,11 +592,15 @@ pub enum Event<'a> {
         /// The direct messages, oldest first, without `type`.
         history: &'a [DirectLine],
     },
-    /// Messages of a room may have been missed (the stream lost them):
-    /// join it again with `since`.
+    /// Messages of a room were lost between the last one sent and the
+    /// next (Redis lost them, or trimmed them before this node could read
+    /// them): they cannot be recovered. Later messages follow as usual.
     Gap {
         /// The room.
         room: &'a str,
+        /// The room's epoch from here on (it changes when Redis lost the
+        /// stream).
+        epoch: &'a str,
     },
     /// Whether the node reaches Redis (`up` or `down`).
     Status {
@@ -730,6 +734,31 @@ where
     }
     json.push_str("]}");
     Message::from(json)
+}
+
+/// The fields of a direct message after its `id`, serialised once, as
+/// [`line_tail`] for rooms: `"from":…,"to":…,"text":…,"ts":…}`.
+pub fn dm_tail(from: &str, to: &str, text: &str, ts: u64) -> String {
+    #[derive(Serialize)]
+    struct Tail<'a> {
+        from: &'a str,
+        to: &'a str,
+        text: &'a str,
+        ts: u64,
+    }
+    let mut json = serde_json::to_string(&Tail { from, to, text, ts }).expect("a line serializes");
+    json.remove(0);
+    json
+}
+
+/// A direct message's [`DirectLine`] JSON from its id and [`dm_tail`].
+pub fn dm_line(id: &str, tail: &str) -> String {
+    let mut json = String::with_capacity(48 + tail.len());
+    json.push_str(r#"{"id":""#);
+    json.push_str(id);
+    json.push_str("\",");
+    json.push_str(tail);
+    json
 }
 
 /// The `dm` event of a direct message kept as [`DirectLine`]'s JSON.

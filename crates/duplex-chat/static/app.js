@@ -525,12 +525,15 @@
     renderConn();
   }
 
-  // The server may have missed messages of a room (its store restarted or
-  // lost them): ask again from our last id; `joined` says whether all came.
+  // Messages of a room were lost before the next one (the store lost or
+  // trimmed them before the server could read them): never a silent gap,
+  // so say so. What follows belongs to the epoch the server names.
   function onGap(ev) {
     const room = state.rooms.get(ev.room);
     if (!room || !room.joined) return;
-    send(joinRequest(ev.room));
+    addNotice(room, { system: true, warn: true, text: `Some messages of #${ev.room} could not be recovered` });
+    setEpoch(room, ev.epoch);
+    renderMessages();
   }
 
   function onError(ev) {

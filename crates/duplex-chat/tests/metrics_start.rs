@@ -32,11 +32,19 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
 /// The names in `metrics::counter!("…"` / `gauge!("…"` of a crate's sources.
 fn emitted(crate_dir: &Path) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
-    for entry in std::fs::read_dir(crate_dir.join("src")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "rs") {
-            continue;
+    let mut dirs = vec![crate_dir.join("src")];
+    let mut files = Vec::new();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
         }
+    }
+    for path in files {
         let text = std::fs::read_to_string(&path).unwrap();
         for needle in ["metrics::counter!(\"", "metrics::gauge!(\""] {
             for (at, _) in text.match_indices(needle) {

@@ -1,0 +1,806 @@
+//! The chat on several nodes (`duplex-chat --redis-url`): three
+//! `duplex-chat` processes on a `redis-server` of the test's own (a free
+//! port, nothing saved), with tokio-tungstenite clients on each. What
+//! PROTOCOL.md ("Several nodes") promises: names unique across nodes,
+//! presence that lists everyone and forgets a killed node's users within
+//! `TTL + BEAT`, every message to every member once in the order of its
+//! room's stream, recovery after a cut connection, and the faults: Redis
+//! restarted, frozen, or not there at start.
+//!
+//! Every wait is bounded; all traffic goes to 127.0.0.1. Without
+//! `redis-server` on the PATH, every test fails and says so.
+
+use std::{
+    collections::HashSet,
+    io::Read,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::{WebSocketStream, tungstenite::Message};
+
+type Ws = WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A `redis-server` of the test's own, killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+fn spawn_redis(port: u16) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|err| {
+            panic!("cannot start redis-server ({err}): install it (apt-get install redis-server); .ci/run does")
+        })
+}
+
+fn wait_listening(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("{what} did not listen on port {port} within 10 s");
+}
+
+impl Redis {
+    fn start() -> Redis {
+        Redis::start_on(free_port())
+    }
+
+    fn start_on(port: u16) -> Redis {
+        let redis = Redis {
+            child: spawn_redis(port),
+            port,
+        };
+        wait_listening(port, "redis-server");
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills it (its data goes: nothing is saved) and starts another on
+    /// the same port.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_redis(self.port);
+        wait_listening(self.port, "redis-server");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal}");
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.signal_quietly("-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Redis {
+    fn signal_quietly(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status();
+    }
+}
+
+/// A `duplex-chat` process, killed on drop.
+struct Node {
+    child: Child,
+    port: u16,
+}
+
+fn node_command(redis_url: &str, prefix: &str, port: u16) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_duplex-chat"));
+    command
+        .args(["--addr", &format!("127.0.0.1:{port}")])
+        .args(["--redis-url", redis_url, "--redis-prefix", prefix])
+        .args(["--rate", "0", "--handshake-rate", "0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+}
+
+impl Node {
+    fn start(redis: &Redis, prefix: &str) -> Node {
+        let port = free_port();
+        let child = node_command(&redis.url(), prefix, port)
+            .spawn()
+            .expect("start duplex-chat");
+        wait_listening(port, "duplex-chat");
+        Node { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/chat", self.port)
+    }
+
+    async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .expect("connect");
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut body = String::new();
+        tcp.read_to_string(&mut body).await.expect("read");
+        body
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn prefix(test: &str) -> String {
+    format!("duplex-test-{test}-{}", std::process::id())
+}
+
+/// A chat client that keeps every event it read.
+struct Client {
+    ws: Ws,
+    name: String,
+    events: Vec<Value>,
+    seen: usize,
+}
+
+impl Client {
+    async fn open(node: &Node, name: &str) -> Client {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(node.url()))
+            .await
+            .expect("handshake in time")
+            .expect("handshake");
+        Client {
+            ws,
+            name: name.to_owned(),
+            events: Vec::new(),
+            seen: 0,
+        }
+    }
+
+    async fn hello(node: &Node, name: &str) -> Client {
+        let mut client = Client::open(node, name).await;
+        client.send(json!({"type": "hello", "name": name})).await;
+        let welcome = client
+            .until("welcome", |e| {
+                e["type"] == "welcome" || e["type"] == "error"
+            })
+            .await;
+        assert_eq!(welcome["type"], "welcome", "{name}: {welcome}");
+        client
+    }
+
+    async fn send(&mut self, value: Value) {
+        tokio::time::timeout(WAIT, self.ws.send(Message::text(value.to_string())))
+            .await
+            .expect("send in time")
+            .expect("send");
+    }
+
+    async fn read(&mut self, deadline: tokio::time::Instant) -> Option<Value> {
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return None,
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    let event: Value = serde_json::from_str(text.as_str()).expect("JSON");
+                    self.events.push(event.clone());
+                    return Some(event);
+                }
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    panic!("{}: closed by the server: {frame:?}", self.name)
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(other) => panic!("{}: connection ended: {other:?}", self.name),
+            }
+        }
+    }
+
+    /// The first event from the unread ones on that matches, within `limit`.
+    async fn until_within(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        while self.seen < self.events.len() {
+            let event = self.events[self.seen].clone();
+            self.seen += 1;
+            if pred(&event) {
+                return event;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match self.read(deadline).await {
+                Some(event) => {
+                    self.seen = self.events.len();
+                    if pred(&event) {
+                        return event;
+                    }
+                }
+                None => panic!(
+                    "{}: no {what} within {limit:?}; got {:?}",
+                    self.name, self.events
+                ),
+            }
+        }
+    }
+
+    async fn until(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.until_within(what, WAIT, pred).await
+    }
+
+    async fn join(&mut self, room: &str) -> Value {
+        self.send(json!({"type": "join", "room": room})).await;
+        self.until("joined", |e| e["type"] == "joined" && e["room"] == room)
+            .await
+    }
+
+    /// Says `text` in `room`, again while Redis answers `unavailable`.
+    async fn say(&mut self, room: &str, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            self.send(json!({"type": "message", "room": room, "text": text}))
+                .await;
+            let answer = self
+                .until("its message or an error", |e| {
+                    (e["type"] == "message" && e["text"] == text) || e["type"] == "error"
+                })
+                .await;
+            if answer["type"] == "message" {
+                return;
+            }
+            assert_eq!(answer["code"], "unavailable", "{answer}");
+            assert!(
+                Instant::now() < deadline,
+                "{}: Redis never came back",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The messages of `room` received so far (reading for `quiet` more),
+    /// as `from: text`.
+    async fn messages(&mut self, room: &str, quiet: Duration) -> Vec<(String, String)> {
+        let deadline = tokio::time::Instant::now() + quiet;
+        while self.read(deadline).await.is_some() {}
+        self.seen = self.events.len();
+        self.events
+            .iter()
+            .filter(|e| e["type"] == "message" && e["room"] == room)
+            .map(|e| {
+                (
+                    e["id"].as_str().unwrap_or_default().to_owned(),
+                    e["text"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+fn id_key(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').expect("an id is <ms>-<seq>");
+    (ms.parse().expect("ms"), seq.parse().expect("seq"))
+}
+
+/// Ids strictly increasing: in stream order, none twice.
+fn assert_in_order(who: &str, lines: &[(String, String)]) {
+    for pair in lines.windows(2) {
+        assert!(
+            id_key(&pair[0].0) < id_key(&pair[1].0),
+            "{who}: {} then {}",
+            pair[0].0,
+            pair[1].0
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_chat_in_rooms_and_by_direct_message_with_unique_names_and_presence() {
+    let redis = Redis::start();
+    let prefix = prefix("three");
+    let nodes: Vec<Node> = (0..3).map(|_| Node::start(&redis, &prefix)).collect();
+    let mut ada = Client::hello(&nodes[0], "Ada").await;
+    let mut bob = Client::hello(&nodes[1], "Bob").await;
+    let mut cyd = Client::hello(&nodes[2], "Cyd").await;
+
+    // Names are unique across nodes, whatever the case.
+    let mut again = Client::open(&nodes[2], "ada again").await;
+    again.send(json!({"type": "hello", "name": "ADA"})).await;
+    let refused = again.until("the refusal", |e| e["type"] == "error").await;
+    assert_eq!(refused["code"], "name_taken", "{refused}");
+    assert_eq!(refused["request"], "hello", "{refused}");
+
+    // Presence: the last to join sees everyone; the others see it come.
+    ada.join("general").await;
+    bob.join("general").await;
+    let joined = cyd.join("general").await;
+    let members: HashSet<&str> = joined["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(members, HashSet::from(["Ada", "Bob", "Cyd"]), "{joined}");
+    for client in [&mut ada, &mut bob] {
+        client
+            .until("Cyd's arrival", |e| {
+                e["type"] == "presence" && e["name"] == "Cyd" && e["event"] == "join"
+            })
+            .await;
+    }
+    // The directory of every node lists all three.
+    for client in [&mut ada, &mut bob, &mut cyd] {
+        client
+            .until("a directory with everyone", |e| {
+                e["type"] == "directory"
+                    && e["online"] == 3
+                    && e["users"] == json!(["Ada", "Bob", "Cyd"])
+            })
+            .await;
+    }
+
+    // Everyone writes at once; every member gets every message once, all
+    // in one order: the room stream's.
+    let per_client = 20;
+    for i in 0..per_client {
+        for client in [&mut ada, &mut bob, &mut cyd] {
+            let text = format!("{} {i}", client.name);
+            client
+                .send(json!({"type": "message", "room": "general", "text": text}))
+                .await;
+        }
+    }
+    let mut seen = Vec::new();
+    for client in [&mut ada, &mut bob, &mut cyd] {
+        client
+            .until_within("the last messages", Duration::from_secs(10), |e| {
+                e["type"] == "message" && e["text"] == format!("Cyd {}", per_client - 1)
+            })
+            .await;
+        let lines = client.messages("general", Duration::from_millis(300)).await;
+        assert_eq!(lines.len(), 3 * per_client, "{}: {lines:?}", client.name);
+        assert_in_order(&client.name, &lines);
+        seen.push(lines);
+    }
+    assert_eq!(seen[0], seen[1], "Ada and Bob saw different orders");
+    assert_eq!(seen[0], seen[2], "Ada and Cyd saw different orders");
+    for who in ["Ada", "Bob", "Cyd"] {
+        let own: Vec<&String> = seen[0]
+            .iter()
+            .map(|(_, t)| t)
+            .filter(|t| t.starts_with(who))
+            .collect();
+        let sent: Vec<String> = (0..per_client).map(|i| format!("{who} {i}")).collect();
+        assert_eq!(
+            own,
+            sent.iter().collect::<Vec<_>>(),
+            "{who}'s messages out of their order"
+        );
+    }
+
+    // A direct message from node 1 to node 3: to Cyd, back to Ada, once.
+    ada.send(json!({"type": "dm", "to": "cyd", "text": "psst"}))
+        .await;
+    let got = cyd.until("the DM", |e| e["type"] == "dm").await;
+    assert_eq!(
+        (
+            got["from"].as_str(),
+            got["to"].as_str(),
+            got["text"].as_str()
+        ),
+        (Some("Ada"), Some("Cyd"), Some("psst")),
+        "{got}"
+    );
+    let echo = ada.until("the DM's echo", |e| e["type"] == "dm").await;
+    assert_eq!(echo["id"], got["id"]);
+    bob.messages("general", Duration::from_millis(300)).await;
+    assert!(
+        bob.events.iter().all(|e| e["type"] != "dm"),
+        "Bob got someone else's DM"
+    );
+    // And the pair's history, asked on node 2 by Cyd reconnected there.
+    drop(cyd);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut cyd = Client::hello(&nodes[1], "Cyd").await;
+    cyd.send(json!({"type": "dm_history", "with": "Ada"})).await;
+    let history = cyd.until("dm_history", |e| e["type"] == "dm_history").await;
+    assert_eq!(history["history"][0]["text"], "psst", "{history}");
+    assert_eq!(history["history"][0]["id"], got["id"], "{history}");
+
+    // A DM to a name nobody holds.
+    ada.send(json!({"type": "dm", "to": "Nobody", "text": "hi"}))
+        .await;
+    let refused = ada.until("unknown_user", |e| e["type"] == "error").await;
+    assert_eq!(refused["code"], "unknown_user", "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_recovers_exactly_what_was_said_meanwhile_on_another_node() {
+    let redis = Redis::start();
+    let prefix = prefix("cut");
+    let nodes: Vec<Node> = (0..3).map(|_| Node::start(&redis, &prefix)).collect();
+    let mut ada = Client::hello(&nodes[0], "Ada").await;
+    let mut bob = Client::hello(&nodes[1], "Bob").await;
+    ada.join("general").await;
+    let joined = bob.join("general").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    ada.say("general", "before").await;
+    let last = bob
+        .until("before", |e| {
+            e["type"] == "message" && e["text"] == "before"
+        })
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Bob's connection is cut; Ada goes on.
+    drop(bob);
+    for i in 0..10 {
+        ada.say("general", &format!("meanwhile {i}")).await;
+    }
+    // Bob is back, on the third node, with his last id.
+    let mut bob = Client::hello(&nodes[2], "Bob").await;
+    bob.send(json!({"type": "join", "room": "general", "since": last, "epoch": epoch}))
+        .await;
+    let joined = bob.until("joined", |e| e["type"] == "joined").await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    let texts: Vec<&str> = joined["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["text"].as_str())
+        .collect();
+    let expected: Vec<String> = (0..10).map(|i| format!("meanwhile {i}")).collect();
+    assert_eq!(
+        texts,
+        expected.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    // And live from there, nothing twice.
+    ada.say("general", "after").await;
+    bob.until("after", |e| e["type"] == "message" && e["text"] == "after")
+        .await;
+    let live = bob.messages("general", Duration::from_millis(300)).await;
+    assert_eq!(
+        live.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>(),
+        ["after"]
+    );
+
+    // A `since` the stream no longer holds (another epoch): not recovered,
+    // and said so.
+    let mut cyd = Client::hello(&nodes[1], "Cyd").await;
+    cyd.send(json!({"type": "join", "room": "general", "since": last, "epoch": "another"}))
+        .await;
+    let joined = cyd.until("joined", |e| e["type"] == "joined").await;
+    assert_eq!(joined["recovered"], false, "{joined}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_mid_stream_nodes_reconnect_and_the_loss_is_reported() {
+    let mut redis = Redis::start();
+    let prefix = prefix("restart");
+    let a = Node::start(&redis, &prefix);
+    let b = Node::start(&redis, &prefix);
+    let mut ada = Client::hello(&a, "Ada").await;
+    let mut bob = Client::hello(&b, "Bob").await;
+    ada.join("general").await;
+    let first = bob.join("general").await;
+    ada.say("general", "one").await;
+    bob.until("one", |e| e["type"] == "message" && e["text"] == "one")
+        .await;
+
+    // Redis loses everything (nothing is saved) and comes back.
+    redis.restart();
+    // Delivery resumes by itself: the nodes reconnect and subscribe again.
+    ada.say("general", "two").await;
+    let two = bob
+        .until_within("two", Duration::from_secs(15), |e| {
+            e["type"] == "message" && e["text"] == "two"
+        })
+        .await;
+    // What Redis lost is never a silent gap: Bob is told, with the
+    // stream's new epoch.
+    let gap = bob
+        .events
+        .iter()
+        .find(|e| e["type"] == "gap" && e["room"] == "general")
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "no gap before the message after the restart: {:?}",
+                bob.events
+            )
+        });
+    assert_ne!(gap["epoch"], first["epoch"], "{gap}");
+    let lines = bob.messages("general", Duration::from_millis(300)).await;
+    assert_eq!(
+        lines.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>(),
+        ["one", "two"]
+    );
+    assert!(two["id"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_users_leave_presence_everywhere_within_ttl_and_a_beat() {
+    let redis = Redis::start();
+    let prefix = prefix("kill");
+    let a = Node::start(&redis, &prefix);
+    let mut b = Node::start(&redis, &prefix);
+    let mut ada = Client::hello(&a, "Ada").await;
+    let mut bob = Client::hello(&b, "Bob").await;
+    ada.join("general").await;
+    bob.join("general").await;
+    ada.until("Bob's arrival", |e| {
+        e["type"] == "presence" && e["name"] == "Bob"
+    })
+    .await;
+    ada.until("a directory with Bob", |e| {
+        e["type"] == "directory" && e["online"] == 2
+    })
+    .await;
+
+    let killed = Instant::now();
+    let from = ada.events.len();
+    b.child.kill().expect("SIGKILL");
+    let _ = b.child.wait();
+    // PROTOCOL.md: within TTL + 2 BEATs (12 s) of the kill; 15 s documented.
+    let limit = Duration::from_secs(15);
+    let left = ada
+        .until_within("Bob's leave", limit, |e| {
+            e["type"] == "presence" && e["name"] == "Bob" && e["event"] == "leave"
+        })
+        .await;
+    assert_eq!(left["count"], 1, "{left}");
+    // The directory (read from the online set) may have said so first.
+    let without_bob = |e: &Value| e["type"] == "directory" && e["users"] == json!(["Ada"]);
+    if !ada.events[from..].iter().any(without_bob) {
+        ada.until_within(
+            "a directory without Bob",
+            Duration::from_secs(3),
+            without_bob,
+        )
+        .await;
+    }
+    assert!(
+        killed.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        killed.elapsed()
+    );
+    // And the name is free again.
+    Client::hello(&a, "Bob").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_is_detected_counted_and_told_and_its_return_too() {
+    let redis = Redis::start();
+    let prefix = prefix("freeze");
+    let node = Node::start(&redis, &prefix);
+    let mut ada = Client::hello(&node, "Ada").await;
+    ada.join("general").await;
+    redis.signal("-STOP");
+    let frozen = Instant::now();
+    let down = ada
+        .until_within("status down", Duration::from_secs(5), |e| {
+            e["type"] == "status"
+        })
+        .await;
+    assert_eq!(down["redis"], "down", "{down}");
+    // Documented: detected within 3 s (two PINGs a second apart).
+    assert!(
+        frozen.elapsed() < Duration::from_millis(3500),
+        "{:?}",
+        frozen.elapsed()
+    );
+    let metrics = node.metrics().await;
+    assert!(metrics.contains("duplex_chat_redis_up 0"), "{metrics}");
+    assert!(
+        metrics.contains("duplex_chat_redis_stalls_total 1"),
+        "{metrics}"
+    );
+    // Requests that need Redis get `unavailable`, in time.
+    ada.send(json!({"type": "message", "room": "general", "text": "lost?"}))
+        .await;
+    let refused = ada.until("unavailable", |e| e["type"] == "error").await;
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    redis.signal("-CONT");
+    let up = ada
+        .until_within("status up", Duration::from_secs(5), |e| {
+            e["type"] == "status"
+        })
+        .await;
+    assert_eq!(up["redis"], "up", "{up}");
+    ada.say("general", "back").await;
+    let metrics = node.metrics().await;
+    assert!(metrics.contains("duplex_chat_redis_up 1"), "{metrics}");
+    assert!(
+        metrics.contains("duplex_chat_redis_reconnects_total 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn redis_unreachable_at_start_is_a_clear_error_or_with_retry_a_wait() {
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let started = Instant::now();
+    let mut child = node_command(&url, "unreachable", free_port())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start duplex-chat");
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "duplex-chat kept running without Redis"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains(&format!("cannot reach Redis at {url}")),
+        "{stderr}"
+    );
+
+    // With --redis-retry it waits, then serves once Redis is there.
+    let node_port = free_port();
+    let mut waiting = Node {
+        child: node_command(&url, "unreachable", node_port)
+            .arg("--redis-retry")
+            .spawn()
+            .expect("start duplex-chat"),
+        port: node_port,
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        waiting.child.try_wait().unwrap().is_none(),
+        "gave up without Redis despite --redis-retry"
+    );
+    let _redis = Redis::start_on(port);
+    wait_listening(node_port, "duplex-chat after Redis came");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        Client::hello(&waiting, "Ada").await;
+    });
+    let _ = waiting.child.kill();
+}
+
+/// What Redis holds for a prefix: `(streams of rooms, the largest room
+/// stream's entries, its bytes of lines)`.
+async fn redis_holdings(redis: &Redis, prefix: &str) -> (usize, usize, usize) {
+    let client = redis::Client::open(redis.url()).expect("a Redis URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:s:*"))
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    let (mut most, mut bytes) = (0, 0);
+    for key in &keys {
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(key)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .expect("XRANGE");
+        if entries.len() >= most {
+            most = entries.len();
+            bytes = entries
+                .iter()
+                .flat_map(|(_, fields)| {
+                    fields
+                        .iter()
+                        .filter(|(f, _)| f == "t")
+                        .map(|(_, v)| v.len())
+                })
+                .sum();
+        }
+    }
+    (keys.len(), most, bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_client_can_make_redis_hold_is_bounded_at_the_shipped_defaults() {
+    let redis = Redis::start();
+    let prefix = prefix("bounds");
+    let node = Node::start(&redis, &prefix);
+    let defaults = duplex_chat::ChatOptions::default();
+    let mut ada = Client::hello(&node, "Ada").await;
+    // Big lines in one room: the stream keeps --history-bytes of them.
+    ada.join("big").await;
+    // Two bytes a character: as many bytes as a line may have.
+    let text = "é".repeat(defaults.max_text_chars - 10);
+    let lines = defaults.history_bytes / text.len() + 8;
+    for i in 0..lines {
+        ada.send(json!({"type": "message", "room": "big", "text": format!("{i:>6} {text}")}))
+            .await;
+    }
+    ada.until_within("the last big line", Duration::from_secs(20), |e| {
+        e["type"] == "message"
+            && e["text"]
+                .as_str()
+                .is_some_and(|t| t.starts_with(&format!("{:>6}", lines - 1)))
+    })
+    .await;
+    // Many rooms, each with a line: --max-total-rooms streams are kept.
+    let rooms = defaults.max_total_rooms + 50;
+    for i in 0..rooms {
+        let room = format!("r{i}");
+        ada.send(json!({"type": "join", "room": room})).await;
+        ada.send(json!({"type": "message", "room": room, "text": "hi"}))
+            .await;
+        ada.send(json!({"type": "leave", "room": room})).await;
+        if i % 100 == 99 {
+            ada.until_within("the rooms' answers", Duration::from_secs(20), |e| {
+                e["type"] == "left" && e["room"] == room
+            })
+            .await;
+        }
+    }
+    ada.until_within("the last room's answer", Duration::from_secs(20), |e| {
+        e["type"] == "left" && e["room"] == format!("r{}", rooms - 1)
+    })
+    .await;
+    let (streams, most, bytes) = redis_holdings(&redis, &prefix).await;
+    assert!(
+        streams <= defaults.max_total_rooms,
+        "{streams} room streams kept"
+    );
+    assert!(most <= defaults.history, "{most} entries in one stream");
+    assert!(
+        bytes <= defaults.history_bytes,
+        "{bytes} bytes of lines in one stream"
+    );
+    assert!(
+        ada.events.iter().all(|e| e["type"] != "error"),
+        "{:?}",
+        ada.events.iter().find(|e| e["type"] == "error")
+    );
+}
