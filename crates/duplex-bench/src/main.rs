@@ -68,13 +68,12 @@ struct Args {
     /// fastwebsockets, axum, raw-tcp, duplex-hub (broadcast only),
     /// duplex-deflate (scenarios 7 and 8), duplex-hub-deflate (scenario 9),
     /// chat-1-node, chat-1-node-redis, chat-2-nodes-redis (scenario 10;
-    /// the two Redis ones need duplex-chat's `--redis-url`, which is not
-    /// built yet, so they are not in the default list),
+    /// the two Redis ones start a redis-server of their own),
     /// duplex-http1, duplex-http2 (scenario 11).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "duplex,tokio-tungstenite,fastwebsockets,axum,raw-tcp,duplex-hub,duplex-deflate,duplex-hub-deflate,duplex-http1,duplex-http2,chat-1-node"
+        default_value = "duplex,tokio-tungstenite,fastwebsockets,axum,raw-tcp,duplex-hub,duplex-deflate,duplex-hub-deflate,duplex-http1,duplex-http2,chat-1-node,chat-1-node-redis,chat-2-nodes-redis"
     )]
     servers: Vec<String>,
     /// Where the charts (SVG) and `results.json` go. Default: `docs/bench`,

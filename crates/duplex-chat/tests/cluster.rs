@@ -804,3 +804,69 @@ async fn what_a_client_can_make_redis_hold_is_bounded_at_the_shipped_defaults() 
         ada.events.iter().find(|e| e["type"] == "error")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joiner_s_history_and_live_messages_meet_exactly_while_another_node_writes() {
+    let redis = Redis::start();
+    let prefix = prefix("race");
+    let a = Node::start(&redis, &prefix);
+    let b = Node::start(&redis, &prefix);
+    let mut ada = Client::hello(&a, "Ada").await;
+    ada.join("general").await;
+    let total = 600u64;
+    let writer = tokio::spawn(async move {
+        for n in 0..total {
+            ada.send(json!({"type": "message", "room": "general", "text": n.to_string()}))
+                .await;
+            if n % 8 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        ada
+    });
+    // Bob on the other node, and Cyd on the writer's own, join and leave
+    // over and over while Ada writes: each time, the history of `joined`
+    // and the messages after it are consecutive, none missing, none twice.
+    let mut rounds = 0;
+    for (node, name) in [(&b, "Bob"), (&a, "Cyd")] {
+        let mut client = Client::hello(node, name).await;
+        for _ in 0..6 {
+            let joined = client.join("general").await;
+            let mut numbers: Vec<u64> = joined["history"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["text"].as_str().unwrap().parse().unwrap())
+                .collect();
+            let mut live = 0;
+            while live < 20 {
+                let event = client.until("a message", |e| e["type"] == "message").await;
+                numbers.push(event["text"].as_str().unwrap().parse().unwrap());
+                live += 1;
+                if numbers.last() == Some(&(total - 1)) {
+                    break;
+                }
+            }
+            for pair in numbers.windows(2) {
+                assert_eq!(pair[0] + 1, pair[1], "{name}: {numbers:?}");
+            }
+            client
+                .send(json!({"type": "leave", "room": "general"}))
+                .await;
+            client.until("left", |e| e["type"] == "left").await;
+            rounds += 1;
+            if numbers.last() == Some(&(total - 1)) {
+                break;
+            }
+        }
+    }
+    assert!(rounds >= 4, "only {rounds} rounds while Ada wrote");
+    let mut ada = tokio::time::timeout(Duration::from_secs(30), writer)
+        .await
+        .expect("Ada's writing in time")
+        .expect("Ada's task");
+    ada.until_within("her last message", Duration::from_secs(10), |e| {
+        e["type"] == "message" && e["text"] == (total - 1).to_string()
+    })
+    .await;
+}

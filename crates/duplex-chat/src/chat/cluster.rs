@@ -74,7 +74,7 @@ const PROBE_DEADLINE: Duration = Duration::from_secs(5);
 const DIRECTORY_PERIOD: Duration = Duration::from_secs(1);
 
 /// Lines of a room kept by a node for joiners racing the subscription.
-const RECENT_LINES: usize = 64;
+const RECENT_LINES: usize = 16;
 
 /// How a node reaches Redis.
 #[derive(Debug, Clone)]
@@ -146,6 +146,11 @@ struct ClusterRoom {
     /// When presence last changed by a published event: a presence read
     /// older than that is stale.
     changed: Instant,
+    /// Joins under way on this node.
+    joining: usize,
+    /// Until the first join's answer: the lines published meanwhile, with
+    /// the id before each.
+    pending: Option<Vec<(StreamId, Line)>>,
     /// Members of other nodes missing from the last read of the room's
     /// set: missing from two reads in a row, they are gone (one miss may
     /// be a Redis that lost its data and is being refilled).
@@ -154,6 +159,22 @@ struct ClusterRoom {
 }
 
 impl ClusterRoom {
+    /// A room kept here while its first join is answered.
+    fn waiting(outbox: Arc<Outbox>) -> ClusterRoom {
+        ClusterRoom {
+            members: BTreeMap::new(),
+            local: 0,
+            delivered: StreamId::default(),
+            epoch: Arc::from(""),
+            recent: VecDeque::new(),
+            changed: Instant::now(),
+            joining: 0,
+            pending: Some(Vec::new()),
+            missing: HashSet::new(),
+            outbox,
+        }
+    }
+
     fn member_names(&self) -> Vec<Arc<str>> {
         self.members.values().map(|(n, _)| Arc::clone(n)).collect()
     }
@@ -850,8 +871,26 @@ impl Cluster {
                 }
             }
         }
+        // The room is kept here from now on, waiting for the answer: lines
+        // published between the script and its answer are held for it,
+        // not dropped as lines of a room nobody here is in.
+        {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            if !state.rooms.contains_key(&room) {
+                let outbox = state
+                    .retired
+                    .remove(&room)
+                    .and_then(|w| w.upgrade())
+                    .unwrap_or_else(|| Outbox::new(Arc::clone(&room)));
+                state
+                    .rooms
+                    .insert(Arc::clone(&room), ClusterRoom::waiting(outbox));
+            }
+            state.rooms.get_mut(&room).expect("made above").joining += 1;
+        }
         let member = presence_member(&self.node, &name);
-        let reply: Value = within(
+        let answer: Result<Value, Problem> = within(
             self.scripts
                 .join
                 .key(self.keys.members(&room))
@@ -874,7 +913,18 @@ impl Cluster {
                 .arg(format!("{}:meta:", self.keys.prefix))
                 .invoke_async(&mut self.conn()),
         )
-        .await?;
+        .await;
+        let reply = match answer {
+            Ok(reply) => reply,
+            Err(problem) => {
+                let mut guard = self.lock();
+                if let Some(r) = guard.rooms.get_mut(&room) {
+                    r.joining -= 1;
+                }
+                self.forget_if_unused(&mut guard, &room);
+                return Err(problem.room(&room));
+            }
+        };
         let parts = array(&reply);
         let room_epoch: Arc<str> = Arc::from(parts.first().and_then(text).unwrap_or_default());
         let last = parts
@@ -883,101 +933,110 @@ impl Cluster {
             .and_then(|t| StreamId::parse(&t))
             .unwrap_or_default();
         let held = parts.get(2).map_or(0, int) == 1;
-        let mut history = parts.get(3).map(entries).unwrap_or_default();
+        let mut snapshot = parts.get(3).map(entries).unwrap_or_default();
         if !held {
-            history.reverse();
+            snapshot.reverse();
         }
         let members = parts.get(4).map(strings).unwrap_or_default();
-        let recovered = since.map(|_| held);
-        let mut history: Vec<Line> = history
+        let mut history: Vec<Line> = snapshot
             .into_iter()
             .map(|e| Line {
                 id: e.id,
                 tail: e.tail,
             })
             .collect();
-        // The lines the node delivered after the snapshot, before this
-        // joiner is subscribed: the joiner needs them in its history.
         let mut need_more = None;
+        let mut broken = None;
         let (outbox, counts) = {
             let mut guard = self.lock();
             let state = &mut *guard;
-            let Some(named) = state.sessions.get_mut(&me.id()) else {
-                return Err(not_identified());
+            let again = match state.sessions.get_mut(&me.id()) {
+                Some(named) => named.rooms.insert(Arc::clone(&room), true),
+                None => {
+                    if let Some(r) = state.rooms.get_mut(&room) {
+                        r.joining -= 1;
+                    }
+                    self.forget_if_unused(state, &room);
+                    return Err(not_identified());
+                }
             };
-            let again = named.rooms.get(&room).copied();
-            named.rooms.insert(Arc::clone(&room), true);
-            let first_here = !state.rooms.contains_key(&room);
-            if first_here {
-                let outbox = state
-                    .retired
-                    .remove(&room)
-                    .and_then(|w| w.upgrade())
-                    .unwrap_or_else(|| Outbox::new(Arc::clone(&room)));
-                let mut r = ClusterRoom {
-                    members: BTreeMap::new(),
-                    local: 0,
-                    delivered: last,
-                    epoch: Arc::clone(&room_epoch),
-                    recent: VecDeque::new(),
-                    changed: Instant::now(),
-                    missing: HashSet::new(),
-                    outbox,
-                };
+            let r = state.rooms.get_mut(&room).expect("kept while joining");
+            r.joining -= 1;
+            if again.is_none() {
+                r.local += 1;
+            }
+            let waited = r.pending.take();
+            if let Some(lines) = &waited {
+                // The first answer for this room here: it says where the
+                // stream was, and who was in.
+                r.delivered = last;
+                r.epoch = Arc::clone(&room_epoch);
                 for m in &members {
                     if let Some((node, who)) = split_member(m) {
                         r.add(node, who);
                     }
                 }
-                state.rooms.insert(Arc::clone(&room), r);
-            }
-            let r = state.rooms.get_mut(&room).expect("made above");
-            if again.is_none() {
-                r.local += 1;
-                r.add(&self.node, &name);
-            }
-            if r.delivered < last {
-                // Lines up to `last` are still on their way here: the
-                // joiner gets them live, not in its history.
-                history.retain(|l| l.id <= r.delivered);
-            } else if r.delivered > last {
-                let have: Vec<Line> = r.recent.iter().filter(|l| l.id > last).cloned().collect();
-                let covered = have.first().is_some_and(|l| {
-                    r.recent
-                        .iter()
-                        .position(|x| x.id == l.id)
-                        .is_some_and(|at| at > 0 && r.recent[at - 1].id <= last)
-                });
-                if covered {
-                    history.extend(have);
-                } else {
-                    need_more = Some((last, r.delivered));
+                broken = lines
+                    .iter()
+                    .find(|(_, l)| l.id > last)
+                    .is_some_and(|(prev, _)| *prev != last)
+                    .then_some(last);
+            } else if again != Some(true) {
+                if r.delivered < last {
+                    // Lines up to `last` are still on their way here: the
+                    // joiner gets them live, not in its history.
+                    history.retain(|l| l.id <= r.delivered);
+                } else if r.delivered > last {
+                    // Lines handed on before this joiner is subscribed:
+                    // they belong in its history.
+                    let have: Vec<Line> =
+                        r.recent.iter().filter(|l| l.id > last).cloned().collect();
+                    let covered = have.first().is_some_and(|first| {
+                        r.recent
+                            .iter()
+                            .position(|x| x.id == first.id)
+                            .is_some_and(|at| at > 0 && r.recent[at - 1].id <= last)
+                    });
+                    if covered {
+                        history.extend(have);
+                    } else {
+                        need_more = Some((last, r.delivered, true));
+                    }
                 }
             }
-            if again == Some(true) {
-                // This connection has had every line since.
-                history.clear();
-            }
+            r.add(&self.node, &name);
             let recovered = match again {
-                Some(true) => since.map(|_| true),
-                _ => recovered,
+                // This connection has had every line since.
+                Some(true) => {
+                    history.clear();
+                    since.map(|_| true)
+                }
+                _ => since.map(|_| held),
             };
-            if need_more.is_none() {
-                r.outbox.push(Outgoing::Joined {
+            match need_more {
+                None => r.outbox.push(Outgoing::Joined {
                     to: Arc::clone(me),
                     epoch: Arc::clone(&r.epoch),
                     recovered,
                     members: r.member_names(),
                     history: std::mem::take(&mut history),
                     subscribe: again.is_none(),
-                });
+                }),
+                Some((after, upto, _)) => need_more = Some((after, upto, again.is_none())),
+            }
+            if broken.is_none() {
+                for (_, line) in waited.unwrap_or_default() {
+                    if line.id > r.delivered {
+                        r.hand(line);
+                    }
+                }
             }
             (Arc::clone(&r.outbox), Self::counts(state))
         };
-        if let Some((after, upto)) = need_more {
+        if let Some((after, upto, subscribe)) = need_more {
             // Rare: more lines came through the subscription between the
             // snapshot and now than the node keeps. Read them and answer.
-            let more = self.range(&room, after, RECENT_LINES * 4).await?;
+            let more = self.range(&room, after, RECENT_LINES * 8).await?;
             let mut guard = self.lock();
             let r = guard
                 .rooms
@@ -996,16 +1055,38 @@ impl Cluster {
             r.outbox.push(Outgoing::Joined {
                 to: Arc::clone(me),
                 epoch: Arc::clone(&r.epoch),
-                recovered,
+                recovered: since.map(|_| held),
                 members: r.member_names(),
                 history,
-                subscribe: true,
+                subscribe,
             });
         }
         outbox.drain(&self.hub);
+        if let Some(after) = broken {
+            // Lines came while waiting, but not from where the stream was:
+            // read them in order from the stream.
+            self.catch_up(&room, after).await;
+        }
         self.changed();
         gauges(counts);
         Ok(())
+    }
+
+    /// Forgets a room kept here that has neither local members nor joins
+    /// under way.
+    fn forget_if_unused(&self, state: &mut ClusterState, room: &str) {
+        if state
+            .rooms
+            .get(room)
+            .is_some_and(|r| r.local == 0 && r.joining == 0)
+            && let Some((room, r)) = state.rooms.remove_entry(room)
+            && Arc::strong_count(&r.outbox) > 1
+        {
+            state.retired.insert(room, Arc::downgrade(&r.outbox));
+            if state.retired.len() > 64 && state.retired.len() > state.rooms.len() {
+                state.retired.retain(|_, w| w.strong_count() > 0);
+            }
+        }
     }
 
     /// What a room's stream holds after `after`.
@@ -1077,14 +1158,8 @@ impl Cluster {
             return;
         };
         r.local = r.local.saturating_sub(1);
-        if r.local == 0
-            && let Some((room, r)) = state.rooms.remove_entry(room)
-            && Arc::strong_count(&r.outbox) > 1
-        {
-            state.retired.insert(room, Arc::downgrade(&r.outbox));
-            if state.retired.len() > 64 && state.retired.len() > state.rooms.len() {
-                state.retired.retain(|_, w| w.strong_count() > 0);
-            }
+        if r.local == 0 && r.joining == 0 {
+            self.forget_if_unused(state, room);
         } else if let Some(r) = state.rooms.get_mut(room)
             && let Some(gone) = r.remove(&self.node, name)
         {
@@ -1318,7 +1393,11 @@ impl Cluster {
         gauges(counts);
         let (named, value, rooms) = gone;
         let cluster = Arc::clone(self);
-        tokio::spawn(async move {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime (it is shutting down): the entries expire.
+            return;
+        };
+        runtime.spawn(async move {
             for room in &rooms {
                 cluster.publish_leave(&named.name, room).await;
             }
@@ -1413,6 +1492,10 @@ impl Cluster {
             let Some(r) = state.rooms.get_mut(room) else {
                 return;
             };
+            if r.pending.is_some() {
+                // The join's answer lists the members.
+                return;
+            }
             r.changed = Instant::now();
             let change = match event {
                 "join" => r
@@ -1440,6 +1523,14 @@ impl Cluster {
             let Some(r) = state.rooms.get_mut(room) else {
                 return;
             };
+            if let Some(waiting) = &mut r.pending {
+                // Kept for the join's answer; past this many, the answer
+                // finds the chain broken and reads the stream instead.
+                if waiting.len() < RECENT_LINES * 16 {
+                    waiting.push((prev, Line { id, tail }));
+                }
+                return;
+            }
             if id <= r.delivered {
                 return;
             }
@@ -1468,7 +1559,7 @@ impl Cluster {
         let range = Some(range);
         let outbox = {
             let mut state = self.lock();
-            let Some(r) = state.rooms.get_mut(room) else {
+            let Some(r) = state.rooms.get_mut(room).filter(|r| r.pending.is_none()) else {
                 return;
             };
             let chained = range.as_ref().is_some_and(|range| {
@@ -1509,6 +1600,7 @@ impl Cluster {
             state
                 .rooms
                 .iter()
+                .filter(|(_, r)| r.pending.is_none())
                 .map(|(room, r)| (Arc::clone(room), r.delivered))
                 .collect()
         };
@@ -1596,7 +1688,7 @@ impl Cluster {
                 let Some(r) = state.rooms.get_mut(room) else {
                     continue;
                 };
-                if r.changed > asked {
+                if r.changed > asked || r.pending.is_some() {
                     continue;
                 }
                 let listed: HashSet<String> = strings(listed).into_iter().collect();
