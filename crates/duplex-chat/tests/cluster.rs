@@ -866,7 +866,7 @@ async fn a_joiner_s_history_and_live_messages_meet_exactly_while_another_node_wr
         .expect("Ada's writing in time")
         .expect("Ada's task");
     ada.until_within("her last message", Duration::from_secs(10), |e| {
-        e["type"] == "message" && e["text"] == (total - 1).to_string()
+        e["type"] == "message" && e["text"] == (total - 1).to_string().as_str()
     })
     .await;
 }
