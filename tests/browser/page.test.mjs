@@ -56,6 +56,7 @@ function compareIds(a, b) {
 class FakeChat {
   constructor() {
     this.epoch = 'epoch-1';
+    this.refuseHellos = 0;
     this.ms = 1_700_000_000_000;
     this.rooms = new Map();
     this.dms = [];
@@ -108,6 +109,11 @@ class FakeChat {
       this.requests.push(req);
       switch (req.type) {
         case 'hello':
+          if (this.refuseHellos > 0) {
+            this.refuseHellos -= 1;
+            out({ type: 'error', code: 'unavailable', message: 'The chat\u2019s message store does not answer', request: 'hello' });
+            break;
+          }
           conn.name = req.name;
           out({
             type: 'welcome', name: req.name, id: 1, token: 'secret', instance: 'fake', rooms: [],
@@ -235,6 +241,20 @@ test('the page shows a banner and holds sending while the store is down', async 
     assert.equal(await page.locator('#send-button').isDisabled(), false);
     await say(page, 'now');
     await waitShown(page, 'now');
+
+    // A reconnect while the store is down: the `hello` is refused for now
+    // (`unavailable`), and the page asks again with its name and token
+    // instead of sending its user back to the sign-in form.
+    fake.refuseHellos = 1;
+    const asked = fake.requests.length;
+    fake.drop();
+    await fake.connected(page);
+    const hellos = fake.requests.slice(asked).filter((r) => r.type === 'hello');
+    assert.deepEqual(hellos, [
+      { type: 'hello', name: 'Ada', token: 'secret' },
+      { type: 'hello', name: 'Ada', token: 'secret' },
+    ]);
+    assert.equal(await page.locator('#login-error').textContent(), '');
     assert.deepEqual(page.problems, []);
   } finally {
     await page.context().close();

@@ -620,6 +620,9 @@ struct Connection {
     name: Option<Arc<str>>,
     bucket: TokenBucket,
     quiet_until: Option<Instant>,
+    /// With Redis: room messages of this connection on their way to Redis
+    /// ([`cluster::SAYS_IN_FLIGHT`] at most).
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl Drop for Connection {
@@ -756,6 +759,7 @@ impl Chat {
             name: None,
             bucket: TokenBucket::new(options.rate, options.burst),
             quiet_until: None,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(cluster::SAYS_IN_FLIGHT)),
             chat: self.clone(),
         };
         match &self.inner.cluster {

@@ -35,6 +35,7 @@
     rooms: new Map(), // name -> { name, members, items, unread, joined, keys, epoch, lastId }
     dms: new Map(), // lowercased peer -> { peer, items, unread, keys, epoch, lastId }
     redisDown: false, // the server said its shared store is unreachable
+    helloTimer: null, // a hello asked again after `unavailable`
     current: null, // { kind: 'room' | 'dm', key }
     directory: { rooms: [], users: [], online: 0 },
     // Client-side token bucket matching the server's, so the page paces its
@@ -538,6 +539,20 @@
 
   function onError(ev) {
     const message = ev.message || ev.code;
+    if (ev.request === 'hello' && ev.code === 'unavailable') {
+      // The server cannot reach its store for now: not a refusal of the
+      // name. Ask again in a moment, keeping the name and its token.
+      state.redisDown = true;
+      renderConn();
+      const ws = state.ws;
+      clearTimeout(state.helloTimer);
+      state.helloTimer = setTimeout(() => {
+        if (state.ws === ws && ws.readyState === WebSocket.OPEN && state.wantedName) {
+          sendNow({ type: 'hello', name: state.wantedName, token: state.token || undefined });
+        }
+      }, 1500);
+      return;
+    }
     if (ev.request === 'hello') {
       // The name is refused: back to the sign-in form.
       state.wantedName = '';

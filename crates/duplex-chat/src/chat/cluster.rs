@@ -43,6 +43,7 @@ use redis::{
     AsyncCommands, Client, RedisError, RedisResult, Script, Value,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use super::{
     Connection, DIRECTORY_MAX, Line, Outbox, Outgoing, REPLACED, SNAPSHOT_MAX, gauges,
@@ -104,7 +105,25 @@ pub(super) struct Cluster {
     directory_dirty: AtomicBool,
     probes_seen: AtomicU64,
     scripts: Scripts,
+    says: mpsc::Sender<Say>,
 }
+
+/// A room message on its way to Redis.
+struct Say {
+    room: String,
+    tail: String,
+    from: SessionId,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Room messages one connection may have on their way to Redis; more wait.
+pub(super) const SAYS_IN_FLIGHT: usize = 32;
+
+/// Room messages queued for Redis on a node; more wait.
+const SAYS_QUEUED: usize = 4096;
+
+/// Room messages sent to Redis in one round trip at most.
+const SAYS_BATCH: usize = 256;
 
 #[derive(Default)]
 struct ClusterState {
@@ -623,6 +642,7 @@ impl Cluster {
             }
         };
         let node: Arc<str> = Arc::from(redis.node_id.unwrap_or_else(|| random_hex(6)));
+        let (says, queued) = mpsc::channel(SAYS_QUEUED);
         let cluster = Arc::new(Cluster {
             node,
             keys: Keys {
@@ -644,6 +664,7 @@ impl Cluster {
             ),
             directory_dirty: AtomicBool::new(true),
             probes_seen: AtomicU64::new(0),
+            says,
             scripts: Scripts {
                 hello: Script::new(HELLO),
                 join: Script::new(&format!("{STREAM_FUNCTIONS}{JOIN}")),
@@ -663,7 +684,8 @@ impl Cluster {
         tokio::spawn(subscribe_loop(weak.clone()));
         tokio::spawn(beat_loop(weak.clone()));
         tokio::spawn(health_loop(weak.clone()));
-        tokio::spawn(directory_loop(weak));
+        tokio::spawn(directory_loop(weak.clone()));
+        tokio::spawn(say_loop(weak, queued));
         Ok(cluster)
     }
 
@@ -1215,27 +1237,22 @@ impl Cluster {
             }
         }
         let tail = protocol::line_tail(&room, &name, &text, now_ms());
-        let _id: String = within(
-            self.scripts
-                .say
-                .key(self.keys.stream(&room))
-                .key(self.keys.meta(&room))
-                .key(self.keys.kept())
-                .arg(&tail)
-                .arg(self.options.history.max(1))
-                .arg(random_hex(6))
-                .arg(self.keys.room_channel(&room))
-                .arg(self.options.history_bytes)
-                .arg(now_ms())
-                .arg(self.options.max_total_rooms)
-                .arg(&room)
-                .arg(format!("{}:s:", self.keys.prefix))
-                .arg(format!("{}:meta:", self.keys.prefix))
-                .invoke_async(&mut self.conn()),
-        )
-        .await
-        .map_err(|p| p.room(&room))?;
-        metrics::counter!("duplex_chat_messages_total", "kind" => "room").increment(1);
+        // Not waited for: the node's writer sends every connection's
+        // messages to Redis in order, many to a round trip, and a refusal
+        // comes back as an error event naming the room.
+        let permit = Arc::clone(&conn.in_flight)
+            .acquire_owned()
+            .await
+            .map_err(|_| unavailable())?;
+        self.says
+            .send(Say {
+                room,
+                tail,
+                from: me.id(),
+                _permit: permit,
+            })
+            .await
+            .map_err(|_| unavailable())?;
         Ok(())
     }
 
@@ -1843,6 +1860,64 @@ impl Cluster {
             }
             .to_message(),
         );
+    }
+}
+
+/// Sends the queued room messages to Redis in order, up to
+/// [`SAYS_BATCH`] in one pipeline, one pipeline at a time (so that a
+/// connection's messages keep their order); refusals go back to their
+/// senders as `unavailable`.
+async fn say_loop(cluster: Weak<Cluster>, mut queued: mpsc::Receiver<Say>) {
+    let mut batch = Vec::with_capacity(SAYS_BATCH);
+    while queued.recv_many(&mut batch, SAYS_BATCH).await > 0 {
+        let Some(cluster) = cluster.upgrade() else {
+            return;
+        };
+        let mut pipe = redis::pipe();
+        // Loaded with every batch: a Redis restarted since has forgotten it.
+        pipe.load_script(&cluster.scripts.say).ignore();
+        let stream_prefix = format!("{}:s:", cluster.keys.prefix);
+        let meta_prefix = format!("{}:meta:", cluster.keys.prefix);
+        for say in &batch {
+            let room = &say.room;
+            pipe.invoke_script(
+                cluster
+                    .scripts
+                    .say
+                    .key(cluster.keys.stream(room))
+                    .key(cluster.keys.meta(room))
+                    .key(cluster.keys.kept())
+                    .arg(&say.tail)
+                    .arg(cluster.options.history.max(1))
+                    .arg(random_hex(6))
+                    .arg(cluster.keys.room_channel(room))
+                    .arg(cluster.options.history_bytes)
+                    .arg(now_ms())
+                    .arg(cluster.options.max_total_rooms)
+                    .arg(room)
+                    .arg(&stream_prefix)
+                    .arg(&meta_prefix),
+            )
+            .ignore();
+        }
+        let sent: Result<(), Problem> = within(pipe.query_async(&mut cluster.conn())).await;
+        match sent {
+            Ok(()) => {
+                metrics::counter!("duplex_chat_messages_total", "kind" => "room")
+                    .increment(batch.len() as u64);
+            }
+            Err(problem) => {
+                for say in &batch {
+                    let problem = problem.clone().room(&say.room).request("message");
+                    metrics::counter!("duplex_chat_errors_total", "code" => problem.code.as_str())
+                        .increment(1);
+                    cluster
+                        .hub
+                        .send_to(say.from, Event::Error(&problem).to_message());
+                }
+            }
+        }
+        batch.clear();
     }
 }
 
