@@ -14,13 +14,14 @@
 //! - [`accept_key`] and friends are the parts of the opening handshake that
 //!   need no HTTP library.
 //! - [`Extension`] and [`ExtensionFactory`] are the extension API (RFC 6455
-//!   §9), and [`Deflate`] is permessage-deflate (RFC 7692) with all four
-//!   parameters.
+//!   §9), and `Deflate` is permessage-deflate (RFC 7692) with all four
+//!   parameters (the default feature `deflate`).
 //! - Every failure is a [`ProtocolError`] that knows its close code.
 #![deny(unsafe_code)]
 
 mod close;
 mod connection;
+#[cfg(feature = "deflate")]
 mod deflate;
 mod error;
 mod extension;
@@ -38,6 +39,7 @@ pub use close::{CloseCode, CloseReason};
 pub use connection::{
     Config, Connection, Encoding, Event, Mode, Role, SendError, Termination, encode_frame,
 };
+#[cfg(feature = "deflate")]
 pub use deflate::{
     CompressPredicate, Deflate, DeflateExtension, DeflateParams, DeflateResponseError,
     PERMESSAGE_DEFLATE, compress_standalone,

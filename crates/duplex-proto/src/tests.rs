@@ -735,6 +735,7 @@ mod rfc6455_7_1_7_fail_the_connection {
     }
 }
 
+#[cfg(feature = "deflate")]
 mod rfc7692_6_permessage_deflate_framing {
     use super::*;
 

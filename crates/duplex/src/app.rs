@@ -15,13 +15,14 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower_service::Service;
 
+#[cfg(feature = "tls")]
+use crate::tls::{TlsListener, rustls};
 use crate::{
     config::WebSockets,
     endpoint,
     handler::Handler,
     lifecycle::{SERVED, ServedConfigs},
     session::{RawSession, Session},
-    tls::{TlsListener, rustls},
 };
 
 type Mount = Box<dyn FnOnce(Router, &WebSockets) -> Router + Send>;
@@ -250,7 +251,7 @@ impl App {
     }
 
     /// Serves `wss://` and `https://` over TLS until Ctrl-C or SIGTERM, then
-    /// shuts down gracefully.
+    /// shuts down gracefully (feature `tls`).
     ///
     /// ```no_run
     /// # async fn run(cert: Vec<duplex::tls::rustls::pki_types::CertificateDer<'static>>,
@@ -268,6 +269,7 @@ impl App {
     ///
     /// # Errors
     /// An I/O error of the listener.
+    #[cfg(feature = "tls")]
     pub async fn serve_tls(
         self,
         listener: TcpListener,
@@ -281,6 +283,7 @@ impl App {
     ///
     /// # Errors
     /// An I/O error of the listener.
+    #[cfg(feature = "tls")]
     pub async fn serve_tls_with_shutdown<F>(
         self,
         listener: TcpListener,
@@ -318,6 +321,7 @@ impl App {
         }
         // Every series at zero from the first scrape, if a recorder is
         // installed (registering again resets nothing).
+        #[cfg(feature = "metrics")]
         crate::metrics::describe();
         let websockets = self.websockets.clone();
         let grace = self.shutdown_grace;
@@ -345,7 +349,7 @@ impl App {
                 // Accepted and closed at once, so that the backlog does not
                 // fill with connections that would wait for nothing.
                 tracing::debug!(%peer, "too many HTTP connections; closing a new one");
-                metrics::counter!("duplex_connections_refused_total").increment(1);
+                counter!("duplex_connections_refused_total").increment(1);
                 drop(io);
                 continue;
             }

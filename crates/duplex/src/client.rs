@@ -16,10 +16,12 @@
 //! # }
 //! ```
 //!
-//! permessage-deflate is offered when asked for, with the server's
-//! [`Deflate`] configuration (same parameters, read in the client role):
+//! permessage-deflate (feature `deflate`) is offered when asked for, with
+//! the server's `Deflate` configuration (same parameters, read in the
+//! client role):
 //!
 //! ```no_run
+//! # #[cfg(feature = "deflate")]
 //! # async fn run() -> Result<(), duplex::BoxError> {
 //! let client = duplex::Client::new().deflate(duplex::Deflate::default());
 //! client
@@ -35,15 +37,18 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use duplex_proto::{
-    Connection, Deflate, DeflateExtension, Extension, ExtensionOffer, Mode, PERMESSAGE_DEFLATE,
-    Role, accept_key, generate_key, header_has_token, parse_extensions,
+    Connection, Extension, ExtensionOffer, Mode, Role, accept_key, generate_key, header_has_token,
+    parse_extensions,
 };
+#[cfg(feature = "deflate")]
+use duplex_proto::{Deflate, DeflateExtension, PERMESSAGE_DEFLATE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
     sync::oneshot,
 };
+#[cfg(feature = "tls")]
 use tokio_rustls::{
     TlsConnector,
     rustls::{self, pki_types::ServerName},
@@ -143,8 +148,10 @@ pub struct Client {
     websockets: WebSockets,
     protocols: Vec<String>,
     headers: Vec<(String, String)>,
+    #[cfg(feature = "tls")]
     tls: Option<Arc<rustls::ClientConfig>>,
     handshake_timeout: Duration,
+    #[cfg(feature = "deflate")]
     deflate: Option<Deflate>,
     http2: bool,
 }
@@ -155,8 +162,10 @@ impl Default for Client {
             websockets: WebSockets::default(),
             protocols: Vec::new(),
             headers: Vec::new(),
+            #[cfg(feature = "tls")]
             tls: None,
             handshake_timeout: Duration::from_secs(10),
+            #[cfg(feature = "deflate")]
             deflate: None,
             http2: false,
         }
@@ -216,7 +225,8 @@ impl Client {
     /// what the client sends. A server's answer outside what the offer
     /// allows fails the handshake with [`ClientError::Extension`]; a server
     /// that declines leaves the session uncompressed. The answer is on
-    /// [`Session::extensions`]. Not offered by default.
+    /// [`Session::extensions`]. Not offered by default. Feature `deflate`.
+    #[cfg(feature = "deflate")]
     #[must_use]
     pub fn deflate(mut self, deflate: Deflate) -> Self {
         self.deflate = Some(deflate);
@@ -233,7 +243,8 @@ impl Client {
     }
 
     /// The rustls configuration for `wss://` (to trust a private CA, for
-    /// instance). Default: the Mozilla root certificates.
+    /// instance). Default: the Mozilla root certificates. Feature `tls`.
+    #[cfg(feature = "tls")]
     #[must_use]
     pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
         self.tls = Some(config);
@@ -266,11 +277,7 @@ impl Client {
             tcp.set_nodelay(true)?;
             let remote_addr = tcp.peer_addr().ok();
             let socket = if target.secure {
-                let config = self.tls.clone().unwrap_or_else(default_tls);
-                let name = ServerName::try_from(target.host.clone())
-                    .map_err(|_| ClientError::InvalidUrl(url.to_owned()))?;
-                let tls = TlsConnector::from(config).connect(name, tcp).await?;
-                Socket::Other(Box::pin(tls))
+                self.secure(tcp, &target, url, false).await?
             } else {
                 Socket::Tcp(tcp)
             };
@@ -280,6 +287,54 @@ impl Client {
         .map_err(|_| ClientError::Timeout(self.handshake_timeout))??;
         self.run(handshaken, Peer::Host(target.authority.clone()), handler)
             .await
+    }
+
+    /// TLS over `tcp` to a `wss://` target; with `h2`, ALPN asks for
+    /// HTTP/2 and the server must choose it.
+    #[cfg(feature = "tls")]
+    async fn secure(
+        &self,
+        tcp: TcpStream,
+        target: &Target,
+        url: &str,
+        h2: bool,
+    ) -> Result<Socket, ClientError> {
+        let mut config = self.tls.clone().unwrap_or_else(default_tls);
+        if h2 {
+            let mut with_alpn = (*config).clone();
+            with_alpn.alpn_protocols = vec![b"h2".to_vec()];
+            config = Arc::new(with_alpn);
+        }
+        let name = ServerName::try_from(target.host.clone())
+            .map_err(|_| ClientError::InvalidUrl(url.to_owned()))?;
+        let tls = TlsConnector::from(config).connect(name, tcp).await?;
+        if h2 && tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(ClientError::Handshake(
+                "the server did not choose h2 by ALPN".into(),
+            ));
+        }
+        Ok(Socket::Other(Box::pin(tls)))
+    }
+
+    /// Without the `tls` feature [`Target::parse`] refuses `wss://`
+    /// already; this keeps the connect paths the same.
+    #[cfg(not(feature = "tls"))]
+    async fn secure(
+        &self,
+        _: TcpStream,
+        _: &Target,
+        url: &str,
+        _: bool,
+    ) -> Result<Socket, ClientError> {
+        Err(no_tls(url))
+    }
+
+    /// The `Sec-WebSocket-Extensions` offer, when there is one.
+    fn extension_offer(&self) -> Option<String> {
+        #[cfg(feature = "deflate")]
+        return self.deflate.as_ref().map(|d| d.client_offer().to_string());
+        #[cfg(not(feature = "deflate"))]
+        return None;
     }
 
     /// Runs the session of a finished handshake in the caller's task.
@@ -371,11 +426,8 @@ impl Client {
                 self.protocols.join(", ")
             ));
         }
-        if let Some(deflate) = &self.deflate {
-            head.push_str(&format!(
-                "Sec-WebSocket-Extensions: {}\r\n",
-                deflate.client_offer()
-            ));
+        if let Some(offer) = self.extension_offer() {
+            head.push_str(&format!("Sec-WebSocket-Extensions: {offer}\r\n"));
         }
         let mut head = head.into_bytes();
         // Checked by `HeaderName` and `HeaderValue`: no CR, LF or NUL.
@@ -487,23 +539,43 @@ impl Client {
         }
         let mut extensions: Vec<Box<dyn Extension>> = Vec::new();
         for answer in &answers {
-            let deflate = match &self.deflate {
-                Some(deflate) if answer.name == PERMESSAGE_DEFLATE && extensions.is_empty() => {
-                    deflate
-                }
-                _ => {
-                    return Err(ClientError::Extension(format!(
-                        "the server answered with {answer}, which we did not offer"
-                    )));
-                }
-            };
-            let params = deflate
-                .client_accept(answer)
-                .map_err(|e| ClientError::Extension(e.to_string()))?;
-            extensions.push(Box::new(DeflateExtension::client(deflate.clone(), params)));
+            extensions.push(self.agree(answer, extensions.len())?);
         }
         Ok((answers, extensions))
     }
+
+    /// The extension `answer` agrees to, `earlier` answers having been
+    /// agreed already: permessage-deflate once, when offered.
+    #[cfg(feature = "deflate")]
+    fn agree(
+        &self,
+        answer: &ExtensionOffer,
+        earlier: usize,
+    ) -> Result<Box<dyn Extension>, ClientError> {
+        match &self.deflate {
+            Some(deflate) if answer.name == PERMESSAGE_DEFLATE && earlier == 0 => {
+                let params = deflate
+                    .client_accept(answer)
+                    .map_err(|e| ClientError::Extension(e.to_string()))?;
+                Ok(Box::new(DeflateExtension::client(deflate.clone(), params)))
+            }
+            _ => Err(unoffered(answer)),
+        }
+    }
+
+    /// Without `deflate` the client offers no extension, so any answer is
+    /// one it did not offer.
+    #[cfg(not(feature = "deflate"))]
+    fn agree(&self, answer: &ExtensionOffer, _: usize) -> Result<Box<dyn Extension>, ClientError> {
+        Err(unoffered(answer))
+    }
+}
+
+/// A `Sec-WebSocket-Extensions` answer to nothing the client offered.
+fn unoffered(answer: &ExtensionOffer) -> ClientError {
+    ClientError::Extension(format!(
+        "the server answered with {answer}, which we did not offer"
+    ))
 }
 
 /// The server's `Sec-WebSocket-Extensions` items and the extensions they
@@ -535,6 +607,13 @@ where
     Client::new().connect(url, handler).await
 }
 
+/// Why a `wss://` URL cannot be used without the `tls` feature.
+#[cfg(not(feature = "tls"))]
+fn no_tls(url: &str) -> ClientError {
+    ClientError::InvalidUrl(format!("{url} (wss:// needs duplex's `tls` feature)"))
+}
+
+#[cfg(feature = "tls")]
 fn default_tls() -> Arc<rustls::ClientConfig> {
     let roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -564,7 +643,10 @@ impl Target {
         let uri: Uri = url.parse().map_err(|_| invalid())?;
         let secure = match uri.scheme_str() {
             Some("ws") => false,
+            #[cfg(feature = "tls")]
             Some("wss") => true,
+            #[cfg(not(feature = "tls"))]
+            Some("wss") => return Err(no_tls(url)),
             _ => return Err(invalid()),
         };
         let authority = uri.authority().ok_or_else(invalid)?.clone();
@@ -603,9 +685,17 @@ mod tests {
             (false, "example.com", 80)
         );
         assert_eq!(t.path_and_query, "/chat?room=1");
-        let t = Target::parse("wss://[::1]:9443").unwrap();
-        assert_eq!((t.secure, t.host.as_str(), t.port), (true, "::1", 9443));
-        assert_eq!(t.path_and_query, "/");
+        #[cfg(feature = "tls")]
+        {
+            let t = Target::parse("wss://[::1]:9443").unwrap();
+            assert_eq!((t.secure, t.host.as_str(), t.port), (true, "::1", 9443));
+            assert_eq!(t.path_and_query, "/");
+        }
+        #[cfg(not(feature = "tls"))]
+        assert!(matches!(
+            Target::parse("wss://[::1]:9443"),
+            Err(ClientError::InvalidUrl(why)) if why.contains("`tls` feature")
+        ));
         for bad in ["http://x/", "ws://", "not a url", "ws:///path"] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }

@@ -7,7 +7,7 @@ use duplex_proto::{Config as ProtoConfig, ExtensionFactory, Mode, Role, Rsv};
 
 use crate::{
     admission::{Admission, Limits},
-    convert::{ContentConverter, JsonConverter},
+    convert::{ContentConverter, default_converter},
     handshake::Origins,
     lifecycle::Lifecycle,
 };
@@ -72,7 +72,7 @@ impl Default for WebSockets {
             origins: Origins::default(),
             limits: Limits::default(),
             admission: Admission::default(),
-            converter: Arc::new(JsonConverter),
+            converter: default_converter(),
             extensions: Vec::new(),
             lifecycle: Lifecycle::default(),
         }
@@ -249,7 +249,9 @@ impl WebSockets {
         self
     }
 
-    /// The converter for `send_json` / `recv_json`. Default: JSON.
+    /// The converter for `send_json` / `recv_json`. Default: JSON
+    /// (`JsonConverter`, feature `json`); without that feature none, and
+    /// those calls return [`ConvertError::NoConverter`](crate::ConvertError::NoConverter).
     #[must_use]
     pub fn content_converter(mut self, converter: impl ContentConverter) -> Self {
         self.converter = Arc::new(converter);
@@ -262,8 +264,10 @@ impl WebSockets {
     /// outgoing messages in that order and decode incoming ones in reverse.
     ///
     /// ```
+    /// # #[cfg(feature = "deflate")] {
     /// use duplex::{WebSockets, proto::Deflate};
     /// let ws = WebSockets::default().extension(Deflate::default())?;
+    /// # }
     /// # Ok::<_, duplex::ExtensionConflict>(())
     /// ```
     ///

@@ -19,6 +19,11 @@ pub enum ConvertError {
     /// The value could not be encoded; the source is the format's error.
     #[error("could not encode the value: {0}")]
     Encode(#[source] crate::BoxError),
+    /// No content converter is installed: duplex was built without its
+    /// `json` feature and no [`WebSockets::content_converter`](crate::WebSockets::content_converter)
+    /// was set (Ktor's `WebsocketConverterNotFoundException`).
+    #[error("no content converter is installed (WebSockets::content_converter)")]
+    NoConverter,
 }
 
 /// The deserializer a converter hands to the caller's visitor.
@@ -50,10 +55,44 @@ pub trait ContentConverter: Send + Sync + 'static {
     ) -> Result<(), ConvertError>;
 }
 
-/// JSON through `serde_json`, in text messages: the default converter.
+/// The converter a configuration starts with: JSON with the `json`
+/// feature, otherwise none.
+pub(crate) fn default_converter() -> std::sync::Arc<dyn ContentConverter> {
+    #[cfg(feature = "json")]
+    return std::sync::Arc::new(JsonConverter);
+    #[cfg(not(feature = "json"))]
+    return std::sync::Arc::new(NoConverter);
+}
+
+/// Stands in for a converter when none is installed: every call is
+/// [`ConvertError::NoConverter`].
+#[cfg(not(feature = "json"))]
+struct NoConverter;
+
+#[cfg(not(feature = "json"))]
+impl ContentConverter for NoConverter {
+    fn encode(&self, _: &dyn erased_serde::Serialize) -> Result<Message, ConvertError> {
+        Err(ConvertError::NoConverter)
+    }
+
+    fn decode(
+        &self,
+        _: &Message,
+        _: &mut dyn for<'a, 'de> FnMut(
+            ErasedDeserializer<'a, 'de>,
+        ) -> Result<(), erased_serde::Error>,
+    ) -> Result<(), ConvertError> {
+        Err(ConvertError::NoConverter)
+    }
+}
+
+/// JSON through `serde_json`, in text messages: the default converter
+/// (feature `json`).
+#[cfg(feature = "json")]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct JsonConverter;
 
+#[cfg(feature = "json")]
 impl ContentConverter for JsonConverter {
     fn encode(&self, value: &dyn erased_serde::Serialize) -> Result<Message, ConvertError> {
         serde_json::to_string(value)
@@ -91,7 +130,23 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     out.ok_or_else(|| ConvertError::Decode("the converter produced no value".into()))
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(feature = "json")))]
+mod no_converter_tests {
+    use super::*;
+
+    #[test]
+    fn without_json_nothing_converts() {
+        let converter = default_converter();
+        assert!(matches!(
+            converter.encode(&1u8),
+            Err(ConvertError::NoConverter)
+        ));
+        let err = decode::<u8>(&*converter, &Message::text("1")).unwrap_err();
+        assert!(matches!(err, ConvertError::NoConverter));
+    }
+}
+
+#[cfg(all(test, feature = "json"))]
 mod tests {
     use super::*;
 

@@ -63,6 +63,7 @@ pub(crate) enum Peer {
     /// A client's address, when the server knows it.
     Addr(Option<std::net::SocketAddr>),
     /// The server a client connected to.
+    #[cfg(feature = "client")]
     Host(String),
 }
 
@@ -71,6 +72,7 @@ impl std::fmt::Display for Peer {
         match self {
             Peer::Addr(Some(addr)) => addr.fmt(f),
             Peer::Addr(None) => f.write_str("unknown"),
+            #[cfg(feature = "client")]
             Peer::Host(host) => f.write_str(host),
         }
     }
@@ -359,8 +361,8 @@ impl Task {
                     inner.conn.handle_input(now, &mut self.read_buf);
                     // Counted per read, not per message: the hot path stays lean.
                     let messages = inner.conn.pending_events().0.saturating_sub(queued);
-                    metrics::counter!("duplex_bytes_received_total").increment(n as u64);
-                    metrics::counter!("duplex_messages_received_total").increment(messages as u64);
+                    counter!("duplex_bytes_received_total").increment(n as u64);
+                    counter!("duplex_messages_received_total").increment(messages as u64);
                 }
                 Poll::Ready(Err(err)) => {
                     tracing::debug!(peer = %self.peer, "read failed: {err}");
@@ -418,7 +420,7 @@ impl Task {
             }
         }
         if wrote {
-            metrics::counter!("duplex_bytes_sent_total").increment(inner.written - written_before);
+            counter!("duplex_bytes_sent_total").increment(inner.written - written_before);
             if let Transport::Open(io) | Transport::ShuttingDown(io) = &mut self.transport {
                 // A no-op on TCP; TLS streams need it to push their records.
                 let _ = Pin::new(io).poll_flush(cx);
@@ -453,7 +455,7 @@ impl Task {
                 "peer read nothing for {:?}; dropping the connection",
                 self.write_timeout
             );
-            metrics::counter!("duplex_write_timeouts_total").increment(1);
+            counter!("duplex_write_timeouts_total").increment(1);
             inner.conn.terminate();
             self.transport = Transport::Gone;
             self.write_deadline = None;

@@ -387,7 +387,7 @@ where
         Ok(slot) => slot,
         Err(rejection) => {
             tracing::debug!(path = %parts.uri.path(), peer = ?remote_addr, "WebSocket upgrade refused: {rejection}");
-            metrics::counter!("duplex_upgrades_refused_total", "reason" => rejection.metric_label())
+            counter!("duplex_upgrades_refused_total", "reason" => rejection.metric_label())
                 .increment(1);
             return rejection.into_response();
         }
@@ -423,7 +423,7 @@ where
         let session = make_session(sender, request, protocol, extension_names);
         let handler_future = handler.call(session);
         let shutdown = config.lifecycle.signal();
-        metrics::gauge!("duplex_sessions").increment(1);
+        gauge!("duplex_sessions").increment(1);
         let (socket, leftover) = Socket::from_upgraded(upgraded);
         Driver::new(
             socket,
@@ -435,7 +435,7 @@ where
             peer,
         )
         .await;
-        metrics::gauge!("duplex_sessions").decrement(1);
+        gauge!("duplex_sessions").decrement(1);
     });
     response
 }

@@ -38,6 +38,7 @@ pub(crate) const WEBSOCKET: &str = "websocket";
 
 /// ALPN of [`App::serve_tls`](crate::App::serve_tls) when the rustls
 /// configuration names none: HTTP/2 first, as browsers prefer.
+#[cfg(feature = "tls")]
 pub(crate) const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
 /// Streams one HTTP/2 connection may have open at once: WebSockets and
@@ -74,6 +75,7 @@ impl Transport for TcpStream {
     }
 }
 
+#[cfg(feature = "tls")]
 impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
     async fn speaks_h2(&mut self) -> io::Result<bool> {
         Ok(self.get_ref().1.alpn_protocol() == Some(b"h2"))
@@ -81,6 +83,7 @@ impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
 }
 
 /// The rustls configuration with [`ALPN`] when it names no protocol.
+#[cfg(feature = "tls")]
 pub(crate) fn with_alpn(
     config: std::sync::Arc<tokio_rustls::rustls::ServerConfig>,
 ) -> std::sync::Arc<tokio_rustls::rustls::ServerConfig> {

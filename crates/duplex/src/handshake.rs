@@ -461,6 +461,7 @@ mod rfc6455_4_2_1_server_requirements {
         );
     }
 
+    #[cfg(feature = "deflate")]
     #[test]
     fn extensions_are_negotiated_from_every_header_line() {
         let factories: Vec<std::sync::Arc<dyn ExtensionFactory>> =
@@ -484,6 +485,7 @@ mod rfc6455_4_2_1_server_requirements {
         );
     }
 
+    #[cfg(feature = "deflate")]
     #[test]
     fn malformed_extensions_header_is_400() {
         let factories: Vec<std::sync::Arc<dyn ExtensionFactory>> =

@@ -49,7 +49,7 @@ use duplex_proto::{CloseCode, CloseReason, Encoding, Message, OpCode, Rsv, encod
 
 use crate::{
     config::WebSockets,
-    convert::{ContentConverter, ConvertError, JsonConverter},
+    convert::{ContentConverter, ConvertError, default_converter},
     session::{Sender, TrySendError},
 };
 
@@ -182,7 +182,8 @@ impl HubBuilder {
     }
 
     /// The converter of [`Hub::publish_json`], [`Hub::broadcast_json`] and
-    /// [`Hub::send_json_to`]. Default: [`JsonConverter`].
+    /// [`Hub::send_json_to`]. Default: JSON (`JsonConverter`, feature `json`;
+    /// without it none, and those calls return [`ConvertError::NoConverter`]).
     ///
     /// Give it the converter the sessions use, so that what the hub
     /// publishes reads as what [`Sender::send_json`] sends:
@@ -339,7 +340,7 @@ impl Hub {
         HubBuilder {
             slow_consumer: SlowConsumer::Drop,
             backplane: None,
-            converter: Arc::new(JsonConverter),
+            converter: default_converter(),
         }
     }
 
@@ -354,7 +355,7 @@ impl Hub {
         };
         let mut registry = self.inner.write();
         registry.sessions.insert(id, member);
-        metrics::gauge!("duplex_hub_sessions").set(registry.sessions.len() as f64);
+        gauge!("duplex_hub_sessions").set(registry.sessions.len() as f64);
         drop(registry);
         Membership {
             hub: self.clone(),
@@ -576,7 +577,7 @@ impl HubInner {
             }
             Target::All => registry.sessions.iter().for_each(&mut offer),
         }
-        metrics::counter!("duplex_hub_published_total").increment(1);
+        counter!("duplex_hub_published_total").increment(1);
         count_deliveries(delivered, bytes);
     }
 
@@ -606,16 +607,16 @@ impl HubInner {
             Ok(bytes) => Some(bytes as u64),
             Err(TrySendError::Closed) => None,
             Err(TrySendError::Busy) => {
-                metrics::counter!("duplex_hub_dropped_total").increment(1);
+                counter!("duplex_hub_dropped_total").increment(1);
                 None
             }
             Err(TrySendError::Full) => {
                 match self.slow_consumer {
                     SlowConsumer::Drop => {
-                        metrics::counter!("duplex_hub_dropped_total").increment(1);
+                        counter!("duplex_hub_dropped_total").increment(1);
                     }
                     SlowConsumer::Close(code) => {
-                        metrics::counter!("duplex_hub_slow_consumer_closes_total").increment(1);
+                        counter!("duplex_hub_slow_consumer_closes_total").increment(1);
                         member
                             .sender
                             .close_now(CloseReason::new(code, "Too slow to keep up"));
@@ -630,8 +631,8 @@ impl HubInner {
 /// Deliveries and the bytes they queued (frames as written, compressed
 /// where the session compresses).
 fn count_deliveries(deliveries: u64, bytes: u64) {
-    metrics::counter!("duplex_hub_deliveries_total").increment(deliveries);
-    metrics::counter!("duplex_hub_bytes_out_total").increment(bytes);
+    counter!("duplex_hub_deliveries_total").increment(deliveries);
+    counter!("duplex_hub_bytes_out_total").increment(bytes);
 }
 
 /// One message framed at most once per encoding.
@@ -721,7 +722,7 @@ impl Membership {
             .map_or_else(|| Arc::from(topic), |(key, _)| Arc::clone(key));
         member.topics.insert(Arc::clone(&topic));
         registry.topics.entry(topic).or_default().insert(self.id);
-        metrics::gauge!("duplex_hub_topics").set(registry.topics.len() as f64);
+        gauge!("duplex_hub_topics").set(registry.topics.len() as f64);
     }
 
     /// Leaves a topic; a topic with no members left is removed.
@@ -731,7 +732,7 @@ impl Membership {
             member.topics.remove(topic);
         }
         remove_from_topic(&mut registry, topic, self.id);
-        metrics::gauge!("duplex_hub_topics").set(registry.topics.len() as f64);
+        gauge!("duplex_hub_topics").set(registry.topics.len() as f64);
     }
 
     /// The topics this session is in.
@@ -764,8 +765,8 @@ impl Drop for Membership {
                 remove_from_topic(&mut registry, topic, self.id);
             }
         }
-        metrics::gauge!("duplex_hub_sessions").set(registry.sessions.len() as f64);
-        metrics::gauge!("duplex_hub_topics").set(registry.topics.len() as f64);
+        gauge!("duplex_hub_sessions").set(registry.sessions.len() as f64);
+        gauge!("duplex_hub_topics").set(registry.topics.len() as f64);
         drop(registry);
         self.hub.inner.skips.forget(self.id);
     }
@@ -1040,6 +1041,7 @@ mod tests {
         assert_eq!(texts(&b), ["loud", "psst"]);
     }
 
+    #[cfg(feature = "deflate")]
     #[test]
     fn shared_deflate_encoding_compresses_once_per_key() {
         let negotiated = duplex_proto::ExtensionFactory::negotiate(

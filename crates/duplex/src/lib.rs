@@ -86,16 +86,71 @@
 //! default).
 //!
 //! # Testing
-//! [`testing`] (the default feature `testing`) serves an [`App`] on a
+//! `duplex::testing` (the default feature `testing`) serves an [`App`] on a
 //! loopback port and connects sessions and raw clients to it in one call.
+//!
+//! # Features
+//! All on by default; without any, duplex is the server (routes, sessions,
+//! limits, HTTP/1.1 and HTTP/2, user extensions and converters).
+//! - `tls`: `App::serve_tls`, `duplex::tls` and, with `client`, `wss://`.
+//! - `client`: `Client` and `connect`.
+//! - `json`: `JsonConverter`, the default converter (without it,
+//!   `send_json` and `recv_json` fail with [`ConvertError::NoConverter`]
+//!   until [`WebSockets::content_converter`] installs one).
+//! - `deflate`: `Deflate`, permessage-deflate (RFC 7692).
+//! - `hub`: `Hub` and its backplanes.
+//! - `metrics`: counters and gauges through the `metrics` facade.
+//! - `testing`: `duplex::testing` (implies `client`).
 //!
 //! # The protocol
 //! RFC 6455 itself lives in the sans-I/O crate [`duplex_proto`], re-exported
 //! here as [`proto`].
 #![deny(unsafe_code)]
 
+// The `metrics` facade's macros, or with the feature off a value whose
+// methods do nothing: call sites stay the same either way.
+#[cfg(feature = "metrics")]
+macro_rules! counter {
+    ($($arg:tt)*) => { ::metrics::counter!($($arg)*) };
+}
+#[cfg(feature = "metrics")]
+macro_rules! gauge {
+    ($($arg:tt)*) => { ::metrics::gauge!($($arg)*) };
+}
+#[cfg(not(feature = "metrics"))]
+macro_rules! counter {
+    ($name:literal $(, $key:literal => $value:expr)* $(,)?) => {{
+        $(let _ = ($key, $value);)*
+        $crate::NoMetric
+    }};
+}
+#[cfg(not(feature = "metrics"))]
+macro_rules! gauge {
+    ($name:literal $(, $key:literal => $value:expr)* $(,)?) => {{
+        $(let _ = ($key, $value);)*
+        $crate::NoMetric
+    }};
+}
+
+/// What `counter!` and `gauge!` give without the `metrics` feature.
+#[cfg(not(feature = "metrics"))]
+#[derive(Clone, Copy)]
+pub(crate) struct NoMetric;
+
+#[cfg(not(feature = "metrics"))]
+impl NoMetric {
+    #[inline]
+    pub(crate) fn increment<T>(self, _: T) {}
+    #[inline]
+    pub(crate) fn decrement<T>(self, _: T) {}
+    #[inline]
+    #[cfg_attr(not(feature = "hub"), allow(dead_code))]
+    pub(crate) fn set<T>(self, _: T) {}
+}
+
 mod admission;
 mod app;
+#[cfg(feature = "client")]
 mod client;
 mod config;
 mod convert;
@@ -105,8 +160,10 @@ mod error;
 mod h2;
 mod handler;
 mod handshake;
+#[cfg(feature = "hub")]
 mod hub;
 mod lifecycle;
+#[cfg(feature = "metrics")]
 pub mod metrics;
 mod request;
 mod session;
@@ -114,19 +171,25 @@ mod shared;
 mod socket;
 #[cfg(feature = "testing")]
 pub mod testing;
+#[cfg(feature = "tls")]
 pub mod tls;
 
 pub use app::App;
 pub use axum;
 /// The byte buffers of messages and frames ([`Message::binary`], payloads).
 pub use bytes;
+#[cfg(feature = "client")]
 pub use client::{Client, ClientError, Http2Connection, connect};
 pub use config::{ExtensionConflict, WebSockets};
-pub use convert::{ContentConverter, ConvertError, ErasedDeserializer, JsonConverter};
+#[cfg(feature = "json")]
+pub use convert::JsonConverter;
+pub use convert::{ContentConverter, ConvertError, ErasedDeserializer};
 pub use duplex_proto as proto;
+#[cfg(feature = "deflate")]
+pub use duplex_proto::Deflate;
 pub use duplex_proto::{
-    CloseCode, CloseReason, Deflate, Extension, ExtensionFactory, ExtensionOffer, Frame, Message,
-    OpCode, Rsv, Utf8Bytes,
+    CloseCode, CloseReason, Extension, ExtensionFactory, ExtensionOffer, Frame, Message, OpCode,
+    Rsv, Utf8Bytes,
 };
 pub use endpoint::{
     web_socket, web_socket_or, web_socket_raw, web_socket_raw_or, web_socket_with_protocols,
@@ -141,6 +204,7 @@ pub use handler::{Handler, IntoOutcome};
 pub use handshake::Rejection;
 /// The HTTP types of [`Request`] (headers, method, URI, status).
 pub use http;
+#[cfg(feature = "hub")]
 pub use hub::{
     Backplane, BackplaneSink, Envelope, Hub, HubBuilder, InMemoryBackplane, Membership, SessionId,
     SlowConsumer, Target,

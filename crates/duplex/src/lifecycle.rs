@@ -137,6 +137,7 @@ pub(crate) struct ShutdownSignal {
 
 impl ShutdownSignal {
     /// A signal that never fires (a client connection).
+    #[cfg(feature = "client")]
     pub(crate) fn never() -> Self {
         Lifecycle::default().signal()
     }

@@ -139,7 +139,7 @@ impl Sender {
         let result = match encoded {
             Ok((rsv, payload)) => {
                 if !rsv.is_empty() {
-                    metrics::counter!("duplex_extension_encoded_messages_total", "direction" => "sent")
+                    counter!("duplex_extension_encoded_messages_total", "direction" => "sent")
                         .increment(1);
                 }
                 inner.conn.send_data(opcode, rsv, payload)
@@ -195,6 +195,7 @@ impl Sender {
 
     /// Queues a frame already in wire form (encoded once for many
     /// sessions by the hub).
+    #[cfg(feature = "hub")]
     pub(crate) fn try_send_encoded(&self, encoded: &Bytes) -> Result<(), TrySendError> {
         self.try_queue(|conn| conn.send_encoded(encoded.clone()))
     }
@@ -217,6 +218,7 @@ impl Sender {
     }
 
     /// How this session frames outgoing messages.
+    #[cfg(feature = "hub")]
     pub(crate) fn encoding(&self) -> duplex_proto::Encoding {
         self.shared.lock().conn.encoding()
     }
@@ -424,7 +426,7 @@ impl futures_sink::Sink<Message> for Sender {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "hub"))]
 impl Sender {
     /// A sender with no connection task behind it: what is sent stays in
     /// the write queue, for [`Sender::take_written`].
@@ -435,7 +437,7 @@ impl Sender {
         let conn = Connection::new(config, Inner::now());
         Sender::new(
             Arc::new(Shared::new(conn)),
-            Arc::new(crate::convert::JsonConverter),
+            crate::convert::default_converter(),
         )
     }
 
@@ -713,7 +715,7 @@ impl Session {
             None => Err(duplex_proto::ProtocolError::ReservedBits),
         };
         if decoded.is_ok() {
-            metrics::counter!("duplex_extension_encoded_messages_total", "direction" => "received")
+            counter!("duplex_extension_encoded_messages_total", "direction" => "received")
                 .increment(1);
         }
         decoded.map_err(|err| {

@@ -62,7 +62,7 @@ impl TlsListener {
                 };
                 let Ok(permit) = Arc::clone(&in_progress).try_acquire_owned() else {
                     tracing::debug!(%addr, "too many TLS handshakes in progress; closing a new connection");
-                    metrics::counter!("duplex_connections_refused_total").increment(1);
+                    counter!("duplex_connections_refused_total").increment(1);
                     continue;
                 };
                 let _ = tcp.set_nodelay(true);

@@ -14,10 +14,9 @@ use std::{
 };
 
 use common::{
-    BINARY, MASK, PING, Server, encode_frame, reports, reset_peak_rss, status_kib, upgrade_request,
+    BINARY, MASK, PING, Server, encode_frame, reset_peak_rss, status_kib, upgrade_request,
 };
-use duplex::{App, CloseCode, Deflate, Session, WebSockets};
-use flate2::{Compress, Compression, FlushCompress};
+use duplex::{CloseCode, WebSockets};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
@@ -118,85 +117,96 @@ async fn a_peer_that_reads_nothing_is_dropped_with_its_waiting_handler_after_the
     assert_eq!(ending.reason.code, CloseCode::ABNORMAL, "{ending:?}");
 }
 
-/// `zeros` zero bytes as one permessage-deflate payload (tail removed),
-/// from a compressor of its own.
-fn compressed_zeros(zeros: usize) -> Vec<u8> {
-    let mut compressor = Compress::new_with_window_bits(Compression::best(), false, 15);
-    let mut out = Vec::with_capacity(zeros / 500 + 64);
-    compressor
-        .compress_vec(&vec![0u8; zeros], &mut out, FlushCompress::Sync)
-        .expect("compress");
-    assert!(out.ends_with(&[0, 0, 0xff, 0xff]), "sync flush tail");
-    out.truncate(out.len() - 4);
-    out
-}
+/// permessage-deflate: inflated bytes count against the inbox bound.
+#[cfg(feature = "deflate")]
+mod rfc7692 {
+    use super::*;
+    use common::reports;
+    use duplex::{App, Deflate, Session};
+    use flate2::{Compress, Compression, FlushCompress};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rfc7692_small_compressed_messages_in_one_read_inflate_no_further_than_the_inbox_bound() {
-    const WARM_UP: usize = 64;
-    const MESSAGES: usize = 800;
-    const INFLATED: usize = 64 * 1024;
-    let (tx, mut received) = reports::<usize>();
-    let websockets = WebSockets::default().extension(Deflate::default()).unwrap();
-    let app = App::new()
-        .install(websockets)
-        .web_socket("/slow", move |mut session: Session| {
-            let tx = tx.clone();
-            async move {
-                // Plain 16 KiB messages first, taken at once: reads grow to
-                // their largest size (64 KiB).
-                for _ in 0..WARM_UP {
-                    let _ = session.recv().await;
-                }
-                let _ = session.send_text("ready").await;
-                // Then busy elsewhere: what the peer sends meanwhile waits
-                // in the inbox, or in the socket.
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                let mut count = 0;
-                while let Ok(Some(message)) = session.recv().await {
-                    assert_eq!(message.len(), INFLATED);
-                    count += 1;
-                    if count == MESSAGES {
-                        break;
+    /// `zeros` zero bytes as one permessage-deflate payload (tail removed),
+    /// from a compressor of its own.
+    fn compressed_zeros(zeros: usize) -> Vec<u8> {
+        let mut compressor = Compress::new_with_window_bits(Compression::best(), false, 15);
+        let mut out = Vec::with_capacity(zeros / 500 + 64);
+        compressor
+            .compress_vec(&vec![0u8; zeros], &mut out, FlushCompress::Sync)
+            .expect("compress");
+        assert!(out.ends_with(&[0, 0, 0xff, 0xff]), "sync flush tail");
+        out.truncate(out.len() - 4);
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rfc7692_small_compressed_messages_in_one_read_inflate_no_further_than_the_inbox_bound()
+    {
+        const WARM_UP: usize = 64;
+        const MESSAGES: usize = 800;
+        const INFLATED: usize = 64 * 1024;
+        let (tx, mut received) = reports::<usize>();
+        let websockets = WebSockets::default().extension(Deflate::default()).unwrap();
+        let app =
+            App::new()
+                .install(websockets)
+                .web_socket("/slow", move |mut session: Session| {
+                    let tx = tx.clone();
+                    async move {
+                        // Plain 16 KiB messages first, taken at once: reads grow to
+                        // their largest size (64 KiB).
+                        for _ in 0..WARM_UP {
+                            let _ = session.recv().await;
+                        }
+                        let _ = session.send_text("ready").await;
+                        // Then busy elsewhere: what the peer sends meanwhile waits
+                        // in the inbox, or in the socket.
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        let mut count = 0;
+                        while let Ok(Some(message)) = session.recv().await {
+                            assert_eq!(message.len(), INFLATED);
+                            count += 1;
+                            if count == MESSAGES {
+                                break;
+                            }
+                        }
+                        let _ = tx.send(count);
                     }
-                }
-                let _ = tx.send(count);
-            }
-        });
-    let server = Server::start(app).await;
-    let mut stream = small_window_upgrade(
-        server.addr,
-        "/slow",
-        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
-    )
-    .await;
-    let warm_up = encode_frame(true, 0, BINARY, &[1u8; 16 * 1024], Some(MASK)).repeat(WARM_UP);
-    stream.write_all(&warm_up).await.expect("write the warm-up");
-    let mut ready = [0u8; 7];
-    common::within("ready", stream.read_exact(&mut ready))
-        .await
-        .expect("read ready");
-    assert_eq!(&ready[2..], b"ready");
-    let one = encode_frame(true, 0x40, BINARY, &compressed_zeros(INFLATED), Some(MASK));
-    let burst = one.repeat(MESSAGES);
-    assert!(
-        burst.len() < 96 * 1024,
-        "{MESSAGES} messages of {INFLATED} bytes fit in {} bytes on the wire",
-        burst.len()
-    );
-    reset_peak_rss();
-    let before = status_kib("VmHWM");
-    stream.write_all(&burst).await.expect("write the messages");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let grown = status_kib("VmHWM").saturating_sub(before);
-    eprintln!("memory grew by {grown} KiB");
-    // The inbox bound (1 MiB) plus the message that crossed it, and
-    // allocator slack; without the bound, one 64 KiB read inflates to
-    // about 50 MiB.
-    assert!(
-        grown < 6 * 1024,
-        "{grown} KiB inflated ahead of a handler that took nothing"
-    );
-    // Nothing accepted was lost: the handler gets every message.
-    assert_eq!(received.next().await, MESSAGES);
+                });
+        let server = Server::start(app).await;
+        let mut stream = small_window_upgrade(
+            server.addr,
+            "/slow",
+            "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+        )
+        .await;
+        let warm_up = encode_frame(true, 0, BINARY, &[1u8; 16 * 1024], Some(MASK)).repeat(WARM_UP);
+        stream.write_all(&warm_up).await.expect("write the warm-up");
+        let mut ready = [0u8; 7];
+        common::within("ready", stream.read_exact(&mut ready))
+            .await
+            .expect("read ready");
+        assert_eq!(&ready[2..], b"ready");
+        let one = encode_frame(true, 0x40, BINARY, &compressed_zeros(INFLATED), Some(MASK));
+        let burst = one.repeat(MESSAGES);
+        assert!(
+            burst.len() < 96 * 1024,
+            "{MESSAGES} messages of {INFLATED} bytes fit in {} bytes on the wire",
+            burst.len()
+        );
+        reset_peak_rss();
+        let before = status_kib("VmHWM");
+        stream.write_all(&burst).await.expect("write the messages");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let grown = status_kib("VmHWM").saturating_sub(before);
+        eprintln!("memory grew by {grown} KiB");
+        // The inbox bound (1 MiB) plus the message that crossed it, and
+        // allocator slack; without the bound, one 64 KiB read inflates to
+        // about 50 MiB.
+        assert!(
+            grown < 6 * 1024,
+            "{grown} KiB inflated ahead of a handler that took nothing"
+        );
+        // Nothing accepted was lost: the handler gets every message.
+        assert_eq!(received.next().await, MESSAGES);
+    }
 }

@@ -353,7 +353,7 @@ mod rfc6455_4_2_1_request_info {
                 "header": r.header("x-test"),
                 "remote": r.remote_addr().map(|a| a.to_string()),
             });
-            session.send_json(&info).await
+            session.send_text(info.to_string()).await
         });
         let server = Server::start(app).await;
         let mut request = ws_request(server.addr, "/rooms/lobby%201?name=J%C3%BCrgen+M&x=1");

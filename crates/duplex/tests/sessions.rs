@@ -6,10 +6,11 @@ mod common;
 
 use common::*;
 use duplex::{App, CloseCode, CloseReason, Error, Frame, Message, OpCode, RawSession, Session};
-use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "json")]
 mod rfc6455_5_6_json_text {
     use super::*;
+    use serde::{Deserialize, Serialize};
 
     #[derive(Debug, Deserialize)]
     struct Command {

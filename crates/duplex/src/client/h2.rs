@@ -9,13 +9,12 @@ use http::{HeaderValue, Method, Version, header};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{net::TcpStream, sync::oneshot};
-use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
 
 /// How often the connection's task looks for the server's
 /// `SETTINGS_ENABLE_CONNECT_PROTOCOL` until it has come.
 const SETTINGS_POLL: Duration = Duration::from_millis(1);
 
-use super::{Client, ClientError, Handshaken, Target, default_tls};
+use super::{Client, ClientError, Handshaken, Target};
 use crate::{driver::Peer, request::Request, session::Session, socket::Socket};
 
 /// An HTTP/2 connection to a server, on which each
@@ -100,19 +99,7 @@ impl Client {
         tcp.set_nodelay(true)?;
         let remote_addr = tcp.peer_addr().ok();
         let io: Socket = if target.secure {
-            let mut config = (*self.tls.clone().unwrap_or_else(default_tls)).clone();
-            config.alpn_protocols = vec![b"h2".to_vec()];
-            let name = ServerName::try_from(target.host.clone())
-                .map_err(|_| ClientError::InvalidUrl(url.to_owned()))?;
-            let tls = TlsConnector::from(Arc::new(config))
-                .connect(name, tcp)
-                .await?;
-            if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-                return Err(ClientError::Handshake(
-                    "the server did not choose h2 by ALPN".into(),
-                ));
-            }
-            Socket::Other(Box::pin(tls))
+            self.secure(tcp, target, url, true).await?
         } else {
             Socket::Tcp(tcp)
         };
@@ -234,8 +221,8 @@ impl Http2Connection {
                 .map_err(|_| ClientError::InvalidHeader("Sec-WebSocket-Protocol".into()))?;
             headers.insert(header::SEC_WEBSOCKET_PROTOCOL, offer);
         }
-        if let Some(deflate) = &client.deflate {
-            let offer = HeaderValue::from_str(&deflate.client_offer().to_string())
+        if let Some(offer) = client.extension_offer() {
+            let offer = HeaderValue::from_str(&offer)
                 .map_err(|_| ClientError::InvalidHeader("Sec-WebSocket-Extensions".into()))?;
             headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, offer);
         }
