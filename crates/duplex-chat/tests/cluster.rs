@@ -346,7 +346,8 @@ async fn three_nodes_chat_in_rooms_and_by_direct_message_with_unique_names_and_p
     assert_eq!(refused["code"], "name_taken", "{refused}");
     assert_eq!(refused["request"], "hello", "{refused}");
 
-    // Presence: the last to join sees everyone; the others see it come.
+    // Presence: the last to join sees everyone; the others see it come,
+    // the joiner included (PROTOCOL.md, `presence`).
     ada.join("general").await;
     bob.join("general").await;
     let joined = cyd.join("general").await;
@@ -357,7 +358,7 @@ async fn three_nodes_chat_in_rooms_and_by_direct_message_with_unique_names_and_p
         .filter_map(Value::as_str)
         .collect();
     assert_eq!(members, HashSet::from(["Ada", "Bob", "Cyd"]), "{joined}");
-    for client in [&mut ada, &mut bob] {
+    for client in [&mut ada, &mut bob, &mut cyd] {
         client
             .until("Cyd's arrival", |e| {
                 e["type"] == "presence" && e["name"] == "Cyd" && e["event"] == "join"
@@ -448,6 +449,28 @@ async fn three_nodes_chat_in_rooms_and_by_direct_message_with_unique_names_and_p
         .await;
     let refused = ada.until("unknown_user", |e| e["type"] == "error").await;
     assert_eq!(refused["code"], "unknown_user", "{refused}");
+
+    // A member on the same node as the joiner sees it come too, and its
+    // leave; members on other nodes see both through Redis. (Cyd left
+    // the room when its first connection ended: Ada, Bob and Dee remain.)
+    let mut dee = Client::hello(&nodes[0], "Dee").await;
+    dee.join("general").await;
+    for (who, client) in [("Ada", &mut ada), ("Bob", &mut bob), ("Dee", &mut dee)] {
+        let seen = client
+            .until(&format!("Dee's arrival, seen by {who}"), |e| {
+                e["type"] == "presence" && e["name"] == "Dee" && e["event"] == "join"
+            })
+            .await;
+        assert_eq!(seen["count"], 3, "{who}: {seen}");
+    }
+    dee.send(json!({"type": "leave", "room": "general"})).await;
+    for (who, client) in [("Ada", &mut ada), ("Bob", &mut bob)] {
+        client
+            .until(&format!("Dee's leave, seen by {who}"), |e| {
+                e["type"] == "presence" && e["name"] == "Dee" && e["event"] == "leave"
+            })
+            .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -788,11 +811,53 @@ async fn what_a_client_can_make_redis_hold_is_bounded_at_the_shipped_defaults() 
         e["type"] == "left" && e["room"] == format!("r{}", rooms - 1)
     })
     .await;
+    // Direct-message histories asked of many pairs that never wrote: each
+    // epoch handed out is kept, so it counts against the same cap.
+    let pairs = defaults.max_total_rooms + 50;
+    for i in 0..pairs {
+        ada.send(json!({"type": "dm_history", "with": format!("u{i}")}))
+            .await;
+        if i % 100 == 99 || i == pairs - 1 {
+            ada.until_within("the histories", Duration::from_secs(20), |e| {
+                e["type"] == "dm_history" && e["with"] == format!("u{i}")
+            })
+            .await;
+        }
+    }
     let (streams, most, bytes) = redis_holdings(&redis, &prefix).await;
     assert!(
         streams <= defaults.max_total_rooms,
         "{streams} room streams kept"
     );
+    let client = redis::Client::open(redis.url()).expect("a Redis URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis");
+    let pair_metas: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:dmeta:*"))
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    assert!(
+        pair_metas.len() <= defaults.max_total_rooms,
+        "{} pairs' epochs kept",
+        pair_metas.len()
+    );
+    // Every member set expires unless a live node refreshes it.
+    let member_sets: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:m:*"))
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    for key in &member_sets {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("PTTL");
+        assert!(ttl > 0, "{key} never expires ({ttl})");
+    }
     assert!(most <= defaults.history, "{most} entries in one stream");
     assert!(
         bytes <= defaults.history_bytes,

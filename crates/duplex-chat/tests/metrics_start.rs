@@ -29,7 +29,8 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
         .expect("the /metrics response within 3 s")
 }
 
-/// The names in `metrics::counter!("…"` / `gauge!("…"` of a crate's sources.
+/// The names in `counter!("…"` / `gauge!("…"` of a crate's sources (the
+/// `metrics` facade's macros, or duplex's own that forward to them).
 fn emitted(crate_dir: &Path) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let mut dirs = vec![crate_dir.join("src")];
@@ -46,7 +47,7 @@ fn emitted(crate_dir: &Path) -> BTreeSet<String> {
     }
     for path in files {
         let text = std::fs::read_to_string(&path).unwrap();
-        for needle in ["metrics::counter!(\"", "metrics::gauge!(\""] {
+        for needle in ["counter!(\"", "gauge!(\""] {
             for (at, _) in text.match_indices(needle) {
                 let rest = &text[at + needle.len()..];
                 names.insert(rest[..rest.find('"').unwrap()].to_owned());

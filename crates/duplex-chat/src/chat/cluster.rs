@@ -113,6 +113,9 @@ struct Say {
     room: String,
     tail: String,
     from: SessionId,
+    /// When it was queued: past [`REQUEST_TIMEOUT`] it is refused rather
+    /// than written late.
+    queued: Instant,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -315,6 +318,8 @@ return {1, cur or ''}
 const JOIN: &str = r"
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+-- As the beat does: a set whose nodes all died goes.
+redis.call('PEXPIRE', KEYS[1], ARGV[14])
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[9])
 keep(KEYS[5], ARGV[9], ARGV[3], ARGV[11], ARGV[12], ARGV[13])
 redis.call('HSETNX', KEYS[3], 'epoch', ARGV[8])
@@ -389,7 +394,11 @@ end
 /// A stream's epoch (a new one if it was lost), its last id, whether it
 /// still holds an id (the start counts), and the entries after it.
 const RANGE: &str = r"
-redis.call('HSETNX', KEYS[2], 'epoch', ARGV[3])
+if redis.call('HSETNX', KEYS[2], 'epoch', ARGV[3]) == 1 then
+  -- An epoch given out is kept (a reader can create one for a pair that
+  -- never wrote), so it counts against the cap like a written stream.
+  keep(KEYS[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+end
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 local last = redis.call('HGET', KEYS[2], 'last') or '0-0'
 local held = 0
@@ -670,7 +679,7 @@ impl Cluster {
                 join: Script::new(&format!("{STREAM_FUNCTIONS}{JOIN}")),
                 leave: Script::new(LEAVE),
                 say: Script::new(&format!("{STREAM_FUNCTIONS}{SAY}")),
-                range: Script::new(RANGE),
+                range: Script::new(&format!("{STREAM_FUNCTIONS}{RANGE}")),
                 dm: Script::new(&format!("{STREAM_FUNCTIONS}{DM}")),
                 beat: Script::new(BEAT_SCRIPT),
                 presence: Script::new(PRESENCE),
@@ -923,7 +932,13 @@ impl Cluster {
                 .arg(&member)
                 .arg(ms_after(TTL))
                 .arg(now_ms())
-                .arg(since.unwrap_or(""))
+                // Normalised: XRANGE would fail on a malformed id.
+                .arg(
+                    since
+                        .and_then(StreamId::parse)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default(),
+                )
                 .arg(self.keys.room_channel(&room))
                 .arg(format!("P\njoin\n{member}"))
                 .arg(SNAPSHOT_MAX)
@@ -933,6 +948,7 @@ impl Cluster {
                 .arg(self.options.max_total_rooms)
                 .arg(format!("{}:s:", self.keys.prefix))
                 .arg(format!("{}:meta:", self.keys.prefix))
+                .arg((TTL * 2).as_millis() as u64)
                 .invoke_async(&mut self.conn()),
         )
         .await;
@@ -988,21 +1004,20 @@ impl Cluster {
                 r.local += 1;
             }
             let waited = r.pending.take();
-            if let Some(lines) = &waited {
+            if waited.is_some() {
                 // The first answer for this room here: it says where the
                 // stream was, and who was in.
                 r.delivered = last;
                 r.epoch = Arc::clone(&room_epoch);
                 for m in &members {
-                    if let Some((node, who)) = split_member(m) {
+                    // This node's own members are added by their own join
+                    // answers, which announce them.
+                    if let Some((node, who)) = split_member(m)
+                        && node != &*self.node
+                    {
                         r.add(node, who);
                     }
                 }
-                broken = lines
-                    .iter()
-                    .find(|(_, l)| l.id > last)
-                    .is_some_and(|(prev, _)| *prev != last)
-                    .then_some(last);
             } else if again != Some(true) {
                 if r.delivered < last {
                     // Lines up to `last` are still on their way here: the
@@ -1022,11 +1037,11 @@ impl Cluster {
                     if covered {
                         history.extend(have);
                     } else {
-                        need_more = Some((last, r.delivered, true));
+                        need_more = Some((last, r.delivered, true, false));
                     }
                 }
             }
-            r.add(&self.node, &name);
+            let announce = r.add(&self.node, &name);
             let recovered = match again {
                 // This connection has had every line since.
                 Some(true) => {
@@ -1036,52 +1051,89 @@ impl Cluster {
                 _ => since.map(|_| held),
             };
             match need_more {
-                None => r.outbox.push(Outgoing::Joined {
-                    to: Arc::clone(me),
-                    epoch: Arc::clone(&r.epoch),
-                    recovered,
-                    members: r.member_names(),
-                    history: std::mem::take(&mut history),
-                    subscribe: again.is_none(),
-                }),
-                Some((after, upto, _)) => need_more = Some((after, upto, again.is_none())),
-            }
-            if broken.is_none() {
-                for (_, line) in waited.unwrap_or_default() {
-                    if line.id > r.delivered {
-                        r.hand(line);
+                None => {
+                    r.outbox.push(Outgoing::Joined {
+                        to: Arc::clone(me),
+                        epoch: Arc::clone(&r.epoch),
+                        recovered,
+                        members: r.member_names(),
+                        history: std::mem::take(&mut history),
+                        subscribe: again.is_none(),
+                    });
+                    if announce {
+                        r.outbox.push(Outgoing::Presence {
+                            event: "join",
+                            name: Arc::clone(&name),
+                            count: r.members.len(),
+                        });
                     }
                 }
+                Some((after, upto, _, _)) => {
+                    need_more = Some((after, upto, again.is_none(), announce));
+                }
+            }
+            // Lines that came while the first join was answered are handed
+            // on as long as each follows the one before; at the first that
+            // does not, the rest is read from the stream in order.
+            for (prev, line) in waited.unwrap_or_default() {
+                if line.id <= r.delivered {
+                    continue;
+                }
+                if prev != r.delivered {
+                    broken = Some(r.delivered);
+                    break;
+                }
+                r.hand(line);
             }
             (Arc::clone(&r.outbox), Self::counts(state))
         };
-        if let Some((after, upto, subscribe)) = need_more {
+        if let Some((after, upto, subscribe, announce)) = need_more {
             // Rare: more lines came through the subscription between the
             // snapshot and now than the node keeps. Read them and answer.
-            let more = self.range(&room, after, RECENT_LINES * 8).await?;
+            let limit = RECENT_LINES * 8;
+            let more = self.range(&room, after, limit).await;
             let mut guard = self.lock();
             let r = guard
                 .rooms
                 .get_mut(&room)
                 .ok_or_else(|| not_in_room(&room))?;
-            history.extend(
-                more.entries
-                    .into_iter()
-                    .filter(|e| e.id <= upto)
-                    .map(|e| Line {
-                        id: e.id,
-                        tail: e.tail,
-                    }),
-            );
+            let covered = more.as_ref().is_ok_and(|more| {
+                more.entries.len() < limit || more.entries.last().is_some_and(|e| e.id >= upto)
+            });
+            let recovered = match more {
+                Ok(more) if covered => {
+                    history.extend(more.entries.into_iter().filter(|e| e.id <= upto).map(|e| {
+                        Line {
+                            id: e.id,
+                            tail: e.tail,
+                        }
+                    }));
+                    since.map(|_| held)
+                }
+                // The lines between the snapshot and the recent ones could
+                // not be read: the history is the recent ones alone, never
+                // one with a hole, and a recovery is reported as failed.
+                _ => {
+                    history.clear();
+                    since.map(|_| false)
+                }
+            };
             history.extend(r.recent.iter().filter(|l| l.id > upto).cloned());
             r.outbox.push(Outgoing::Joined {
                 to: Arc::clone(me),
                 epoch: Arc::clone(&r.epoch),
-                recovered: since.map(|_| held),
+                recovered,
                 members: r.member_names(),
                 history,
                 subscribe,
             });
+            if announce {
+                r.outbox.push(Outgoing::Presence {
+                    event: "join",
+                    name: Arc::clone(&name),
+                    count: r.members.len(),
+                });
+            }
         }
         outbox.drain(&self.hub);
         if let Some(after) = broken {
@@ -1113,25 +1165,52 @@ impl Cluster {
 
     /// What a room's stream holds after `after`.
     async fn range(&self, room: &str, after: StreamId, count: usize) -> Result<Range, Problem> {
-        self.range_of(&self.keys.stream(room), &self.keys.meta(room), after, count)
-            .await
+        self.range_of(false, room, after, count).await
     }
 
+    /// What the stream of a room (or, with `pair`, of a pair's direct
+    /// messages) holds after `after`.
     async fn range_of(
         &self,
-        stream: &str,
-        meta: &str,
+        pair: bool,
+        name: &str,
         after: StreamId,
         count: usize,
     ) -> Result<Range, Problem> {
+        let k = &self.keys;
+        let (stream, meta, index, stream_prefix, meta_prefix) = if pair {
+            let p = &k.prefix;
+            (
+                k.dm_stream(name),
+                k.dm_meta(name),
+                k.dm_kept(),
+                format!("{p}:ds:"),
+                format!("{p}:dmeta:"),
+            )
+        } else {
+            let p = &k.prefix;
+            (
+                k.stream(name),
+                k.meta(name),
+                k.kept(),
+                format!("{p}:s:"),
+                format!("{p}:meta:"),
+            )
+        };
         let reply: Value = within(
             self.scripts
                 .range
                 .key(stream)
                 .key(meta)
+                .key(index)
                 .arg(after.to_string())
                 .arg(count)
                 .arg(random_hex(6))
+                .arg(name)
+                .arg(now_ms())
+                .arg(self.options.max_total_rooms)
+                .arg(stream_prefix)
+                .arg(meta_prefix)
                 .invoke_async(&mut self.conn()),
         )
         .await?;
@@ -1236,6 +1315,11 @@ impl Cluster {
                 return Err(not_in_room(&room));
             }
         }
+        if !self.up.load(Ordering::Acquire) {
+            // Told at once rather than queued behind a Redis that does not
+            // answer.
+            return Err(unavailable().room(&room));
+        }
         let tail = protocol::line_tail(&room, &name, &text, now_ms());
         // Not waited for: the node's writer sends every connection's
         // messages to Redis in order, many to a round trip, and a refusal
@@ -1249,6 +1333,7 @@ impl Cluster {
                 room,
                 tail,
                 from: me.id(),
+                queued: Instant::now(),
                 _permit: permit,
             })
             .await
@@ -1335,11 +1420,10 @@ impl Cluster {
         let with = protocol::check_name(with)?;
         let pair = pair(&name, &with);
         let stream = self.keys.dm_stream(&pair);
-        let meta = self.keys.dm_meta(&pair);
         let range = self
             .range_of(
-                &stream,
-                &meta,
+                true,
+                &pair,
                 since.and_then(StreamId::parse).unwrap_or_default(),
                 self.options.history.max(1),
             )
@@ -1509,8 +1593,10 @@ impl Cluster {
             let Some(r) = state.rooms.get_mut(room) else {
                 return;
             };
-            if r.pending.is_some() {
-                // The join's answer lists the members.
+            if r.pending.is_some() || node == &*self.node {
+                // The join's answer lists the members; this node's own
+                // joins and leaves are announced here when they happen,
+                // and a late publication of one must not undo a newer one.
                 return;
             }
             r.changed = Instant::now();
@@ -1873,6 +1959,26 @@ async fn say_loop(cluster: Weak<Cluster>, mut queued: mpsc::Receiver<Say>) {
         let Some(cluster) = cluster.upgrade() else {
             return;
         };
+        // What waited longer than a request may is refused, not written:
+        // its sender has been told nothing yet, and a message written many
+        // seconds late (after a freeze) would surprise everyone.
+        let stale = batch
+            .iter()
+            .take_while(|say| say.queued.elapsed() > REQUEST_TIMEOUT)
+            .count();
+        if stale > 0 || !cluster.up.load(Ordering::Acquire) {
+            let refused = if cluster.up.load(Ordering::Acquire) {
+                stale
+            } else {
+                batch.len()
+            };
+            for say in batch.drain(..refused) {
+                refuse(&cluster, &say, unavailable());
+            }
+            if batch.is_empty() {
+                continue;
+            }
+        }
         let mut pipe = redis::pipe();
         // Loaded with every batch: a Redis restarted since has forgotten it.
         pipe.load_script(&cluster.scripts.say).ignore();
@@ -1908,17 +2014,21 @@ async fn say_loop(cluster: Weak<Cluster>, mut queued: mpsc::Receiver<Say>) {
             }
             Err(problem) => {
                 for say in &batch {
-                    let problem = problem.clone().room(&say.room).request("message");
-                    metrics::counter!("duplex_chat_errors_total", "code" => problem.code.as_str())
-                        .increment(1);
-                    cluster
-                        .hub
-                        .send_to(say.from, Event::Error(&problem).to_message());
+                    refuse(&cluster, say, problem.clone());
                 }
             }
         }
         batch.clear();
     }
+}
+
+/// Tells the sender of `say` that it was not written.
+fn refuse(cluster: &Cluster, say: &Say, problem: Problem) {
+    let problem = problem.room(&say.room).request("message");
+    metrics::counter!("duplex_chat_errors_total", "code" => problem.code.as_str()).increment(1);
+    cluster
+        .hub
+        .send_to(say.from, Event::Error(&problem).to_message());
 }
 
 /// PINGs Redis every [`HEALTH_PERIOD`]; two failures in a row mark it down,
