@@ -1097,8 +1097,12 @@ impl Cluster {
                 .rooms
                 .get_mut(&room)
                 .ok_or_else(|| not_in_room(&room))?;
+            // Covered: the stream still holds where the read starts, and the
+            // read reached `upto` or the stream's end.
             let covered = more.as_ref().is_ok_and(|more| {
-                more.entries.len() < limit || more.entries.last().is_some_and(|e| e.id >= upto)
+                more.held
+                    && (more.entries.len() < limit
+                        || more.entries.last().is_some_and(|e| e.id >= upto))
             });
             let recovered = match more {
                 Ok(more) if covered => {
