@@ -731,19 +731,29 @@ fn redis_unreachable_at_start_is_a_clear_error_or_with_retry_a_wait() {
     let _ = waiting.child.kill();
 }
 
+/// A connection to the test's Redis, to look at what the nodes left there.
+async fn inspect(redis: &Redis) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .expect("a Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis")
+}
+
+/// The keys matching `pattern`.
+async fn keys(conn: &mut redis::aio::MultiplexedConnection, pattern: String) -> Vec<String> {
+    redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(conn)
+        .await
+        .expect("KEYS")
+}
+
 /// What Redis holds for a prefix: `(streams of rooms, the largest room
 /// stream's entries, its bytes of lines)`.
 async fn redis_holdings(redis: &Redis, prefix: &str) -> (usize, usize, usize) {
-    let client = redis::Client::open(redis.url()).expect("a Redis URL");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to Redis");
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:s:*"))
-        .query_async(&mut conn)
-        .await
-        .expect("KEYS");
+    let mut conn = inspect(redis).await;
+    let keys = keys(&mut conn, format!("{prefix}:s:*")).await;
     let (mut most, mut bytes) = (0, 0);
     for key in &keys {
         let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
@@ -829,28 +839,15 @@ async fn what_a_client_can_make_redis_hold_is_bounded_at_the_shipped_defaults() 
         streams <= defaults.max_total_rooms,
         "{streams} room streams kept"
     );
-    let client = redis::Client::open(redis.url()).expect("a Redis URL");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to Redis");
-    let pair_metas: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:dmeta:*"))
-        .query_async(&mut conn)
-        .await
-        .expect("KEYS");
+    let mut conn = inspect(&redis).await;
+    let pair_metas = keys(&mut conn, format!("{prefix}:dmeta:*")).await;
     assert!(
         pair_metas.len() <= defaults.max_total_rooms,
         "{} pairs' epochs kept",
         pair_metas.len()
     );
     // Every member set expires unless a live node refreshes it.
-    let member_sets: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:m:*"))
-        .query_async(&mut conn)
-        .await
-        .expect("KEYS");
-    for key in &member_sets {
+    for key in &keys(&mut conn, format!("{prefix}:m:*")).await {
         let ttl: i64 = redis::cmd("PTTL")
             .arg(key)
             .query_async(&mut conn)

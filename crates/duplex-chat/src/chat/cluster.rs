@@ -269,6 +269,16 @@ impl Keys {
     fn dm_meta(&self, pair: &str) -> String {
         format!("{}:dmeta:{pair}", self.prefix)
     }
+    /// The prefixes of the streams of rooms (or, with `pair`, of pairs) and
+    /// of their metas: the scripts' `keep` deletes a forgotten one by them.
+    fn stream_prefixes(&self, pair: bool) -> (String, String) {
+        let p = &self.prefix;
+        if pair {
+            (format!("{p}:ds:"), format!("{p}:dmeta:"))
+        } else {
+            (format!("{p}:s:"), format!("{p}:meta:"))
+        }
+    }
     /// The rooms with a stream, by when last used.
     fn kept(&self) -> String {
         format!("{}:kept", self.prefix)
@@ -921,6 +931,7 @@ impl Cluster {
             state.rooms.get_mut(&room).expect("made above").joining += 1;
         }
         let member = presence_member(&self.node, &name);
+        let (stream_prefix, meta_prefix) = self.keys.stream_prefixes(false);
         let answer: Result<Value, Problem> = within(
             self.scripts
                 .join
@@ -946,8 +957,8 @@ impl Cluster {
                 .arg(&*room)
                 .arg(epoch.unwrap_or(""))
                 .arg(self.options.max_total_rooms)
-                .arg(format!("{}:s:", self.keys.prefix))
-                .arg(format!("{}:meta:", self.keys.prefix))
+                .arg(stream_prefix)
+                .arg(meta_prefix)
                 .arg((TTL * 2).as_millis() as u64)
                 .invoke_async(&mut self.conn()),
         )
@@ -1182,25 +1193,12 @@ impl Cluster {
         count: usize,
     ) -> Result<Range, Problem> {
         let k = &self.keys;
-        let (stream, meta, index, stream_prefix, meta_prefix) = if pair {
-            let p = &k.prefix;
-            (
-                k.dm_stream(name),
-                k.dm_meta(name),
-                k.dm_kept(),
-                format!("{p}:ds:"),
-                format!("{p}:dmeta:"),
-            )
+        let (stream, meta, index) = if pair {
+            (k.dm_stream(name), k.dm_meta(name), k.dm_kept())
         } else {
-            let p = &k.prefix;
-            (
-                k.stream(name),
-                k.meta(name),
-                k.kept(),
-                format!("{p}:s:"),
-                format!("{p}:meta:"),
-            )
+            (k.stream(name), k.meta(name), k.kept())
         };
+        let (stream_prefix, meta_prefix) = k.stream_prefixes(pair);
         let reply: Value = within(
             self.scripts
                 .range
@@ -1385,6 +1383,7 @@ impl Cluster {
             .to_owned();
         let pair = pair(&from, &to_name);
         let tail = protocol::dm_tail(&from, &to_name, &text, now_ms());
+        let (stream_prefix, meta_prefix) = self.keys.stream_prefixes(true);
         let id: Option<String> = within(
             self.scripts
                 .dm
@@ -1401,8 +1400,8 @@ impl Cluster {
                 .arg(now_ms())
                 .arg(self.options.max_total_rooms)
                 .arg(&pair)
-                .arg(format!("{}:ds:", self.keys.prefix))
-                .arg(format!("{}:dmeta:", self.keys.prefix))
+                .arg(stream_prefix)
+                .arg(meta_prefix)
                 .invoke_async(&mut self.conn()),
         )
         .await?;
@@ -1986,8 +1985,7 @@ async fn say_loop(cluster: Weak<Cluster>, mut queued: mpsc::Receiver<Say>) {
         let mut pipe = redis::pipe();
         // Loaded with every batch: a Redis restarted since has forgotten it.
         pipe.load_script(&cluster.scripts.say).ignore();
-        let stream_prefix = format!("{}:s:", cluster.keys.prefix);
-        let meta_prefix = format!("{}:meta:", cluster.keys.prefix);
+        let (stream_prefix, meta_prefix) = cluster.keys.stream_prefixes(false);
         for say in &batch {
             let room = &say.room;
             pipe.invoke_script(
