@@ -25,6 +25,8 @@ pub(crate) struct Limits {
     pub(crate) max_sessions_per_ip: Option<usize>,
     /// Handshakes per second and burst, per address.
     pub(crate) handshake_rate: Option<(f64, f64)>,
+    /// The IPv6 prefix length under which addresses count as one.
+    pub(crate) ipv6_prefix: u8,
 }
 
 impl Default for Limits {
@@ -33,7 +35,31 @@ impl Default for Limits {
             max_sessions: 10_000,
             max_sessions_per_ip: Some(1_000),
             handshake_rate: Some((50.0, 1_000.0)),
+            ipv6_prefix: DEFAULT_IPV6_PREFIX,
         }
+    }
+}
+
+/// The default IPv6 prefix length of one client "address": a /64 is what
+/// one home or one cloud instance is routed (RFC 6177), so counting every
+/// address of it apart would give one peer 2^64 addresses.
+pub(crate) const DEFAULT_IPV6_PREFIX: u8 = 64;
+
+/// The key under which the per-address limits count `ip`: an IPv4 address
+/// (an IPv4-mapped IPv6 one included) as it is, an IPv6 address with every
+/// bit past `ipv6_prefix` cleared.
+pub(crate) fn address_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6);
+                let prefix = u32::from(ipv6_prefix.min(128));
+                let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+                IpAddr::V6((bits & mask).into())
+            }
+        },
     }
 }
 
@@ -114,7 +140,7 @@ impl Admission {
         if before >= limits.max_sessions {
             return Err(Rejection::ServerFull);
         }
-        match ip {
+        match ip.map(|ip| address_key(ip, limits.ipv6_prefix)) {
             Some(ip) if limits.max_sessions_per_ip.is_some() || limits.handshake_rate.is_some() => {
                 self.admit_from(limits, ip, now)?;
                 slot.ip = Some(ip);
@@ -253,6 +279,51 @@ mod tests {
         let later = now + Duration::from_millis(100);
         assert!(admission.admit(&limits, ip(1), later).is_ok());
         assert!(admission.admit(&limits, ip(1), later).is_err());
+    }
+
+    #[test]
+    fn ipv6_addresses_of_one_prefix_count_as_one_address() {
+        let admission = Admission::default();
+        let limits = Limits {
+            max_sessions_per_ip: Some(2),
+            ..Limits::default()
+        };
+        let now = Instant::now();
+        let v6 = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let _a = admission
+            .admit(&limits, v6("2001:db8:1:2::1"), now)
+            .unwrap();
+        let _b = admission
+            .admit(&limits, v6("2001:db8:1:2:ffff:ffff:ffff:ffff"), now)
+            .unwrap();
+        assert_eq!(
+            admission
+                .admit(&limits, v6("2001:db8:1:2:1234::9"), now)
+                .unwrap_err(),
+            Rejection::TooManySessions,
+            "a third address of the same /64"
+        );
+        assert!(
+            admission.admit(&limits, v6("2001:db8:1:3::1"), now).is_ok(),
+            "the next /64 is another address"
+        );
+    }
+
+    #[test]
+    fn the_prefix_is_configurable_and_mapped_ipv4_is_ipv4() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            address_key(ip("2001:db8:aaaa:bbbb:cccc::1"), 48),
+            ip("2001:db8:aaaa::")
+        );
+        assert_eq!(
+            address_key(ip("2001:db8::1"), 128),
+            ip("2001:db8::1"),
+            "a /128 keeps every address apart"
+        );
+        assert_eq!(address_key(ip("2001:db8::1"), 0), ip("::"));
+        assert_eq!(address_key(ip("::ffff:10.1.2.3"), 64), ip("10.1.2.3"));
+        assert_eq!(address_key(ip("10.1.2.3"), 64), ip("10.1.2.3"));
     }
 
     #[test]

@@ -18,11 +18,13 @@ use tower_service::Service;
 #[cfg(feature = "tls")]
 use crate::tls::{TlsListener, rustls};
 use crate::{
+    address_limit::AddressLimit,
     config::WebSockets,
     endpoint,
     handler::Handler,
     lifecycle::{SERVED, ServedConfigs},
     session::{RawSession, Session},
+    write_deadline::WriteDeadline,
 };
 
 type Mount = Box<dyn FnOnce(Router, &WebSockets) -> Router + Send>;
@@ -56,6 +58,7 @@ pub struct App {
     header_read_timeout: Duration,
     max_header_bytes: usize,
     max_connections: usize,
+    max_connections_per_ip: Option<usize>,
     raise_open_files: bool,
     http2: bool,
 }
@@ -70,6 +73,7 @@ impl Default for App {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 32 * 1024,
             max_connections: 10_000,
+            max_connections_per_ip: Some(1_000),
             raise_open_files: true,
             http2: true,
         }
@@ -165,8 +169,15 @@ impl App {
 
     /// How long a client may take to send a request head (the upgrade
     /// request included), and how long a kept-alive HTTP connection may
-    /// stay idle between requests; then the connection is closed. Default
-    /// 10 s (hyper's own: 30 s).
+    /// stay idle between requests, or an HTTP/2 connection with no open
+    /// stream; then the connection is closed. Default 10 s (hyper's own:
+    /// 30 s, and none for HTTP/2).
+    ///
+    /// Responses have a write timeout too, the sessions'
+    /// ([`WebSockets::write_timeout`], 20 s): an HTTP connection whose peer
+    /// takes no byte of a response for that long (pipelined requests whose
+    /// answers are never read; an HTTP/2 stream granted no window) is
+    /// dropped.
     #[must_use]
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
         self.header_read_timeout = timeout;
@@ -188,6 +199,19 @@ impl App {
     #[must_use]
     pub fn max_connections(mut self, connections: usize) -> Self {
         self.max_connections = connections.max(1);
+        self
+    }
+
+    /// The most HTTP connections not yet sessions that one client address
+    /// may hold ([`WebSockets::ipv6_prefix`] says what one IPv6 address
+    /// is); a connection beyond it is closed at once, so one address
+    /// cannot take every place of [`max_connections`](Self::max_connections).
+    /// An HTTP/2 connection counts for as long as it is open, WebSocket
+    /// streams on it included. `None` removes the limit (behind a proxy,
+    /// where every client has the proxy's address). Default 1,000.
+    #[must_use]
+    pub fn max_connections_per_ip(mut self, connections: Option<usize>) -> Self {
+        self.max_connections_per_ip = connections;
         self
     }
 
@@ -300,7 +324,8 @@ impl App {
         } else {
             config
         };
-        let listener = TlsListener::new(listener, config)?.tap_io(|_| {});
+        let listener =
+            TlsListener::bind(listener, config, self.websockets.limits.ipv6_prefix)?.tap_io(|_| {});
         self.serve_listener(listener, signal).await
     }
 
@@ -326,8 +351,13 @@ impl App {
         let websockets = self.websockets.clone();
         let grace = self.shutdown_grace;
         let max_connections = self.max_connections;
+        let per_address = self
+            .max_connections_per_ip
+            .map(|max| AddressLimit::new(max, websockets.limits.ipv6_prefix));
+        let write_timeout = websockets.write_timeout;
         let http = Arc::new(crate::h2::Http::new(
             self.header_read_timeout,
+            write_timeout,
             self.max_header_bytes,
             self.http2,
         ));
@@ -353,6 +383,19 @@ impl App {
                 drop(io);
                 continue;
             }
+            let place = match &per_address {
+                None => None,
+                Some(limit) => match limit.enter(peer.ip()) {
+                    Some(place) => Some(place),
+                    None => {
+                        tracing::debug!(%peer, "too many HTTP connections from one address; closing a new one");
+                        counter!("duplex_connections_refused_total").increment(1);
+                        drop(io);
+                        continue;
+                    }
+                },
+            };
+            let io = WriteDeadline::new(io, write_timeout);
             let router = router.clone();
             let served = served.clone();
             let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
@@ -366,6 +409,9 @@ impl App {
             let stopping = stopping.clone();
             let http = Arc::clone(&http);
             connections.spawn(async move {
+                // Held until hyper is done with the connection: after an
+                // upgrade, the session counts under the session limits.
+                let _place = place;
                 if let Err(err) = http.serve_connection(io, service, stopping).await {
                     tracing::debug!(%peer, "HTTP connection ended: {err}");
                 }

@@ -180,6 +180,10 @@ impl WebSockets {
     /// can be sent to a peer that does not read). It frees the session, its
     /// queue and a handler waiting in `send`, whatever the peer's receive
     /// window. Default 20 s (Ktor: none).
+    ///
+    /// [`App`](crate::App) gives HTTP responses the same timeout: a
+    /// connection whose peer takes no byte of an answer for this long
+    /// (HTTP/1.1), or of a stream's response (HTTP/2), is dropped.
     #[must_use]
     pub fn write_timeout(mut self, timeout: Duration) -> Self {
         self.write_timeout = timeout;
@@ -246,6 +250,19 @@ impl WebSockets {
         self.limits.handshake_rate = rate
             .filter(|&(per_second, burst)| per_second > 0 && burst > 0)
             .map(|(per_second, burst)| (f64::from(per_second), f64::from(burst)));
+        self
+    }
+
+    /// How many leading bits of an IPv6 address name one client for the
+    /// per-address limits (sessions, handshake rate, and
+    /// [`App`](crate::App)'s HTTP connections and TLS handshakes): every
+    /// address of one prefix counts as the same client, since a single
+    /// host is routed a whole /64 and could otherwise escape the limits by
+    /// changing its address. IPv4 addresses count one by one. Default 64;
+    /// at most 128 (every address apart).
+    #[must_use]
+    pub fn ipv6_prefix(mut self, bits: u8) -> Self {
+        self.limits.ipv6_prefix = bits.min(128);
         self
     }
 

@@ -28,7 +28,11 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::handshake::{Accepted, Origins, Rejection, choose_protocol};
+use crate::{
+    handshake::{Accepted, Origins, Rejection, choose_protocol},
+    stream_ledger::{Ledger, Tracked, Verdict},
+    write_deadline::WriteDeadline,
+};
 
 /// The client connection preface of HTTP/2 (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -40,6 +44,12 @@ pub(crate) const WEBSOCKET: &str = "websocket";
 /// configuration names none: HTTP/2 first, as browsers prefer.
 #[cfg(feature = "tls")]
 pub(crate) const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// The longest pause between two looks at a split preface.
+const MAX_PREFACE_WAIT: Duration = Duration::from_millis(500);
+
+/// How long an idle HTTP/2 connection's GOAWAY may take to leave.
+const IDLE_GOAWAY_WAIT: Duration = Duration::from_secs(1);
 
 /// Streams one HTTP/2 connection may have open at once: WebSockets and
 /// plain requests together.
@@ -56,6 +66,11 @@ pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 impl Transport for TcpStream {
     async fn speaks_h2(&mut self) -> io::Result<bool> {
         let mut buf = [0u8; PREFACE.len()];
+        // A peek returns at once with the bytes already there, so waiting
+        // for the rest of a split preface means peeking again later; the
+        // wait doubles each time, so that a peer that sends one byte and
+        // stops costs a few wake-ups a second, not a spinning task.
+        let mut wait = Duration::from_millis(1);
         loop {
             let n = self.peek(&mut buf).await?;
             if n == 0 {
@@ -64,14 +79,20 @@ impl Transport for TcpStream {
             if buf[..n] != PREFACE[..n] {
                 return Ok(false);
             }
-            if n == PREFACE.len() {
+            // "PRI" is no HTTP/1.1 request (RFC 9113 §3.4 chose the
+            // preface so): HTTP/2's own reader takes the rest as it comes.
+            if n >= 3 {
                 return Ok(true);
             }
-            // Part of the preface: a peek would return at once with the
-            // same bytes, so wait a little for the rest (clients send the
-            // preface in one write; this is the rare split).
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(MAX_PREFACE_WAIT);
         }
+    }
+}
+
+impl<I: Transport> Transport for WriteDeadline<I> {
+    fn speaks_h2(&mut self) -> impl Future<Output = io::Result<bool>> + Send {
+        self.get_mut().speaks_h2()
     }
 }
 
@@ -102,12 +123,20 @@ pub(crate) struct Http {
     /// None: HTTP/1.1 only.
     http2: Option<http2::Builder<TokioExecutor>>,
     header_read_timeout: Duration,
+    write_timeout: Duration,
 }
 
 impl Http {
     /// Request heads take at most `header_read_timeout` and `max_header_bytes`
-    /// in either version.
-    pub(crate) fn new(header_read_timeout: Duration, max_header_bytes: usize, h2: bool) -> Self {
+    /// in either version; an HTTP/2 connection with no open stream is
+    /// closed after `header_read_timeout`, and one whose peer takes nothing
+    /// of a response for `write_timeout` is dropped.
+    pub(crate) fn new(
+        header_read_timeout: Duration,
+        write_timeout: Duration,
+        max_header_bytes: usize,
+        h2: bool,
+    ) -> Self {
         let mut http1 = http1::Builder::new();
         // A client that never finishes its request head is dropped.
         http1
@@ -133,6 +162,7 @@ impl Http {
             http1,
             http2,
             header_read_timeout,
+            write_timeout,
         }
     }
 
@@ -168,14 +198,41 @@ impl Http {
         };
         match (&self.http2, h2) {
             (Some(http2), true) => {
+                let ledger = Ledger::new();
+                let service = Tracked {
+                    inner: service,
+                    ledger: std::sync::Arc::clone(&ledger),
+                };
                 let connection = http2.serve_connection(TokioIo::new(io), service);
                 let mut connection = std::pin::pin!(connection);
-                tokio::select! {
+                let verdict = tokio::select! {
                     result = connection.as_mut() => return Ok(result?),
-                    () = stopping.cancelled() => {}
+                    () = stopping.cancelled() => None,
+                    verdict = ledger.watch(self.header_read_timeout, self.write_timeout) => Some(verdict),
+                };
+                match verdict {
+                    // Server shutdown: the streams open, sessions included,
+                    // run to their end (`serve` bounds the wait).
+                    None => {
+                        connection.as_mut().graceful_shutdown();
+                        Ok(connection.await?)
+                    }
+                    Some(Verdict::Idle) => {
+                        // GOAWAY, then the end: a peer that answers nothing
+                        // would keep hyper waiting for the PING of its
+                        // graceful shutdown, and no stream needs the time.
+                        connection.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(IDLE_GOAWAY_WAIT, connection).await;
+                        Err("idle HTTP/2 connection closed".into())
+                    }
+                    Some(Verdict::Stalled) => {
+                        counter!("duplex_write_timeouts_total").increment(1);
+                        Err(
+                            "HTTP/2 peer took no byte of a response within the write timeout"
+                                .into(),
+                        )
+                    }
                 }
-                connection.as_mut().graceful_shutdown();
-                Ok(connection.await?)
             }
             _ => {
                 let connection = self

@@ -148,6 +148,7 @@ impl NoMetric {
     pub(crate) fn set<T>(self, _: T) {}
 }
 
+mod address_limit;
 mod admission;
 mod app;
 #[cfg(feature = "client")]
@@ -169,10 +170,12 @@ mod request;
 mod session;
 mod shared;
 mod socket;
+mod stream_ledger;
 #[cfg(feature = "testing")]
 pub mod testing;
 #[cfg(feature = "tls")]
 pub mod tls;
+mod write_deadline;
 
 pub use app::App;
 pub use axum;

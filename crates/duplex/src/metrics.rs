@@ -89,14 +89,21 @@ pub const METRICS: &[Metric] = &[
         name: "duplex_write_timeouts_total",
         kind: Kind::Counter,
         unit: Unit::Count,
-        help: "Connections dropped because the peer took no byte of queued output for write_timeout.",
+        help: "Connections dropped because the peer took no byte of queued output (a session's, or an HTTP response) for write_timeout.",
         label: None,
     },
     Metric {
         name: "duplex_connections_refused_total",
         kind: Kind::Counter,
         unit: Unit::Count,
-        help: "Connections closed at accept: past max_connections, or past the TLS handshakes in progress.",
+        help: "Connections closed at accept: past max_connections or max_connections_per_ip, or past the TLS handshakes in progress (server-wide or from one address).",
+        label: None,
+    },
+    Metric {
+        name: "duplex_http2_responses_refused_total",
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        help: "HTTP/2 requests answered 503 because their connection held 1 MiB of responses its peer had not taken.",
         label: None,
     },
     Metric {

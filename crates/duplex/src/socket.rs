@@ -20,6 +20,8 @@ use tokio::{
     net::TcpStream,
 };
 
+use crate::write_deadline::WriteDeadline;
+
 /// The size of a worker thread's scratch read buffer.
 pub(crate) const SCRATCH_LEN: usize = 4096;
 
@@ -47,6 +49,17 @@ impl Socket {
     /// The transport of an upgraded connection, and the bytes hyper read
     /// past the request (the first frames, if the client did not wait).
     pub(crate) fn from_upgraded(upgraded: Upgraded) -> (Socket, Bytes) {
+        // `App` serves through a `WriteDeadline` (the session's own write
+        // timeout replaces it); other servers hand the bare stream.
+        let upgraded = match upgraded.downcast::<TokioIo<WriteDeadline<TcpStream>>>() {
+            Ok(parts) => {
+                return (
+                    Socket::Tcp(parts.io.into_inner().into_inner()),
+                    parts.read_buf,
+                );
+            }
+            Err(upgraded) => upgraded,
+        };
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => (Socket::Tcp(parts.io.into_inner()), parts.read_buf),
             Err(upgraded) => (
