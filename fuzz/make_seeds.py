@@ -86,3 +86,12 @@ for name, text in {
 
 # inflate and upgrade_request read their input with `arbitrary`; the
 # fuzzer finds their shapes quickly from an empty corpus.
+
+# http2_preface: byte 0 picks the chunk size, the rest is what a client
+# sends first.
+for name, data in {
+    "preface": b"\x03PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "p": b"\x00P",
+    "get": b"\x07GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+}.items():
+    write("http2_preface", name, data)

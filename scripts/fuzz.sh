@@ -17,7 +17,7 @@ set -uo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-TARGETS=(frame_decode_server frame_decode_client extensions_header upgrade_request inflate chat_request)
+TARGETS=(frame_decode_server frame_decode_client extensions_header upgrade_request inflate chat_request http2_preface)
 # The fuzz crate is its own workspace; its build goes next to the main one's.
 FUZZ_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/fuzz"
 

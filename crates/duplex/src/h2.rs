@@ -45,6 +45,9 @@ pub(crate) const WEBSOCKET: &str = "websocket";
 #[cfg(feature = "tls")]
 pub(crate) const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
+/// How many bytes of the preface tell HTTP/2 from HTTP/1.1: "PRI ".
+const SNIFFED: usize = 4;
+
 /// The longest pause between two looks at a split preface.
 const MAX_PREFACE_WAIT: Duration = Duration::from_millis(500);
 
@@ -63,9 +66,39 @@ pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn speaks_h2(&mut self) -> impl Future<Output = io::Result<bool>> + Send;
 }
 
+/// What the first bytes of a clear-text connection say of its protocol.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preface {
+    /// Not the HTTP/2 preface: HTTP/1.1.
+    Http1,
+    /// The HTTP/2 preface, or enough of it to tell ("PRI " begins no
+    /// HTTP/1.1 request: RFC 9113 §3.4 reserved the method for it).
+    Http2,
+    /// Too few bytes to tell (none, "P", "PR" or "PRI").
+    NeedMore,
+}
+
+/// Tells HTTP/2 prior knowledge from HTTP/1.1 by the bytes read so far.
+/// A verdict other than [`Preface::NeedMore`] stays the same whatever
+/// bytes follow. Public for the fuzz target only.
+#[doc(hidden)]
+pub fn sniff_preface(bytes: &[u8]) -> Preface {
+    // Four bytes decide: what follows is HTTP/2's to check (a bad rest of
+    // the preface is its connection error), so the verdict never changes.
+    let n = bytes.len().min(SNIFFED);
+    if bytes[..n] != PREFACE[..n] {
+        Preface::Http1
+    } else if n == SNIFFED {
+        Preface::Http2
+    } else {
+        Preface::NeedMore
+    }
+}
+
 impl Transport for TcpStream {
     async fn speaks_h2(&mut self) -> io::Result<bool> {
-        let mut buf = [0u8; PREFACE.len()];
+        let mut buf = [0u8; SNIFFED];
         // A peek returns at once with the bytes already there, so waiting
         // for the rest of a split preface means peeking again later; the
         // wait doubles each time, so that a peer that sends one byte and
@@ -76,13 +109,11 @@ impl Transport for TcpStream {
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            if buf[..n] != PREFACE[..n] {
-                return Ok(false);
-            }
-            // "PRI" is no HTTP/1.1 request (RFC 9113 §3.4 chose the
-            // preface so): HTTP/2's own reader takes the rest as it comes.
-            if n >= 3 {
-                return Ok(true);
+            match sniff_preface(&buf[..n]) {
+                Preface::Http1 => return Ok(false),
+                // HTTP/2's own reader takes the rest as it comes.
+                Preface::Http2 => return Ok(true),
+                Preface::NeedMore => {}
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(MAX_PREFACE_WAIT);
@@ -311,6 +342,29 @@ pub(crate) fn accept(
         protocol: choose_protocol(headers, protocols)?,
         extensions: None,
     })
+}
+
+#[cfg(test)]
+mod rfc9113_3_4_preface {
+    use super::*;
+
+    #[test]
+    fn four_bytes_of_the_preface_are_http2_and_anything_else_http1() {
+        assert_eq!(sniff_preface(b""), Preface::NeedMore);
+        assert_eq!(sniff_preface(b"P"), Preface::NeedMore);
+        assert_eq!(sniff_preface(b"PR"), Preface::NeedMore);
+        assert_eq!(sniff_preface(b"PRI"), Preface::NeedMore);
+        assert_eq!(sniff_preface(b"PRI "), Preface::Http2);
+        assert_eq!(sniff_preface(b"PRIX / HTTP/1.1\r\n"), Preface::Http1);
+        assert_eq!(sniff_preface(PREFACE), Preface::Http2);
+        assert_eq!(sniff_preface(b"PUT / HTTP/1.1\r\n"), Preface::Http1);
+        assert_eq!(sniff_preface(b"POST"), Preface::Http1);
+        assert_eq!(sniff_preface(b"GET / HTTP/1.1\r\n"), Preface::Http1);
+        assert_eq!(sniff_preface(b"PRX"), Preface::Http1);
+        // Found by the fuzz target: the verdict at four bytes holds, a bad
+        // rest of the preface is HTTP/2's connection error.
+        assert_eq!(sniff_preface(b"PRI * HTTP/2.0z"), Preface::Http2);
+    }
 }
 
 #[cfg(test)]

@@ -178,6 +178,12 @@ pub mod tls;
 mod write_deadline;
 
 pub use app::App;
+
+/// Pure functions of the server's, public for the fuzz targets only.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::h2::{Preface, sniff_preface};
+}
 pub use axum;
 /// The byte buffers of messages and frames ([`Message::binary`], payloads).
 pub use bytes;

@@ -12,7 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod common;
+
 use axum::routing::get;
+use common::ChildServer;
 use duplex::App;
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -137,74 +140,17 @@ async fn one_address_holding_10050_idle_http2_connections_leaves_others_served_a
     }
 }
 
-/// The server of [`the_connection_after_max_connections_is_closed_at_once_and_one_address_gets_a_thousand`]
-/// in a process of its own: 10,000 connections at both ends would pass
-/// one process's limit of open files. Prints its port, serves until its
-/// standard input closes.
+/// The server of [`the_connection_after_max_connections_is_closed_at_once_and_one_address_gets_a_thousand`],
+/// in a process of its own ([`ChildServer`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the server process of another test, which starts it"]
 async fn child_server_for_max_connections() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    println!("PORT {}", listener.local_addr().unwrap().port());
-    let stdin_closed = tokio::task::spawn_blocking(|| {
-        let mut sink = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-    });
-    app()
-        .serve_with_shutdown(listener, async move {
-            let _ = stdin_closed.await;
-        })
-        .await
-        .unwrap();
-}
-
-/// [`child_server_for_max_connections`] started; stopped when dropped.
-struct ChildServer {
-    child: std::process::Child,
-    addr: SocketAddr,
-}
-
-impl ChildServer {
-    fn start() -> ChildServer {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "child_server_for_max_connections",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-        let port = stdout
-            .lines()
-            .map_while(Result::ok)
-            .find_map(|line| line.strip_prefix("PORT ").and_then(|p| p.parse().ok()))
-            .expect("the child server's port");
-        ChildServer {
-            child,
-            addr: SocketAddr::new(loopback(1), port),
-        }
-    }
-}
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        if self.child.try_wait().ok().flatten().is_none() {
-            std::thread::sleep(Duration::from_millis(200));
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
+    ChildServer::serve(app()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_after_max_connections_is_closed_at_once_and_one_address_gets_a_thousand() {
-    let server = ChildServer::start();
+    let server = ChildServer::start("child_server_for_max_connections");
     let addr = server.addr;
     let deadline = Instant::now() + Duration::from_secs(10);
     while get_from(loopback(2), addr, "/ping").await != Some(200) {

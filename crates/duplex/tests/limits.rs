@@ -13,7 +13,7 @@ use axum::{
     middleware::{self, Next},
     response::{IntoResponse, Response},
 };
-use common::{RawClient, Server, upgrade_request};
+use common::{ChildServer, RawClient, Server, upgrade_request};
 use duplex::{App, CloseCode, Session, WebSockets};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -254,4 +254,102 @@ async fn rfc6455_4_2_2_authentication_answers_before_any_101_and_hands_the_ident
     let (status, _, _) = status_of(&server, "Authorization: Bearer s3cret\r\n").await;
     assert_eq!(status, 101);
     assert_eq!(seen.next().await, Some(User("alice".into())));
+}
+
+/// The status of an upgrade request to `/ws` sent from `ip`, and the
+/// connection (a session when 101).
+async fn upgrade_from(ip: [u8; 4], addr: std::net::SocketAddr) -> (u16, TcpStream) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((ip, 0).into()).unwrap();
+    let mut tcp = socket.connect(addr).await.unwrap();
+    tcp.write_all(upgrade_request("/ws", "").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut byte))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        assert_eq!(n, 1, "closed before a whole response head");
+        head.push(byte[0]);
+    }
+    let status = std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap();
+    (status, tcp)
+}
+
+/// The server of [`the_session_after_the_shipped_10000_gets_503`], in a
+/// process of its own ([`ChildServer`]).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the server process of another test, which starts it"]
+async fn child_server_for_max_sessions() {
+    ChildServer::serve(App::new().web_socket("/ws", hold)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_after_the_shipped_10000_gets_503() {
+    let server = ChildServer::start("child_server_for_max_sessions");
+    let mut open = Vec::new();
+    // Ten addresses at the shipped 1,000 sessions each.
+    for n in 1..=10u8 {
+        for k in 0..1_000 {
+            let (status, tcp) = upgrade_from([127, 0, 0, n], server.addr).await;
+            assert_eq!(status, 101, "session {k} of 127.0.0.{n}");
+            open.push(tcp);
+        }
+    }
+    let (status, _) = upgrade_from([127, 0, 0, 11], server.addr).await;
+    assert_eq!(status, 503, "the 10,001st session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_past_the_shipped_burst_of_1000_get_429() {
+    // Sessions per address unlimited, so that only the rate refuses.
+    let ws = WebSockets::default().max_sessions_per_ip(None);
+    let server = Server::start(App::new().install(ws).web_socket("/ws", hold)).await;
+    let started = Instant::now();
+    let mut open = Vec::new();
+    let (retry_after, accepted) = loop {
+        let (status, retry_after, client) = status_of(&server, "").await;
+        match status {
+            101 => open.push(client),
+            429 => break (retry_after, open.len()),
+            other => panic!("answered {other}"),
+        }
+        assert!(open.len() <= 2_000, "no 429 after 2,000 handshakes");
+    };
+    // The burst, and what the shipped 50 a second refilled meanwhile.
+    let refilled = (started.elapsed().as_secs_f64() * 50.0).ceil() as usize;
+    assert!(
+        (1_000..=1_000 + refilled).contains(&accepted),
+        "{accepted} handshakes before the first 429, in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(retry_after.as_deref(), Some("1"));
+}
+
+#[tokio::test]
+async fn shutdown_drops_sessions_still_open_after_the_shipped_10_s_grace() {
+    let app = App::new().web_socket("/ws", |session: Session| async move {
+        // Ignores the 1001 and holds on to its session.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(session);
+    });
+    let server = Server::start(app).await;
+    let mut client = RawClient::connect(server.addr, "/ws").await;
+    let started = Instant::now();
+    let stopping = tokio::spawn(server.shutdown_within(Duration::from_secs(15)));
+    let (code, _) = client.read_close().await;
+    assert_eq!(code, CloseCode::GOING_AWAY.0);
+    stopping
+        .await
+        .expect("the shutdown task")
+        .expect("serve returns Ok");
+    let took = started.elapsed();
+    assert!(
+        (Duration::from_secs(10)..Duration::from_secs(12)).contains(&took),
+        "serve returned {took:?} after the signal, the shipped grace period is 10 s"
+    );
+    client.expect_eof().await;
 }

@@ -61,13 +61,19 @@ impl Server {
     }
 
     /// Fires the shutdown signal and waits for `serve` to return.
-    pub(crate) async fn shutdown(mut self) -> io::Result<()> {
+    pub(crate) async fn shutdown(self) -> io::Result<()> {
+        self.shutdown_within(WAIT).await
+    }
+
+    /// [`shutdown`](Self::shutdown), waiting up to `wait` for `serve`.
+    pub(crate) async fn shutdown_within(mut self, wait: Duration) -> io::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         let serve = self.serve.take().expect("serve handle");
-        within("serve_with_shutdown to return", serve)
+        tokio::time::timeout(wait, serve)
             .await
+            .expect("serve_with_shutdown to return in time")
             .expect("the serve task panicked")
     }
 }
@@ -566,4 +572,65 @@ pub(crate) fn status_kib(field: &str) -> u64 {
 /// that a peak read afterwards is the growth from now.
 pub(crate) fn reset_peak_rss() {
     std::fs::write("/proc/self/clear_refs", "5").expect("write 5 to /proc/self/clear_refs");
+}
+
+// ------------------------------------------------------------ child server
+
+/// A server in a process of its own: the test binary itself, running only
+/// the `#[ignore]`d test `name`, which prints `PORT <port>` and serves
+/// until its standard input closes. For floods of 10,000 connections, whose
+/// two ends in one process would pass its limit of open files. Stopped
+/// when dropped.
+pub(crate) struct ChildServer {
+    child: std::process::Child,
+    pub(crate) addr: SocketAddr,
+}
+
+impl ChildServer {
+    pub(crate) fn start(name: &str) -> ChildServer {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().expect("current_exe"))
+            .args([name, "--exact", "--ignored", "--nocapture"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the child server");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let port = stdout
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|line| line.strip_prefix("PORT ").and_then(|p| p.parse().ok()))
+            .expect("the child server's port");
+        ChildServer {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    /// The body of the child's test: serves `app` on 127.0.0.1 and prints
+    /// its port, until standard input closes.
+    pub(crate) async fn serve(app: App) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        println!("PORT {}", listener.local_addr().expect("local_addr").port());
+        let stdin_closed = tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        });
+        app.serve_with_shutdown(listener, async move {
+            let _ = stdin_closed.await;
+        })
+        .await
+        .expect("serve");
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        if self.child.try_wait().ok().flatten().is_none() {
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
 }
