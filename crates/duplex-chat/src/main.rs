@@ -118,17 +118,17 @@ struct Args {
     /// With Redis: new rooms and new direct conversations (streams in
     /// Redis) one connection may start per second on average (0: no
     /// limit); past it, rate_limited.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = duplex_chat::RedisOptions::NEW_STREAMS_RATE)]
     new_streams_rate: f64,
     /// With Redis: new streams one connection may start at once.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = duplex_chat::RedisOptions::NEW_STREAMS_BURST)]
     new_streams_burst: u32,
     /// With Redis: new streams the connections of one address (IPv6: one
     /// /64) may start per second on average (0: no limit).
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = duplex_chat::RedisOptions::NEW_STREAMS_RATE_PER_ADDRESS)]
     new_streams_rate_per_ip: f64,
     /// With Redis: new streams the connections of one address may start at once.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = duplex_chat::RedisOptions::NEW_STREAMS_BURST_PER_ADDRESS)]
     new_streams_burst_per_ip: u32,
 }
 

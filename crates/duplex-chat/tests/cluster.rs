@@ -843,7 +843,7 @@ async fn what_a_client_can_make_redis_hold_is_bounded_at_the_shipped_defaults() 
     // addresses, each within its allowance of new streams: at most
     // --max-total-rooms streams are kept.
     let rooms = defaults.max_total_rooms + 50;
-    let allowance = duplex_chat::RedisOptions::new(String::new()).new_streams_burst as usize;
+    let allowance = duplex_chat::RedisOptions::NEW_STREAMS_BURST as usize;
     let writers = rooms.div_ceil(allowance);
     let writing = (0..writers).map(|w| {
         let node = &node;
@@ -1195,4 +1195,93 @@ async fn a_join_answers_the_epoch_redis_holds_and_members_told_of_the_change() {
     let later = cyd.join("general").await;
     assert_eq!(later["epoch"], joined["epoch"], "{later}");
     assert_eq!(history_texts(&later), ["two"], "{later}");
+}
+
+/// Joins and leaves `rooms` without waiting, then says which joins were
+/// refused with `rate_limited`.
+async fn make_rooms(client: &mut Client, rooms: &[String]) -> Vec<String> {
+    for room in rooms {
+        client.send(json!({"type": "join", "room": room})).await;
+        client.send(json!({"type": "leave", "room": room})).await;
+    }
+    let mut limited = Vec::new();
+    for room in rooms {
+        let answer = client
+            .until_within("the join's answer", Duration::from_secs(20), |e| {
+                e["room"] == room.as_str() && (e["type"] == "joined" || e["type"] == "error")
+            })
+            .await;
+        if answer["type"] == "error" {
+            assert_eq!(answer["code"], "rate_limited", "{answer}");
+            assert!(
+                answer["retry_after_ms"].as_u64().unwrap_or(0) > 0,
+                "{answer}"
+            );
+            limited.push(room.clone());
+        }
+    }
+    limited
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_rooms_and_conversations_past_a_connection_s_or_an_address_s_allowance_are_rate_limited()
+ {
+    let redis = Redis::start();
+    let prefix = prefix("allowance");
+    let node = Node::start(&redis, &prefix);
+    let allowance = duplex_chat::RedisOptions::new(String::new());
+    let burst = allowance.new_streams_burst as usize;
+    let home = std::net::Ipv4Addr::new(127, 0, 3, 1);
+    let mut bob = Client::hello_from(&node, "Bob", std::net::Ipv4Addr::new(127, 0, 3, 2)).await;
+    bob.join("lobby").await;
+    let mut ada = Client::hello_from(&node, "Ada", home).await;
+    // Ada's first message to Bob starts their pair: one of her allowance.
+    ada.send(json!({"type": "dm", "to": "Bob", "text": "hi"}))
+        .await;
+    ada.until("the DM", |e| e["type"] == "dm").await;
+    // The rest of her burst makes rooms; the next new room is refused.
+    let rooms: Vec<String> = (0..burst + 5).map(|i| format!("a{i}")).collect();
+    let limited = make_rooms(&mut ada, &rooms).await;
+    assert!(
+        !limited.is_empty() && limited.iter().all(|r| !rooms[..burst - 1].contains(r)),
+        "refused: {limited:?}"
+    );
+    // What exists takes nothing: a room in use, a pair that wrote.
+    ada.join("lobby").await;
+    ada.send(json!({"type": "dm", "to": "Bob", "text": "again"}))
+        .await;
+    ada.until("the second DM", |e| {
+        e["type"] == "dm" && e["text"] == "again"
+    })
+    .await;
+    // A new conversation does.
+    let _cyd = Client::hello_from(&node, "Cyd", std::net::Ipv4Addr::new(127, 0, 3, 3)).await;
+    ada.send(json!({"type": "dm", "to": "Cyd", "text": "hello"}))
+        .await;
+    let refused = ada
+        .until("the refusal", |e| e["type"] == "error" || e["type"] == "dm")
+        .await;
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    assert_eq!(refused["request"], "dm", "{refused}");
+
+    // Other connections from Ada's address share the address's allowance:
+    // together they start no more than it, however many they are.
+    let per_address = allowance.new_streams_burst_per_address as usize;
+    let connections = per_address.div_ceil(burst) + 1;
+    let mut started = burst;
+    for c in 0..connections {
+        let mut more = Client::hello_from(&node, &format!("m{c}"), home).await;
+        let rooms: Vec<String> = (0..burst).map(|i| format!("m{c}r{i}")).collect();
+        started += burst - make_rooms(&mut more, &rooms).await.len();
+    }
+    // A few tokens come back while the test runs (2 a second).
+    assert!(
+        started <= per_address + 10,
+        "{started} streams started from one address"
+    );
+    // Another address has its own.
+    let mut elsewhere =
+        Client::hello_from(&node, "Dee", std::net::Ipv4Addr::new(127, 0, 3, 4)).await;
+    let joined = elsewhere.join("elsewhere").await;
+    assert_eq!(joined["type"], "joined", "{joined}");
 }

@@ -113,6 +113,15 @@ pub struct RedisOptions {
 }
 
 impl RedisOptions {
+    /// The default [`RedisOptions::new_streams_rate`].
+    pub const NEW_STREAMS_RATE: f64 = 0.5;
+    /// The default [`RedisOptions::new_streams_burst`].
+    pub const NEW_STREAMS_BURST: u32 = 20;
+    /// The default [`RedisOptions::new_streams_rate_per_address`].
+    pub const NEW_STREAMS_RATE_PER_ADDRESS: f64 = 2.0;
+    /// The default [`RedisOptions::new_streams_burst_per_address`].
+    pub const NEW_STREAMS_BURST_PER_ADDRESS: u32 = 100;
+
     /// Options for the Redis at `url`, with the default prefix, a random
     /// node id and the default allowances of new streams.
     pub fn new(url: String) -> RedisOptions {
@@ -121,10 +130,10 @@ impl RedisOptions {
             prefix: "duplex-chat".to_owned(),
             node_id: None,
             retry: false,
-            new_streams_rate: 0.5,
-            new_streams_burst: 20,
-            new_streams_rate_per_address: 2.0,
-            new_streams_burst_per_address: 100,
+            new_streams_rate: Self::NEW_STREAMS_RATE,
+            new_streams_burst: Self::NEW_STREAMS_BURST,
+            new_streams_rate_per_address: Self::NEW_STREAMS_RATE_PER_ADDRESS,
+            new_streams_burst_per_address: Self::NEW_STREAMS_BURST_PER_ADDRESS,
         }
     }
 }
