@@ -1117,12 +1117,14 @@ impl Cluster {
                 .invoke_async(&mut self.conn()),
         )
         .await;
-        // A refusal is a word instead of the answer; a join that made no
-        // stream gives its allowance back.
+        // A refusal is a word instead of the answer. A join that made no
+        // stream gives its allowance back, but not one refused for want
+        // of room: looking for a place among the streams kept is what the
+        // allowance pays for.
         let answer = answer.and_then(|reply| {
             let refusal = text(&reply);
             let created = array(&reply).get(5).is_some_and(|c| int(c) == 1);
-            if allowance.is_ok() && !created {
+            if allowance.is_ok() && refusal.is_none() && !created {
                 self.give_back_new_stream(me.id());
             }
             match (refusal.as_deref(), allowance) {
@@ -1671,7 +1673,8 @@ impl Cluster {
             self.give_back_new_stream(conn.me.id());
         }
         match reply? {
-            Value::Nil => return Err(unknown()),
+            // The script's `false`: the recipient no longer holds the name.
+            Value::Nil | Value::Boolean(false) => return Err(unknown()),
             Value::Array(_) => {}
             _ => return Err(self.too_many_new_streams(allowance.err().unwrap_or_default())),
         }
