@@ -1038,6 +1038,7 @@ async fn strangers_making_up_rooms_and_pairs_erase_no_room_in_use_nor_a_pair_s_m
                     .await;
             }
             let mut refusals = Vec::new();
+            let mut joined = 0;
             for _ in 0..2 * each {
                 let answer = stranger
                     .until_within("an answer", Duration::from_secs(30), |e| {
@@ -1048,13 +1049,18 @@ async fn strangers_making_up_rooms_and_pairs_erase_no_room_in_use_nor_a_pair_s_m
                 if answer["type"] == "error" {
                     refusals.push(answer["code"].as_str().unwrap_or_default().to_owned());
                 }
+                joined += usize::from(answer["type"] == "joined");
             }
-            (stranger, refusals)
+            (stranger, refusals, joined)
         }
     });
     // Kept open: their rooms stay in use while Alice and Bob are checked.
-    let strangers: Vec<(Client, Vec<String>)> = futures_util::future::join_all(attack).await;
-    for (stranger, refusals) in &strangers {
+    let strangers: Vec<(Client, Vec<String>, usize)> = futures_util::future::join_all(attack).await;
+    // Redis keeps as many streams as it may, every one of a room in use:
+    // #general and 999 of theirs (their node alone would take 1,000).
+    let joined: usize = strangers.iter().map(|(_, _, joined)| joined).sum();
+    assert_eq!(joined, defaults.max_total_rooms - 1);
+    for (stranger, refusals, _) in &strangers {
         assert!(
             refusals
                 .iter()

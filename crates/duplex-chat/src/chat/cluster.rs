@@ -462,33 +462,47 @@ redis.call('PUBLISH', ARGV[4], 'L\n' .. prev .. '\n' .. id .. '\n' .. ARGV[1])
 return id
 ";
 
+/// Streams `keep` looks at, at most, for one to forget.
+const KEEP_LOOKS: usize = 64;
+
+/// A script that uses [`STREAM_FUNCTIONS`].
+fn stream_script(body: &str) -> Script {
+    Script::new(&format!(
+        "local KEEP_LOOKS = {KEEP_LOOKS}\n{STREAM_FUNCTIONS}{body}"
+    ))
+}
+
 /// What the scripts that write streams share: `keep` marks a stream used;
 /// a stream new to the index takes the place of the least recently used
 /// one not in use (a room whose member set has a live entry is; with no
-/// `members_prefix`, as for pairs, none is), forgotten with its epoch.
-/// When every stream kept is in use, it is not kept (false) unless
-/// `force`: a room in use whose stream was lost comes back whatever the
-/// cap. `unwritten` is the epoch of pairs that never wrote. `trim` drops a
-/// stream's oldest entries until it is within its budgets of entries and
-/// bytes.
+/// `members_prefix`, as for pairs, none is), forgotten with its epoch. It
+/// looks at the [`KEEP_LOOKS`] least recently used at most, so that a
+/// refusal costs Redis little: a room in use among them counts as used
+/// now, so the next look starts with others. When none of them can go,
+/// the new stream is not kept (false) unless `force`: a room in use whose
+/// stream was lost comes back whatever the cap. `unwritten` is the epoch
+/// of pairs that never wrote. `trim` drops a stream's oldest entries until
+/// it is within its budgets of entries and bytes.
 const STREAM_FUNCTIONS: &str = r"
 local function keep(index, name, now, cap, stream_prefix, meta_prefix, members_prefix, force)
   if redis.call('ZSCORE', index, name) then
     redis.call('ZADD', index, now, name)
     return true
   end
-  local skipped = 0
-  while redis.call('ZCARD', index) >= tonumber(cap) do
-    local oldest = redis.call('ZRANGE', index, skipped, skipped)[1]
-    if not oldest then break end
-    if members_prefix ~= '' and redis.call('ZCOUNT', members_prefix .. oldest, now, '+inf') > 0 then
-      skipped = skipped + 1
-    else
-      redis.call('ZREM', index, oldest)
-      redis.call('DEL', stream_prefix .. oldest, meta_prefix .. oldest)
+  local over = redis.call('ZCARD', index) - tonumber(cap) + 1
+  if over > 0 then
+    for _, oldest in ipairs(redis.call('ZRANGE', index, 0, KEEP_LOOKS - 1)) do
+      if members_prefix ~= '' and redis.call('ZCOUNT', members_prefix .. oldest, now, '+inf') > 0 then
+        redis.call('ZADD', index, now, oldest)
+      else
+        redis.call('ZREM', index, oldest)
+        redis.call('DEL', stream_prefix .. oldest, meta_prefix .. oldest)
+        over = over - 1
+        if over == 0 then break end
+      end
     end
+    if over > 0 and not force then return false end
   end
-  if not force and redis.call('ZCARD', index) >= tonumber(cap) then return false end
   redis.call('ZADD', index, now, name)
   return true
 end
@@ -835,11 +849,11 @@ impl Cluster {
             },
             scripts: Scripts {
                 hello: Script::new(HELLO),
-                join: Script::new(&format!("{STREAM_FUNCTIONS}{JOIN}")),
+                join: stream_script(JOIN),
                 leave: Script::new(LEAVE),
-                say: Script::new(&format!("{STREAM_FUNCTIONS}{SAY}")),
-                range: Script::new(&format!("{STREAM_FUNCTIONS}{RANGE}")),
-                dm: Script::new(&format!("{STREAM_FUNCTIONS}{DM}")),
+                say: stream_script(SAY),
+                range: stream_script(RANGE),
+                dm: stream_script(DM),
                 beat: Script::new(BEAT_SCRIPT),
                 presence: Script::new(PRESENCE),
                 directory: Script::new(DIRECTORY),
