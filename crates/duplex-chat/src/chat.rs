@@ -607,6 +607,18 @@ impl TokenBucket {
             Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
         }
     }
+
+    /// Puts back a token taken for something that did not happen.
+    pub(crate) fn give_back(&mut self) {
+        self.tokens = (self.tokens + 1.0).min(self.burst);
+    }
+
+    /// Whether the bucket is as full as a new one: then forgetting it
+    /// changes nothing.
+    pub(crate) fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.rate <= 0.0 || self.tokens + elapsed * self.rate >= self.burst
+    }
 }
 
 /// One connection: its hub membership, its name, its rate limit. Dropping
@@ -623,6 +635,9 @@ struct Connection {
     /// With Redis: room messages of this connection on their way to Redis
     /// ([`cluster::SAYS_IN_FLIGHT`] at most).
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// The peer's address, when known: with Redis, new streams are
+    /// rate-limited per address too.
+    addr: Option<std::net::IpAddr>,
 }
 
 impl Drop for Connection {
@@ -760,6 +775,7 @@ impl Chat {
             bucket: TokenBucket::new(options.rate, options.burst),
             quiet_until: None,
             in_flight: Arc::new(tokio::sync::Semaphore::new(cluster::SAYS_IN_FLIGHT)),
+            addr: session.request().remote_addr().map(|a| a.ip()),
             chat: self.clone(),
         };
         match &self.inner.cluster {

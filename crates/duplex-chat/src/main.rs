@@ -115,6 +115,21 @@ struct Args {
     /// This node's id in Redis (random by default).
     #[arg(long, requires = "redis_url")]
     node_id: Option<String>,
+    /// With Redis: new rooms and new direct conversations (streams in
+    /// Redis) one connection may start per second on average (0: no
+    /// limit); past it, rate_limited.
+    #[arg(long, default_value_t = duplex_chat::RedisOptions::NEW_STREAMS_RATE)]
+    new_streams_rate: f64,
+    /// With Redis: new streams one connection may start at once.
+    #[arg(long, default_value_t = duplex_chat::RedisOptions::NEW_STREAMS_BURST)]
+    new_streams_burst: u32,
+    /// With Redis: new streams the connections of one address (IPv6: one
+    /// /64) may start per second on average (0: no limit).
+    #[arg(long, default_value_t = duplex_chat::RedisOptions::NEW_STREAMS_RATE_PER_ADDRESS)]
+    new_streams_rate_per_ip: f64,
+    /// With Redis: new streams the connections of one address may start at once.
+    #[arg(long, default_value_t = duplex_chat::RedisOptions::NEW_STREAMS_BURST_PER_ADDRESS)]
+    new_streams_burst_per_ip: u32,
 }
 
 #[tokio::main]
@@ -166,10 +181,14 @@ async fn main() -> std::io::Result<()> {
     let chat = match args.redis_url {
         Some(url) => {
             let redis = duplex_chat::RedisOptions {
-                url,
                 prefix: args.redis_prefix,
                 node_id: args.node_id,
                 retry: args.redis_retry,
+                new_streams_rate: args.new_streams_rate.max(0.0),
+                new_streams_burst: args.new_streams_burst.max(1),
+                new_streams_rate_per_address: args.new_streams_rate_per_ip.max(0.0),
+                new_streams_burst_per_address: args.new_streams_burst_per_ip.max(1),
+                ..duplex_chat::RedisOptions::new(url)
             };
             match duplex_chat::Chat::with_redis(options, redis).await {
                 Ok(chat) => chat,

@@ -192,16 +192,53 @@ impl Client {
         }
     }
 
+    /// A connection whose packets come from `source`, one of the many
+    /// addresses of 127.0.0.0/8: the server counts it as that address's.
+    async fn open_from(node: &Node, name: &str, source: std::net::Ipv4Addr) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket.bind((source, 0).into()).expect("bind to the source");
+        let tcp = tokio::time::timeout(WAIT, socket.connect(([127, 0, 0, 1], node.port).into()))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        let (ws, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::client_async(
+                node.url(),
+                tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+            ),
+        )
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+        Client {
+            ws,
+            name: name.to_owned(),
+            events: Vec::new(),
+            seen: 0,
+        }
+    }
+
     async fn hello(node: &Node, name: &str) -> Client {
-        let mut client = Client::open(node, name).await;
-        client.send(json!({"type": "hello", "name": name})).await;
-        let welcome = client
+        let client = Client::open(node, name).await;
+        client.say_hello().await
+    }
+
+    async fn hello_from(node: &Node, name: &str, source: std::net::Ipv4Addr) -> Client {
+        let client = Client::open_from(node, name, source).await;
+        client.say_hello().await
+    }
+
+    async fn say_hello(mut self) -> Client {
+        let name = self.name.clone();
+        self.send(json!({"type": "hello", "name": name})).await;
+        let welcome = self
             .until("welcome", |e| {
                 e["type"] == "welcome" || e["type"] == "error"
             })
             .await;
         assert_eq!(welcome["type"], "welcome", "{name}: {welcome}");
-        client
+        self
     }
 
     async fn send(&mut self, value: Value) {
@@ -802,27 +839,46 @@ async fn what_a_client_can_make_redis_hold_is_bounded_at_the_shipped_defaults() 
                 .is_some_and(|t| t.starts_with(&format!("{:>6}", lines - 1)))
     })
     .await;
-    // Many rooms, each with a line: --max-total-rooms streams are kept.
+    // Many rooms, each with a line, made by connections from many
+    // addresses, each within its allowance of new streams: at most
+    // --max-total-rooms streams are kept.
     let rooms = defaults.max_total_rooms + 50;
-    for i in 0..rooms {
-        let room = format!("r{i}");
-        ada.send(json!({"type": "join", "room": room})).await;
-        ada.send(json!({"type": "message", "room": room, "text": "hi"}))
-            .await;
-        ada.send(json!({"type": "leave", "room": room})).await;
-        if i % 100 == 99 {
-            ada.until_within("the rooms' answers", Duration::from_secs(20), |e| {
-                e["type"] == "left" && e["room"] == room
-            })
-            .await;
+    let allowance = duplex_chat::RedisOptions::NEW_STREAMS_BURST as usize;
+    let writers = rooms.div_ceil(allowance);
+    let writing = (0..writers).map(|w| {
+        let node = &node;
+        async move {
+            let source = std::net::Ipv4Addr::new(127, 0, 2, 1 + w as u8);
+            let mut writer = Client::hello_from(node, &format!("w{w}"), source).await;
+            let mine = (w * allowance..rooms.min((w + 1) * allowance)).map(|i| format!("r{i}"));
+            let mut last = String::new();
+            for room in mine {
+                writer.send(json!({"type": "join", "room": room})).await;
+                writer
+                    .send(json!({"type": "message", "room": room, "text": "hi"}))
+                    .await;
+                writer.send(json!({"type": "leave", "room": room})).await;
+                last = room;
+            }
+            writer
+                .until_within("its last room's answer", Duration::from_secs(30), |e| {
+                    e["type"] == "left" && e["room"] == last
+                })
+                .await;
+            writer
         }
+    });
+    let writers = futures_util::future::join_all(writing).await;
+    for writer in &writers {
+        assert!(
+            writer.events.iter().all(|e| e["type"] != "error"),
+            "{}: {:?}",
+            writer.name,
+            writer.events.iter().find(|e| e["type"] == "error")
+        );
     }
-    ada.until_within("the last room's answer", Duration::from_secs(20), |e| {
-        e["type"] == "left" && e["room"] == format!("r{}", rooms - 1)
-    })
-    .await;
-    // Direct-message histories asked of many pairs that never wrote: each
-    // epoch handed out is kept, so it counts against the same cap.
+    // Direct-message histories asked of many pairs that never wrote: a
+    // read creates nothing.
     let pairs = defaults.max_total_rooms + 50;
     for i in 0..pairs {
         ada.send(json!({"type": "dm_history", "with": format!("u{i}")}))
@@ -841,11 +897,7 @@ async fn what_a_client_can_make_redis_hold_is_bounded_at_the_shipped_defaults() 
     );
     let mut conn = inspect(&redis).await;
     let pair_metas = keys(&mut conn, format!("{prefix}:dmeta:*")).await;
-    assert!(
-        pair_metas.len() <= defaults.max_total_rooms,
-        "{} pairs' epochs kept",
-        pair_metas.len()
-    );
+    assert!(pair_metas.is_empty(), "pairs' epochs kept: {pair_metas:?}");
     // Every member set expires unless a live node refreshes it.
     for key in &keys(&mut conn, format!("{prefix}:m:*")).await {
         let ttl: i64 = redis::cmd("PTTL")
@@ -931,4 +983,311 @@ async fn a_joiner_s_history_and_live_messages_meet_exactly_while_another_node_wr
         e["type"] == "message" && e["text"] == (total - 1).to_string().as_str()
     })
     .await;
+}
+
+/// The texts of a `joined` or `dm_history` answer's history.
+fn history_texts(answer: &Value) -> Vec<String> {
+    answer["history"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no history: {answer}"))
+        .iter()
+        .map(|l| l["text"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_making_up_rooms_and_pairs_erase_no_room_in_use_nor_a_pair_s_messages() {
+    let redis = Redis::start();
+    let prefix = prefix("evict");
+    let home = Node::start(&redis, &prefix);
+    let other = Node::start(&redis, &prefix);
+    let defaults = duplex_chat::ChatOptions::default();
+    let mut alice = Client::hello(&home, "Alice").await;
+    let mut bob = Client::hello(&home, "Bob").await;
+    alice.join("general").await;
+    bob.join("general").await;
+    alice.say("general", "before").await;
+    bob.until("before", |e| {
+        e["type"] == "message" && e["text"] == "before"
+    })
+    .await;
+    alice
+        .send(json!({"type": "dm", "to": "Bob", "text": "psst"}))
+        .await;
+    bob.until("the DM", |e| e["type"] == "dm" && e["text"] == "psst")
+        .await;
+
+    // 60 strangers on another node, each from an address of its own (so
+    // that only a connection's allowance of new streams holds them back),
+    // each making up as many rooms as it may be in and asking the history
+    // of as many made-up pairs: more rooms, and more pairs, than Redis
+    // keeps streams of.
+    let strangers = 60;
+    let each = defaults.max_rooms_per_user;
+    let attack = (0..strangers).map(|i| {
+        let other = &other;
+        async move {
+            let source = std::net::Ipv4Addr::new(127, 0, 1, 1 + i as u8);
+            let mut stranger = Client::hello_from(other, &format!("s{i}"), source).await;
+            for j in 0..each {
+                stranger
+                    .send(json!({"type": "join", "room": format!("s{i}r{j}")}))
+                    .await;
+                stranger
+                    .send(json!({"type": "dm_history", "with": format!("s{i}u{j}")}))
+                    .await;
+            }
+            let mut refusals = Vec::new();
+            let mut joined = 0;
+            for _ in 0..2 * each {
+                let answer = stranger
+                    .until_within("an answer", Duration::from_secs(30), |e| {
+                        ["joined", "dm_history", "error"]
+                            .contains(&e["type"].as_str().unwrap_or(""))
+                    })
+                    .await;
+                if answer["type"] == "error" {
+                    refusals.push(answer["code"].as_str().unwrap_or_default().to_owned());
+                }
+                joined += usize::from(answer["type"] == "joined");
+            }
+            (stranger, refusals, joined)
+        }
+    });
+    // Kept open: their rooms stay in use while Alice and Bob are checked.
+    let strangers: Vec<(Client, Vec<String>, usize)> = futures_util::future::join_all(attack).await;
+    // Redis keeps as many streams as it may, every one of a room in use:
+    // #general and 999 of theirs (their node alone would take 1,000).
+    let joined: usize = strangers.iter().map(|(_, _, joined)| joined).sum();
+    assert_eq!(joined, defaults.max_total_rooms - 1);
+    for (stranger, refusals, _) in &strangers {
+        assert!(
+            refusals
+                .iter()
+                .all(|code| code == "server_rooms_full" || code == "rate_limited"),
+            "{}: {refusals:?}",
+            stranger.name
+        );
+    }
+
+    // #general lost nothing: Bob gets the next message with no gap, and a
+    // newcomer the whole history.
+    alice.say("general", "after").await;
+    bob.until("after", |e| e["type"] == "message" && e["text"] == "after")
+        .await;
+    bob.messages("general", Duration::from_millis(300)).await;
+    assert!(
+        bob.events.iter().all(|e| e["type"] != "gap"),
+        "Bob was told of a gap: {:?}",
+        bob.events.iter().find(|e| e["type"] == "gap")
+    );
+    let mut cyd = Client::hello(&home, "Cyd").await;
+    let joined = cyd.join("general").await;
+    assert_eq!(history_texts(&joined), ["before", "after"], "{joined}");
+    // Nor did Alice and Bob's direct messages go.
+    alice
+        .send(json!({"type": "dm_history", "with": "Bob"}))
+        .await;
+    let history = alice
+        .until("dm_history", |e| e["type"] == "dm_history")
+        .await;
+    assert_eq!(history_texts(&history), ["psst"], "{history}");
+
+    // And Redis holds no more than its caps.
+    let mut conn = inspect(&redis).await;
+    for index in ["kept", "dkept"] {
+        let held: usize = redis::cmd("ZCARD")
+            .arg(format!("{prefix}:{index}"))
+            .query_async(&mut conn)
+            .await
+            .expect("ZCARD");
+        assert!(held <= defaults.max_total_rooms, "{held} in {index}");
+    }
+    let pair_metas = keys(&mut conn, format!("{prefix}:dmeta:*")).await;
+    assert_eq!(pair_metas.len(), 1, "{pair_metas:?}");
+    drop(strangers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_of_a_pair_that_never_wrote_leaves_nothing_in_redis_and_its_epoch_holds() {
+    let redis = Redis::start();
+    let prefix = prefix("unwritten");
+    let node = Node::start(&redis, &prefix);
+    let mut ada = Client::hello(&node, "Ada").await;
+    let mut bob = Client::hello(&node, "Bob").await;
+    let mut conn = inspect(&redis).await;
+    let before: HashSet<String> = keys(&mut conn, format!("{prefix}:*"))
+        .await
+        .into_iter()
+        .collect();
+    ada.send(json!({"type": "dm_history", "with": "Nobody"}))
+        .await;
+    ada.until("dm_history", |e| e["type"] == "dm_history").await;
+    ada.send(json!({"type": "dm_history", "with": "Bob", "since": "1-0", "epoch": "x"}))
+        .await;
+    ada.until("dm_history", |e| e["type"] == "dm_history").await;
+    ada.send(json!({"type": "dm_history", "with": "Bob"})).await;
+    let empty = ada.until("dm_history", |e| e["type"] == "dm_history").await;
+    assert_eq!(history_texts(&empty), Vec::<String>::new(), "{empty}");
+    let after: HashSet<String> = keys(&mut conn, format!("{prefix}:*"))
+        .await
+        .into_iter()
+        .collect();
+    let pair_keys: Vec<&String> = after
+        .difference(&before)
+        .filter(|k| {
+            [":ds:", ":dmeta:", ":dkept"]
+                .iter()
+                .any(|part| k.contains(part))
+        })
+        .collect();
+    assert!(pair_keys.is_empty(), "reads left {pair_keys:?}");
+    // The epoch given before the pair's first message is the pair's after
+    // it: a client that asked early recovers from it.
+    ada.send(json!({"type": "dm", "to": "Bob", "text": "hi"}))
+        .await;
+    let first = bob.until("the DM", |e| e["type"] == "dm").await;
+    ada.send(json!({"type": "dm", "to": "Bob", "text": "again"}))
+        .await;
+    bob.until("the second DM", |e| {
+        e["type"] == "dm" && e["text"] == "again"
+    })
+    .await;
+    ada.send(
+        json!({"type": "dm_history", "with": "Bob", "since": first["id"], "epoch": empty["epoch"]}),
+    )
+    .await;
+    let recovered = ada.until("dm_history", |e| e["type"] == "dm_history").await;
+    assert_eq!(recovered["recovered"], true, "{recovered}");
+    assert_eq!(history_texts(&recovered), ["again"], "{recovered}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_answers_the_epoch_redis_holds_and_members_told_of_the_change() {
+    let redis = Redis::start();
+    let prefix = prefix("epoch");
+    let node = Node::start(&redis, &prefix);
+    let mut ada = Client::hello(&node, "Ada").await;
+    let first = ada.join("general").await;
+    ada.say("general", "one").await;
+    // The room's stream goes behind the node's back (as when Redis
+    // restarts without its data while the node's subscription holds).
+    let mut conn = inspect(&redis).await;
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("{prefix}:s:general"))
+        .arg(format!("{prefix}:meta:general"))
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    let mut bob = Client::hello(&node, "Bob").await;
+    let joined = bob.join("general").await;
+    let held: Option<String> = redis::cmd("HGET")
+        .arg(format!("{prefix}:meta:general"))
+        .arg("epoch")
+        .query_async(&mut conn)
+        .await
+        .expect("HGET");
+    assert_eq!(joined["epoch"].as_str(), held.as_deref(), "{joined}");
+    assert_ne!(joined["epoch"], first["epoch"], "{joined}");
+    assert_eq!(history_texts(&joined), Vec::<String>::new(), "{joined}");
+    // Ada, who was in the room, is told it lost messages, with the epoch.
+    let gap = ada.until("the gap", |e| e["type"] == "gap").await;
+    assert_eq!(gap["epoch"], joined["epoch"], "{gap}");
+    // Messages go on in the new stream, and a later joiner's epoch is it.
+    ada.say("general", "two").await;
+    bob.until("two", |e| e["type"] == "message" && e["text"] == "two")
+        .await;
+    let mut cyd = Client::hello(&node, "Cyd").await;
+    let later = cyd.join("general").await;
+    assert_eq!(later["epoch"], joined["epoch"], "{later}");
+    assert_eq!(history_texts(&later), ["two"], "{later}");
+}
+
+/// Joins and leaves `rooms` without waiting, then says which joins were
+/// refused with `rate_limited`.
+async fn make_rooms(client: &mut Client, rooms: &[String]) -> Vec<String> {
+    for room in rooms {
+        client.send(json!({"type": "join", "room": room})).await;
+        client.send(json!({"type": "leave", "room": room})).await;
+    }
+    let mut limited = Vec::new();
+    for room in rooms {
+        let answer = client
+            .until_within("the join's answer", Duration::from_secs(20), |e| {
+                e["room"] == room.as_str() && (e["type"] == "joined" || e["type"] == "error")
+            })
+            .await;
+        if answer["type"] == "error" {
+            assert_eq!(answer["code"], "rate_limited", "{answer}");
+            assert!(
+                answer["retry_after_ms"].as_u64().unwrap_or(0) > 0,
+                "{answer}"
+            );
+            limited.push(room.clone());
+        }
+    }
+    limited
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_rooms_and_conversations_past_a_connection_s_or_an_address_s_allowance_are_rate_limited()
+ {
+    let redis = Redis::start();
+    let prefix = prefix("allowance");
+    let node = Node::start(&redis, &prefix);
+    let allowance = duplex_chat::RedisOptions::new(String::new());
+    let burst = allowance.new_streams_burst as usize;
+    let home = std::net::Ipv4Addr::new(127, 0, 3, 1);
+    let mut bob = Client::hello_from(&node, "Bob", std::net::Ipv4Addr::new(127, 0, 3, 2)).await;
+    bob.join("lobby").await;
+    let mut ada = Client::hello_from(&node, "Ada", home).await;
+    // Ada's first message to Bob starts their pair: one of her allowance.
+    ada.send(json!({"type": "dm", "to": "Bob", "text": "hi"}))
+        .await;
+    ada.until("the DM", |e| e["type"] == "dm").await;
+    // The rest of her burst makes rooms; the next new room is refused.
+    let rooms: Vec<String> = (0..burst + 5).map(|i| format!("a{i}")).collect();
+    let limited = make_rooms(&mut ada, &rooms).await;
+    assert!(
+        !limited.is_empty() && limited.iter().all(|r| !rooms[..burst - 1].contains(r)),
+        "refused: {limited:?}"
+    );
+    // What exists takes nothing: a room in use, a pair that wrote.
+    ada.join("lobby").await;
+    ada.send(json!({"type": "dm", "to": "Bob", "text": "again"}))
+        .await;
+    ada.until("the second DM", |e| {
+        e["type"] == "dm" && e["text"] == "again"
+    })
+    .await;
+    // A new conversation does.
+    let _cyd = Client::hello_from(&node, "Cyd", std::net::Ipv4Addr::new(127, 0, 3, 3)).await;
+    ada.send(json!({"type": "dm", "to": "Cyd", "text": "hello"}))
+        .await;
+    let refused = ada
+        .until("the refusal", |e| e["type"] == "error" || e["type"] == "dm")
+        .await;
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    assert_eq!(refused["request"], "dm", "{refused}");
+
+    // Other connections from Ada's address share the address's allowance:
+    // together they start no more than it, however many they are.
+    let per_address = allowance.new_streams_burst_per_address as usize;
+    let connections = per_address.div_ceil(burst) + 1;
+    let mut started = burst;
+    for c in 0..connections {
+        let mut more = Client::hello_from(&node, &format!("m{c}"), home).await;
+        let rooms: Vec<String> = (0..burst).map(|i| format!("m{c}r{i}")).collect();
+        started += burst - make_rooms(&mut more, &rooms).await.len();
+    }
+    // A few tokens come back while the test runs (2 a second).
+    assert!(
+        started <= per_address + 10,
+        "{started} streams started from one address"
+    );
+    // Another address has its own.
+    let mut elsewhere =
+        Client::hello_from(&node, "Dee", std::net::Ipv4Addr::new(127, 0, 3, 4)).await;
+    let joined = elsewhere.join("elsewhere").await;
+    assert_eq!(joined["type"], "joined", "{joined}");
 }

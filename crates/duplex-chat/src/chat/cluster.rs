@@ -16,6 +16,14 @@
 //!   refreshes its own every [`BEAT`], so the users of a node that died
 //!   drop out of every list within [`TTL`] plus a beat.
 //! - `P:ds:<a>|<b>`, `P:dmeta:<a>|<b>`: a pair's direct messages, as rooms.
+//!   A pair that never wrote has neither: `P:depoch` is the epoch its
+//!   first message will give it (one key for every pair).
+//! - `P:kept`, `P:dkept`: the rooms and pairs with a stream, by when last
+//!   used; beyond `--max-total-rooms` of either, the least recently used
+//!   one nobody is in (a room whose `P:m:` set has a live entry is in use;
+//!   a pair never is) is forgotten with its epoch. Only a join of a new
+//!   room or a pair's first message makes a stream, within the
+//!   connection's and its address's allowance of new streams.
 //!
 //! Every write that others must see is one Lua script that changes the
 //! data and publishes the change (`P:r:<room>` for a room, `P:d` for direct
@@ -46,7 +54,7 @@ use redis::{
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use super::{
-    Connection, DIRECTORY_MAX, Line, Outbox, Outgoing, REPLACED, SNAPSHOT_MAX, gauges,
+    Connection, DIRECTORY_MAX, Line, Outbox, Outgoing, REPLACED, SNAPSHOT_MAX, TokenBucket, gauges,
     not_identified, not_in_room, now_ms, random_hex,
 };
 use crate::ChatOptions;
@@ -89,6 +97,59 @@ pub struct RedisOptions {
     pub node_id: Option<String>,
     /// Keep trying to reach Redis at start rather than failing.
     pub retry: bool,
+    /// Streams one connection may start a second on average (a join of a
+    /// room Redis has no stream of and nobody is in, a first direct
+    /// message to someone); 0 turns the limit off. Default 0.5.
+    pub new_streams_rate: f64,
+    /// Streams one connection may start at once. Default 20, as many
+    /// rooms as a connection may be in.
+    pub new_streams_burst: u32,
+    /// Streams the connections of one address (of an IPv6 /64) may start a
+    /// second on average; 0 turns the limit off. Default 2.
+    pub new_streams_rate_per_address: f64,
+    /// Streams the connections of one address may start at once. Default
+    /// 100.
+    pub new_streams_burst_per_address: u32,
+}
+
+impl RedisOptions {
+    /// The default [`RedisOptions::new_streams_rate`].
+    pub const NEW_STREAMS_RATE: f64 = 0.5;
+    /// The default [`RedisOptions::new_streams_burst`].
+    pub const NEW_STREAMS_BURST: u32 = 20;
+    /// The default [`RedisOptions::new_streams_rate_per_address`].
+    pub const NEW_STREAMS_RATE_PER_ADDRESS: f64 = 2.0;
+    /// The default [`RedisOptions::new_streams_burst_per_address`].
+    pub const NEW_STREAMS_BURST_PER_ADDRESS: u32 = 100;
+
+    /// Options for the Redis at `url`, with the default prefix, a random
+    /// node id and the default allowances of new streams.
+    pub fn new(url: String) -> RedisOptions {
+        RedisOptions {
+            url,
+            prefix: "duplex-chat".to_owned(),
+            node_id: None,
+            retry: false,
+            new_streams_rate: Self::NEW_STREAMS_RATE,
+            new_streams_burst: Self::NEW_STREAMS_BURST,
+            new_streams_rate_per_address: Self::NEW_STREAMS_RATE_PER_ADDRESS,
+            new_streams_burst_per_address: Self::NEW_STREAMS_BURST_PER_ADDRESS,
+        }
+    }
+}
+
+/// Addresses whose allowance of new streams is remembered; beyond, those
+/// whose allowance is whole again are forgotten, and while none is, a
+/// new address starts no stream.
+const NEW_STREAM_ADDRESSES: usize = 65_536;
+
+/// How many streams a connection, and an address, may start.
+#[derive(Debug, Clone, Copy)]
+struct NewStreams {
+    rate: f64,
+    burst: u32,
+    rate_per_address: f64,
+    burst_per_address: u32,
 }
 
 /// The Redis side of a chat: one per node.
@@ -106,6 +167,7 @@ pub(super) struct Cluster {
     probes_seen: AtomicU64,
     scripts: Scripts,
     says: mpsc::Sender<Say>,
+    new_streams: NewStreams,
 }
 
 /// A room message on its way to Redis.
@@ -137,6 +199,9 @@ struct ClusterState {
     /// Rooms with members on this node.
     rooms: HashMap<Arc<str>, ClusterRoom>,
     retired: HashMap<Arc<str>, Weak<Outbox>>,
+    /// Each address's allowance of new streams ([`NEW_STREAM_ADDRESSES`]
+    /// at most).
+    new_streams: HashMap<std::net::IpAddr, TokenBucket>,
 }
 
 struct LocalUser {
@@ -151,6 +216,9 @@ struct Named {
     name: Arc<str>,
     /// The rooms it is in, and whether it has had their history.
     rooms: BTreeMap<Arc<str>, bool>,
+    /// Its allowance of new streams, and the address that shares one.
+    new_streams: TokenBucket,
+    addr: Option<std::net::IpAddr>,
 }
 
 struct ClusterRoom {
@@ -269,15 +337,22 @@ impl Keys {
     fn dm_meta(&self, pair: &str) -> String {
         format!("{}:dmeta:{pair}", self.prefix)
     }
-    /// The prefixes of the streams of rooms (or, with `pair`, of pairs) and
-    /// of their metas: the scripts' `keep` deletes a forgotten one by them.
-    fn stream_prefixes(&self, pair: bool) -> (String, String) {
+    /// The prefixes of the streams of rooms (or, with `pair`, of pairs),
+    /// of their metas and of their member sets (none for pairs): the
+    /// scripts' `keep` deletes a forgotten one by them, and skips one in
+    /// use.
+    fn stream_prefixes(&self, pair: bool) -> (String, String, String) {
         let p = &self.prefix;
         if pair {
-            (format!("{p}:ds:"), format!("{p}:dmeta:"))
+            (format!("{p}:ds:"), format!("{p}:dmeta:"), String::new())
         } else {
-            (format!("{p}:s:"), format!("{p}:meta:"))
+            (format!("{p}:s:"), format!("{p}:meta:"), format!("{p}:m:"))
         }
+    }
+    /// The epoch a pair's stream gets with its first message, and that a
+    /// pair that never wrote is said to have.
+    fn dm_first_epoch(&self) -> String {
+        format!("{}:depoch", self.prefix)
     }
     /// The rooms with a stream, by when last used.
     fn kept(&self) -> String {
@@ -324,15 +399,33 @@ return {1, cur or ''}
 
 /// Joins a room: the membership, the room's epoch, last id, history
 /// (everything after `since`, or the last few) and members, and the
-/// presence event, at once.
+/// presence event, at once; and whether it made the room's stream. A new
+/// room (no stream, nobody in it) is refused with `rate` without the
+/// connection's allowance (`ARGV[16]`), with `full` when every stream
+/// kept is of a room in use.
 const JOIN: &str = r"
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local created = 0
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  keep(KEYS[5], ARGV[9], ARGV[3], ARGV[11], ARGV[12], ARGV[13], ARGV[15], true)
+else
+  if redis.call('ZCARD', KEYS[1]) == 0 then
+    if ARGV[16] ~= '1' then return 'rate' end
+    if not keep(KEYS[5], ARGV[9], ARGV[3], ARGV[11], ARGV[12], ARGV[13], ARGV[15], false) then
+      return 'full'
+    end
+    created = 1
+  else
+    -- In use, and its stream lost (Redis restarted without its data):
+    -- it begins again, whatever the cap.
+    keep(KEYS[5], ARGV[9], ARGV[3], ARGV[11], ARGV[12], ARGV[13], ARGV[15], true)
+  end
+  redis.call('HSET', KEYS[3], 'epoch', ARGV[8])
+end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 -- As the beat does: a set whose nodes all died goes.
 redis.call('PEXPIRE', KEYS[1], ARGV[14])
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[9])
-keep(KEYS[5], ARGV[9], ARGV[3], ARGV[11], ARGV[12], ARGV[13])
-redis.call('HSETNX', KEYS[3], 'epoch', ARGV[8])
 local epoch = redis.call('HGET', KEYS[3], 'epoch')
 local last = redis.call('HGET', KEYS[3], 'last') or '0-0'
 local held = 0
@@ -346,7 +439,7 @@ end
 if held == 0 then entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[7]) end
 local members = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf')
 redis.call('PUBLISH', ARGV[5], ARGV[6])
-return {epoch, last, held, entries, members}
+return {epoch, last, held, entries, members, created}
 ";
 
 /// Leaves a room and says so.
@@ -358,7 +451,8 @@ return 1
 
 /// Adds a line to a room's stream and publishes it with the id before it.
 const SAY: &str = r"
-keep(KEYS[3], ARGV[8], ARGV[6], ARGV[7], ARGV[9], ARGV[10])
+-- The sender is in the room: it is in use.
+keep(KEYS[3], ARGV[8], ARGV[6], ARGV[7], ARGV[9], ARGV[10], ARGV[11], true)
 redis.call('HSETNX', KEYS[2], 'epoch', ARGV[3])
 local prev = redis.call('HGET', KEYS[2], 'last') or '0-0'
 local id = redis.call('XADD', KEYS[1], '*', 't', ARGV[1], 'p', prev)
@@ -368,20 +462,57 @@ redis.call('PUBLISH', ARGV[4], 'L\n' .. prev .. '\n' .. id .. '\n' .. ARGV[1])
 return id
 ";
 
-/// What the scripts that write streams share: `keep` marks a stream used
-/// and forgets the least recently used one beyond the cap (its epoch goes
-/// with it); `trim` drops a stream's oldest entries until it is within
-/// its budgets of entries and bytes.
+/// Streams `keep` looks at, at most, for one to forget.
+const KEEP_LOOKS: usize = 64;
+
+/// A script that uses [`STREAM_FUNCTIONS`].
+fn stream_script(body: &str) -> Script {
+    Script::new(&format!(
+        "local KEEP_LOOKS = {KEEP_LOOKS}\n{STREAM_FUNCTIONS}{body}"
+    ))
+}
+
+/// What the scripts that write streams share: `keep` marks a stream used;
+/// a stream new to the index takes the place of the least recently used
+/// one not in use (a room whose member set has a live entry is; with no
+/// `members_prefix`, as for pairs, none is), forgotten with its epoch. It
+/// looks at the [`KEEP_LOOKS`] least recently used at most, so that a
+/// refusal costs Redis little: a room in use among them counts as used
+/// now, so the next look starts with others. When none of them can go,
+/// the new stream is not kept (false) unless `force`: a room in use whose
+/// stream was lost comes back whatever the cap. `unwritten` is the epoch
+/// of pairs that never wrote. `trim` drops a stream's oldest entries until
+/// it is within its budgets of entries and bytes.
 const STREAM_FUNCTIONS: &str = r"
-local function keep(index, name, now, cap, stream_prefix, meta_prefix)
-  if redis.call('ZADD', index, now, name) == 1 then
-    while redis.call('ZCARD', index) > tonumber(cap) do
-      local oldest = redis.call('ZRANGE', index, 0, 0)[1]
-      if oldest == name then break end
-      redis.call('ZREM', index, oldest)
-      redis.call('DEL', stream_prefix .. oldest, meta_prefix .. oldest)
-    end
+local function keep(index, name, now, cap, stream_prefix, meta_prefix, members_prefix, force)
+  if redis.call('ZSCORE', index, name) then
+    redis.call('ZADD', index, now, name)
+    return true
   end
+  local over = redis.call('ZCARD', index) - tonumber(cap) + 1
+  if over > 0 then
+    for _, oldest in ipairs(redis.call('ZRANGE', index, 0, KEEP_LOOKS - 1)) do
+      if members_prefix ~= '' and redis.call('ZCOUNT', members_prefix .. oldest, now, '+inf') > 0 then
+        redis.call('ZADD', index, now, oldest)
+      else
+        redis.call('ZREM', index, oldest)
+        redis.call('DEL', stream_prefix .. oldest, meta_prefix .. oldest)
+        over = over - 1
+        if over == 0 then break end
+      end
+    end
+    if over > 0 and not force then return false end
+  end
+  redis.call('ZADD', index, now, name)
+  return true
+end
+local function unwritten(key, fresh)
+  local epoch = redis.call('GET', key)
+  if not epoch then
+    redis.call('SET', key, fresh)
+    epoch = fresh
+  end
+  return epoch
 end
 local function trim(stream, meta, added, max_lines, max_bytes)
   local bytes = redis.call('HINCRBY', meta, 'bytes', added)
@@ -401,15 +532,23 @@ local function trim(stream, meta, added, max_lines, max_bytes)
 end
 ";
 
-/// A stream's epoch (a new one if it was lost), its last id, whether it
-/// still holds an id (the start counts), and the entries after it.
+/// A stream's epoch, its last id, whether it still holds an id (the start
+/// counts), and the entries after it. A pair's makes nothing: a pair
+/// without a stream has the epoch its first message will give it
+/// (`KEYS[4]`). A room's is read only by a node with members in it, so a
+/// room in use: if Redis lost its stream, it begins again (with the same
+/// epoch for every node that reads it, and every later writer).
 const RANGE: &str = r"
-if redis.call('HSETNX', KEYS[2], 'epoch', ARGV[3]) == 1 then
-  -- An epoch given out is kept (a reader can create one for a pair that
-  -- never wrote), so it counts against the cap like a written stream.
-  keep(KEYS[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
-end
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  if ARGV[9] == '' then
+    epoch = unwritten(KEYS[4], ARGV[3])
+  else
+    epoch = ARGV[3]
+    redis.call('HSET', KEYS[2], 'epoch', epoch)
+    keep(KEYS[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], true)
+  end
+end
 local last = redis.call('HGET', KEYS[2], 'last') or '0-0'
 local held = 0
 if ARGV[1] == '0-0' or #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 1 then held = 1 end
@@ -418,16 +557,23 @@ return {epoch, held, entries, last}
 ";
 
 /// Adds a direct message to its pair's stream if the recipient still
-/// holds the name, and publishes it.
+/// holds the name, and publishes it; says its id and whether it made the
+/// pair's stream. The pair's first message (since it was forgotten) is
+/// refused with `rate` without the connection's allowance (`ARGV[12]`).
 const DM: &str = r"
 if not redis.call('GET', KEYS[1]) then return false end
-keep(KEYS[4], ARGV[9], ARGV[7], ARGV[8], ARGV[10], ARGV[11])
-redis.call('HSETNX', KEYS[3], 'epoch', ARGV[3])
+local created = 0
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  if ARGV[12] ~= '1' then return 'rate' end
+  redis.call('HSET', KEYS[3], 'epoch', unwritten(KEYS[5], ARGV[3]))
+  created = 1
+end
+keep(KEYS[4], ARGV[9], ARGV[7], ARGV[8], ARGV[10], ARGV[11], '', true)
 local id = redis.call('XADD', KEYS[2], '*', 't', ARGV[1])
 redis.call('HSET', KEYS[3], 'last', id)
 trim(KEYS[2], KEYS[3], #ARGV[1], ARGV[2], ARGV[6])
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. '\n' .. id .. '\n' .. ARGV[1])
-return id
+return {id, created}
 ";
 
 /// Refreshes this node's names (taking back those Redis lost; those
@@ -610,6 +756,17 @@ fn split_member(member: &str) -> Option<(&str, &str)> {
     member.split_once('\n')
 }
 
+/// Whose allowance of new streams an address uses: its own, or its /64's
+/// for IPv6 (one host commonly has the whole /64).
+fn address_key(addr: std::net::IpAddr) -> std::net::IpAddr {
+    match addr.to_canonical() {
+        std::net::IpAddr::V6(v6) => std::net::IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(v6) & !u128::from(u64::MAX),
+        )),
+        v4 => v4,
+    }
+}
+
 /// The key of a pair's streams: the two lowercased names, sorted.
 fn pair(a: &str, b: &str) -> String {
     let (a, b) = super::pair_key(a, b);
@@ -684,13 +841,19 @@ impl Cluster {
             directory_dirty: AtomicBool::new(true),
             probes_seen: AtomicU64::new(0),
             says,
+            new_streams: NewStreams {
+                rate: redis.new_streams_rate,
+                burst: redis.new_streams_burst,
+                rate_per_address: redis.new_streams_rate_per_address,
+                burst_per_address: redis.new_streams_burst_per_address,
+            },
             scripts: Scripts {
                 hello: Script::new(HELLO),
-                join: Script::new(&format!("{STREAM_FUNCTIONS}{JOIN}")),
+                join: stream_script(JOIN),
                 leave: Script::new(LEAVE),
-                say: Script::new(&format!("{STREAM_FUNCTIONS}{SAY}")),
-                range: Script::new(&format!("{STREAM_FUNCTIONS}{RANGE}")),
-                dm: Script::new(&format!("{STREAM_FUNCTIONS}{DM}")),
+                say: stream_script(SAY),
+                range: stream_script(RANGE),
+                dm: stream_script(DM),
                 beat: Script::new(BEAT_SCRIPT),
                 presence: Script::new(PRESENCE),
                 directory: Script::new(DIRECTORY),
@@ -831,6 +994,8 @@ impl Cluster {
                     key,
                     name: Arc::clone(&name),
                     rooms,
+                    new_streams: TokenBucket::new(self.new_streams.rate, self.new_streams.burst),
+                    addr: conn.addr,
                 },
             );
             (room_names, Self::counts(state))
@@ -931,7 +1096,8 @@ impl Cluster {
             state.rooms.get_mut(&room).expect("made above").joining += 1;
         }
         let member = presence_member(&self.node, &name);
-        let (stream_prefix, meta_prefix) = self.keys.stream_prefixes(false);
+        let (stream_prefix, meta_prefix, members_prefix) = self.keys.stream_prefixes(false);
+        let allowance = self.take_new_stream(me.id());
         let answer: Result<Value, Problem> = within(
             self.scripts
                 .join
@@ -960,9 +1126,35 @@ impl Cluster {
                 .arg(stream_prefix)
                 .arg(meta_prefix)
                 .arg((TTL * 2).as_millis() as u64)
+                .arg(members_prefix)
+                .arg(if allowance.is_ok() { "1" } else { "0" })
                 .invoke_async(&mut self.conn()),
         )
         .await;
+        // A refusal is a word instead of the answer. A join that made no
+        // stream gives its allowance back, but not one refused for want
+        // of room: looking for a place among the streams kept is what the
+        // allowance pays for.
+        let answer = answer.and_then(|reply| {
+            let refusal = text(&reply);
+            let created = array(&reply).get(5).is_some_and(|c| int(c) == 1);
+            if allowance.is_ok() && refusal.is_none() && !created {
+                self.give_back_new_stream(me.id());
+            }
+            match (refusal.as_deref(), allowance) {
+                (None, _) => Ok(reply),
+                (Some("full"), _) => Err(Problem::new(
+                    ErrorCode::ServerRoomsFull,
+                    format!(
+                        "The chat keeps {} rooms, all in use; join one of them",
+                        self.options.max_total_rooms
+                    ),
+                )),
+                (Some(_), allowance) => {
+                    Err(self.too_many_new_streams(allowance.err().unwrap_or_default()))
+                }
+            }
+        });
         let reply = match answer {
             Ok(reply) => reply,
             Err(problem) => {
@@ -1029,6 +1221,18 @@ impl Cluster {
                         r.add(node, who);
                     }
                 }
+            } else if *r.epoch != *room_epoch {
+                // Redis holds another stream of the room than the one
+                // this node follows (it lost that one and began again):
+                // the members here are told, and the node follows Redis's.
+                metrics::counter!("duplex_chat_redis_gaps_total").increment(1);
+                tracing::warn!(%room, "messages of #{room} were lost by Redis; members are told");
+                r.epoch = Arc::clone(&room_epoch);
+                r.delivered = last;
+                r.recent.clear();
+                r.outbox.push(Outgoing::Gap {
+                    epoch: Arc::clone(&r.epoch),
+                });
             } else if again != Some(true) {
                 if r.delivered < last {
                     // Lines up to `last` are still on their way here: the
@@ -1178,6 +1382,72 @@ impl Cluster {
         }
     }
 
+    /// Takes one of the connection's, and its address's, allowance of new
+    /// streams for a request that may start one; else says when one is
+    /// there. A request that started none gives it back.
+    fn take_new_stream(&self, id: SessionId) -> Result<(), Duration> {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let named = state.sessions.get_mut(&id).ok_or(Duration::from_secs(1))?;
+        named.new_streams.take(now)?;
+        let Some(addr) = named.addr.map(address_key) else {
+            return Ok(());
+        };
+        let addresses = &mut state.new_streams;
+        if !addresses.contains_key(&addr) && addresses.len() >= NEW_STREAM_ADDRESSES {
+            addresses.retain(|_, bucket| !bucket.is_full(now));
+        }
+        let taken = if addresses.contains_key(&addr) || addresses.len() < NEW_STREAM_ADDRESSES {
+            let limits = self.new_streams;
+            addresses
+                .entry(addr)
+                .or_insert_with(|| {
+                    TokenBucket::new(limits.rate_per_address, limits.burst_per_address)
+                })
+                .take(now)
+        } else {
+            Err(Duration::from_secs(1))
+        };
+        if taken.is_err() {
+            named.new_streams.give_back();
+        }
+        taken
+    }
+
+    /// Gives back what [`Cluster::take_new_stream`] took.
+    fn give_back_new_stream(&self, id: SessionId) {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(named) = state.sessions.get_mut(&id) else {
+            return;
+        };
+        named.new_streams.give_back();
+        if let Some(bucket) = named
+            .addr
+            .map(address_key)
+            .and_then(|addr| state.new_streams.get_mut(&addr))
+        {
+            bucket.give_back();
+        }
+    }
+
+    /// The answer to a request that would have started a stream past the
+    /// allowance.
+    fn too_many_new_streams(&self, wait: Duration) -> Problem {
+        let limits = self.new_streams;
+        let mut problem = Problem::new(
+            ErrorCode::RateLimited,
+            format!(
+                "Slow down: a connection may start {} new rooms or conversations a second \
+                 (bursts of {}), an address {} (bursts of {})",
+                limits.rate, limits.burst, limits.rate_per_address, limits.burst_per_address
+            ),
+        );
+        problem.retry_after_ms = Some(wait.as_millis() as u64 + 1);
+        problem
+    }
+
     /// What a room's stream holds after `after`.
     async fn range(&self, room: &str, after: StreamId, count: usize) -> Result<Range, Problem> {
         self.range_of(false, room, after, count).await
@@ -1198,13 +1468,14 @@ impl Cluster {
         } else {
             (k.stream(name), k.meta(name), k.kept())
         };
-        let (stream_prefix, meta_prefix) = k.stream_prefixes(pair);
+        let (stream_prefix, meta_prefix, members_prefix) = k.stream_prefixes(pair);
         let reply: Value = within(
             self.scripts
                 .range
                 .key(stream)
                 .key(meta)
                 .key(index)
+                .key(k.dm_first_epoch())
                 .arg(after.to_string())
                 .arg(count)
                 .arg(random_hex(6))
@@ -1213,6 +1484,7 @@ impl Cluster {
                 .arg(self.options.max_total_rooms)
                 .arg(stream_prefix)
                 .arg(meta_prefix)
+                .arg(members_prefix)
                 .invoke_async(&mut self.conn()),
         )
         .await?;
@@ -1383,14 +1655,16 @@ impl Cluster {
             .to_owned();
         let pair = pair(&from, &to_name);
         let tail = protocol::dm_tail(&from, &to_name, &text, now_ms());
-        let (stream_prefix, meta_prefix) = self.keys.stream_prefixes(true);
-        let id: Option<String> = within(
+        let (stream_prefix, meta_prefix, _) = self.keys.stream_prefixes(true);
+        let allowance = self.take_new_stream(conn.me.id());
+        let reply: Result<Value, Problem> = within(
             self.scripts
                 .dm
                 .key(self.keys.name(&to_key))
                 .key(self.keys.dm_stream(&pair))
                 .key(self.keys.dm_meta(&pair))
                 .key(self.keys.dm_kept())
+                .key(self.keys.dm_first_epoch())
                 .arg(&tail)
                 .arg(self.options.history.max(1))
                 .arg(random_hex(6))
@@ -1402,11 +1676,21 @@ impl Cluster {
                 .arg(&pair)
                 .arg(stream_prefix)
                 .arg(meta_prefix)
+                .arg(if allowance.is_ok() { "1" } else { "0" })
                 .invoke_async(&mut self.conn()),
         )
-        .await?;
-        if id.is_none() {
-            return Err(unknown());
+        .await;
+        let created = reply
+            .as_ref()
+            .is_ok_and(|reply| array(reply).get(1).is_some_and(|c| int(c) == 1));
+        if allowance.is_ok() && !created && reply.is_ok() {
+            self.give_back_new_stream(conn.me.id());
+        }
+        match reply? {
+            // The script's `false`: the recipient no longer holds the name.
+            Value::Nil | Value::Boolean(false) => return Err(unknown()),
+            Value::Array(_) => {}
+            _ => return Err(self.too_many_new_streams(allowance.err().unwrap_or_default())),
         }
         metrics::counter!("duplex_chat_messages_total", "kind" => "direct").increment(1);
         Ok(())
@@ -1985,7 +2269,7 @@ async fn say_loop(cluster: Weak<Cluster>, mut queued: mpsc::Receiver<Say>) {
         let mut pipe = redis::pipe();
         // Loaded with every batch: a Redis restarted since has forgotten it.
         pipe.load_script(&cluster.scripts.say).ignore();
-        let (stream_prefix, meta_prefix) = cluster.keys.stream_prefixes(false);
+        let (stream_prefix, meta_prefix, members_prefix) = cluster.keys.stream_prefixes(false);
         for say in &batch {
             let room = &say.room;
             pipe.invoke_script(
@@ -2004,7 +2288,8 @@ async fn say_loop(cluster: Weak<Cluster>, mut queued: mpsc::Receiver<Say>) {
                     .arg(cluster.options.max_total_rooms)
                     .arg(room)
                     .arg(&stream_prefix)
-                    .arg(&meta_prefix),
+                    .arg(&meta_prefix)
+                    .arg(&members_prefix),
             )
             .ignore();
         }
