@@ -299,6 +299,11 @@ impl WebSockets {
         self.max_frame_size
     }
 
+    /// The maximum message size in force.
+    pub fn get_max_message_size(&self) -> u64 {
+        self.max_message_size
+    }
+
     /// Closes every live session of this configuration with 1001 "Server
     /// shutting down" and waits, up to `grace`, until they are gone; at
     /// `grace` the sessions still open are dropped, handlers included.
