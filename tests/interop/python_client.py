@@ -360,7 +360,10 @@ def main():
     parser.add_argument("--server", required=True, help="path to the duplex-chat binary")
     args = parser.parse_args()
     port = free_port()
-    server = subprocess.Popen([args.server, "--addr", f"127.0.0.1:{port}"])
+    # /mirror reads 64 KiB a message by default; the edge tests send 16 MiB.
+    server = subprocess.Popen(
+        [args.server, "--addr", f"127.0.0.1:{port}", "--echo-max-message", str(16 << 20)]
+    )
     try:
         deadline = time.time() + 10
         while True:

@@ -71,6 +71,12 @@ pub struct ChatOptions {
     /// Empty rooms whose history is kept; beyond that the least recently
     /// used is forgotten. Default 256.
     pub max_idle_rooms: usize,
+    /// Largest message (and frame) `/echo` and `/mirror` read, in bytes,
+    /// inflated bytes included; larger: Close 1009. Default 64 KiB, the
+    /// chat's own: an echo holds what it read and what it sends back, so
+    /// a larger limit lets one address make the server hold that much per
+    /// connection (conformance suites that send 16 MiB raise it).
+    pub echo_max_message: u64,
 }
 
 impl Default for ChatOptions {
@@ -87,6 +93,7 @@ impl Default for ChatOptions {
             max_members_per_room: 1000,
             max_rooms_per_user: 20,
             max_idle_rooms: 256,
+            echo_max_message: 64 << 10,
         }
     }
 }

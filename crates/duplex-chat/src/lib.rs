@@ -47,6 +47,10 @@ pub fn app(websockets: WebSockets) -> App {
 /// request is small, and anything up to that size gets a `too_large` error
 /// (a notice on `/chat/plain`) rather than a closed connection.
 ///
+/// `/echo` and `/mirror` read at most [`ChatOptions::echo_max_message`]
+/// bytes a message and frame (64 KiB by default), and less if `websockets`
+/// says so.
+///
 /// Both chats are rate-limited per connection by `options`; `/echo` and
 /// `/mirror` are not: they are for conformance suites and benchmarks, which
 /// need to send as fast as they can (put them behind a proxy, or leave them
@@ -65,6 +69,13 @@ pub fn app_for(websockets: WebSockets, chat: Chat) -> App {
         .clone()
         .max_message_size(limit)
         .max_frame_size(limit.min(websockets.get_max_frame_size()));
+    let echo_limit = options
+        .echo_max_message
+        .clamp(1, websockets.get_max_message_size());
+    let echo_websockets = websockets
+        .clone()
+        .max_message_size(echo_limit)
+        .max_frame_size(echo_limit.min(websockets.get_max_frame_size()));
     let plain = ChatRoom::new(&options);
     let metrics = prometheus();
     App::new()
@@ -94,8 +105,8 @@ pub fn app_for(websockets: WebSockets, chat: Chat) -> App {
             "/chat/plain",
             duplex::web_socket(&chat_websockets, move |session| plain.clone().join(session)),
         )
-        .web_socket("/echo", echo)
-        .web_socket("/mirror", mirror)
+        .route("/echo", duplex::web_socket(&echo_websockets, echo))
+        .route("/mirror", duplex::web_socket(&echo_websockets, mirror))
 }
 
 const INDEX_HTML: &str = include_str!("../static/index.html");

@@ -20,7 +20,8 @@ use duplex::{Deflate, WebSockets};
         chat), /echo and /mirror. Prometheus metrics on /metrics.",
     after_help = "Example: duplex-chat --addr 0.0.0.0:8080 --history 100 --rate 2 --burst 5\n\n\
         /chat and /chat/plain are rate-limited and capped by the options above; \
-        /echo and /mirror (for conformance suites and benchmarks) are not."
+        /echo and /mirror (for conformance suites and benchmarks) are not rate-limited and \
+        read --echo-max-message bytes a message."
 )]
 struct Args {
     /// Address to listen on (use 0.0.0.0:PORT to accept other machines).
@@ -71,6 +72,11 @@ struct Args {
     /// Largest message accepted, in bytes (larger: close 1009); /chat and /chat/plain read 64 KiB at most.
     #[arg(long, default_value_t = 64 << 20)]
     max_message_size: u64,
+    /// Largest message (and frame) /echo and /mirror read, in bytes, inflated
+    /// bytes included (larger: close 1009); at most --max-message-size.
+    /// Conformance suites need 16777216.
+    #[arg(long, default_value_t = 64 << 10, value_name = "BYTES")]
+    echo_max_message: u64,
     /// Mask server frames (RFC 6455 forbids it; browsers reject it).
     #[arg(long)]
     masking: bool,
@@ -174,6 +180,7 @@ async fn main() -> std::io::Result<()> {
         max_members_per_room: args.max_members.max(1),
         max_rooms_per_user: args.max_rooms.max(1),
         max_idle_rooms: args.max_idle_rooms,
+        echo_max_message: args.echo_max_message.max(1),
     };
     tokio::spawn(duplex_chat::memory::release_after_sessions_end(
         websockets.clone(),

@@ -8,6 +8,7 @@
 use std::{future::Future, io, net::SocketAddr, time::Duration};
 
 use duplex::WebSockets;
+use duplex_chat::ChatOptions;
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -45,16 +46,32 @@ async fn within<F: Future>(what: &str, fut: F) -> F::Output {
 }
 
 /// `duplex_chat::app` served on a free loopback port until the returned
-/// sender fires (or the test ends).
+/// sender fires (or the test ends), with the echo routes reading up to
+/// 16 MiB a message, as conformance suites need (`--echo-max-message`).
 async fn start(
     websockets: WebSockets,
+) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<io::Result<()>>) {
+    start_with(
+        websockets,
+        ChatOptions {
+            echo_max_message: 16 << 20,
+            ..ChatOptions::default()
+        },
+    )
+    .await
+}
+
+/// As [`start`], with `options`.
+async fn start_with(
+    websockets: WebSockets,
+    options: ChatOptions,
 ) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<io::Result<()>>) {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind 127.0.0.1:0");
     let addr = listener.local_addr().expect("local_addr");
     let (stop, stopped) = oneshot::channel::<()>();
-    let app = duplex_chat::app(websockets).shutdown_grace(Duration::from_secs(2));
+    let app = duplex_chat::app_with(websockets, options).shutdown_grace(Duration::from_secs(2));
     let serve = tokio::spawn(app.serve_with_shutdown(listener, async move {
         let _ = stopped.await;
     }));
@@ -135,6 +152,31 @@ fn text_of_len(len: usize) -> String {
 
 mod rfc6455_5_6_data_frames {
     use super::*;
+
+    /// At the shipped defaults `/echo` and `/mirror` read 64 KiB a message,
+    /// the chat's own limit: one byte more (in one frame, or added up over
+    /// fragments) is refused with 1009 (RFC 6455 §7.4.1), so that an echo
+    /// never holds more than that per connection.
+    #[tokio::test]
+    async fn echo_routes_read_64_kib_a_message_by_default_and_refuse_more_with_1009() {
+        let (addr, _stop, _serve) = start_with(WebSockets::default(), ChatOptions::default()).await;
+        let mut ws = connect(addr, "/mirror").await;
+        let most = vec![7u8; 64 << 10];
+        send(&mut ws, Message::binary(most.clone())).await;
+        assert_eq!(next(&mut ws).await, Message::binary(most));
+        send(&mut ws, Message::binary(vec![7u8; (64 << 10) + 1])).await;
+        assert_eq!(expect_close(&mut ws).await.0, 1009);
+
+        let mut ws = connect(addr, "/mirror").await;
+        send(&mut ws, fragment(Data::Binary, &[1u8; 40 << 10], false)).await;
+        send(&mut ws, fragment(Data::Continue, &[1u8; 40 << 10], true)).await;
+        assert_eq!(expect_close(&mut ws).await.0, 1009);
+
+        let mut ws = connect(addr, "/echo").await;
+        assert_eq!(next(&mut ws).await, Message::text("Please enter your name"));
+        send(&mut ws, Message::text("x".repeat((64 << 10) + 1))).await;
+        assert_eq!(expect_close(&mut ws).await.0, 1009);
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mirror_returns_text_of_every_length_class_unchanged() {

@@ -75,7 +75,9 @@ pub struct Config {
     /// Input stops being consumed while this many bytes wait in the write
     /// queue. Replies the connection makes by itself (Pongs, the echoed
     /// Close) count, so a peer that floods Pings and reads nothing cannot
-    /// grow the queue past it by more than one read's worth.
+    /// grow the queue past it by more than one read's worth. The user's
+    /// messages are held to it by
+    /// [`outbox_has_room_for`](Connection::outbox_has_room_for).
     pub max_queued_output: usize,
 }
 
@@ -437,6 +439,34 @@ impl Connection {
     /// consumed until some of it is written.
     pub fn outbox_full(&self) -> bool {
         self.out.len() >= self.config.max_queued_output
+    }
+
+    /// Whether `frame_len` more bytes (a message as it will be queued:
+    /// [`frame_len`](Self::frame_len), or a frame already encoded) may be
+    /// queued now without taking the write queue past
+    /// `max_queued_output`: they fit in what is left of the bound, or the
+    /// queue is empty, so that a message larger than the whole bound is
+    /// still sendable, alone. The queue then never holds more than
+    /// `max(max_queued_output, one message)`, plus the replies the
+    /// connection makes by itself. Senders are expected to ask before each
+    /// `send_*` and wait (or refuse) while it is false; the connection
+    /// does not refuse by itself.
+    pub fn outbox_has_room_for(&self, frame_len: usize) -> bool {
+        self.out.is_empty()
+            || self.out.len().saturating_add(frame_len) <= self.config.max_queued_output
+    }
+
+    /// The bytes an unfragmented data frame of `payload_len` bytes takes
+    /// in the write queue: header (with the masking key when we mask) and
+    /// payload.
+    pub fn frame_len(&self, payload_len: usize) -> usize {
+        let extended = match payload_len {
+            0..=125 => 0,
+            126..=0xffff => 2,
+            _ => 8,
+        };
+        let mask = if self.config.mask_outgoing { 4 } else { 0 };
+        (2 + extended + mask as usize).saturating_add(payload_len)
     }
 
     /// Whether [`handle_input`](Self::handle_input) would leave input

@@ -186,9 +186,10 @@ impl Deflate {
         self
     }
 
-    /// The largest window the server compresses with, 9 to 15 (8 is
-    /// accepted from clients, see below). Default 15. In a client: below
-    /// 15, the largest window the offer allows the server.
+    /// The largest window the server compresses with, 9 to 15 (zlib's raw
+    /// deflate has no 8-bit window: an offer that limits the server to 8
+    /// is declined). Default 15. In a client: below 15, the largest window
+    /// the offer allows the server.
     #[must_use]
     pub fn server_max_window_bits(mut self, bits: u8) -> Self {
         self.server_max_window_bits = bits.clamp(9, 15);
@@ -207,7 +208,8 @@ impl Deflate {
     }
 
     /// Reads one offer as §7.1 says. `None` declines it: an unknown or
-    /// repeated parameter, or a value out of range.
+    /// repeated parameter, a value out of range, or a
+    /// `server_max_window_bits` of 8, which we cannot honour.
     fn accept(&self, offer: &ExtensionOffer) -> Option<DeflateParams> {
         let mut server_no_context = false;
         let mut client_no_context = false;
@@ -228,7 +230,15 @@ impl Deflate {
                 _ => return None,
             }
         }
-        // §7.1.2.1: our window may not pass what the client allows.
+        // §7.1.2.1: our window may not pass what the client allows, and
+        // zlib's raw deflate has no 8-bit window (it silently uses 9,
+        // whose back-references a 256-byte window cannot resolve). Such
+        // an offer is declined, so that the client's next offer (or no
+        // compression) is used: accepting it would leave every message
+        // we send uncompressed, whatever its size.
+        if server_bits == Some(8) {
+            return None;
+        }
         let server_window = server_bits.map_or(self.server_max_window_bits, |b| {
             b.min(self.server_max_window_bits)
         });
@@ -845,7 +855,7 @@ mod rfc7692 {
 
         #[test]
         fn server_max_window_bits_each_value() {
-            for bits in 8..=15 {
+            for bits in 9..=15 {
                 let response = negotiate(
                     &keep(),
                     &format!("permessage-deflate; server_max_window_bits={bits}"),
@@ -855,6 +865,36 @@ mod rfc7692 {
                     Some(format!("permessage-deflate; server_max_window_bits={bits}"))
                 );
             }
+        }
+
+        /// §7.1.2.1: the server may not answer a window larger than the
+        /// offered `server_max_window_bits`, and it cannot compress with 8
+        /// bits (zlib's raw deflate uses 9 instead): the offer is declined
+        /// and the next one, if any, is taken.
+        #[test]
+        fn rfc7692_7_1_2_1_an_offer_of_server_max_window_bits_8_is_declined() {
+            for config in [Deflate::default(), keep()] {
+                assert_eq!(
+                    negotiate(&config, "permessage-deflate; server_max_window_bits=8"),
+                    None
+                );
+            }
+            assert_eq!(
+                negotiate(
+                    &keep(),
+                    "permessage-deflate; server_max_window_bits=8, permessage-deflate; server_max_window_bits=9"
+                )
+                .as_deref(),
+                Some("permessage-deflate; server_max_window_bits=9")
+            );
+            assert_eq!(
+                negotiate(
+                    &keep(),
+                    "permessage-deflate; server_max_window_bits=8; client_max_window_bits, permessage-deflate"
+                )
+                .as_deref(),
+                Some("permessage-deflate")
+            );
         }
 
         #[test]
@@ -927,7 +967,9 @@ mod rfc7692 {
         /// §7.1.2.1, §7.1.2.2), against the default configuration.
         #[test]
         fn every_parameter_combination() {
-            let windows = || std::iter::once(None).chain((8..=15).map(Some));
+            // 8 for the server's window is declined (see
+            // `rfc7692_7_1_2_1_an_offer_of_server_max_window_bits_8_is_declined`).
+            let windows = || std::iter::once(None).chain((9..=15).map(Some));
             for snct in [false, true] {
                 for cnct in [false, true] {
                     for smwb in windows() {

@@ -138,3 +138,53 @@ fn rfc6455_the_event_count_bounds_input_too() {
     assert_eq!(conn.pending_events().0, 10);
     assert_eq!(input.len(), 90 * 8);
 }
+
+/// The user's messages are held to `max_queued_output` as a whole: one
+/// is queued while its frame fits in what is left; one larger than what is
+/// left waits; one larger than the whole bound is let in only into an
+/// empty queue, alone.
+#[test]
+fn a_message_is_queued_only_if_it_fits_in_what_is_left_of_the_output_bound() {
+    use bytes::Bytes;
+    use duplex_proto::{OpCode, Rsv};
+    const BOUND: usize = 64 << 10;
+    let mut conn = server(|c| c.max_queued_output = BOUND);
+    assert!(
+        conn.outbox_has_room_for(10 * BOUND),
+        "an empty queue takes anything"
+    );
+    assert_eq!(
+        (
+            conn.frame_len(125),
+            conn.frame_len(40 << 10),
+            conn.frame_len(1 << 16)
+        ),
+        (127, 4 + (40 << 10), 10 + (1 << 16))
+    );
+    conn.send_data(OpCode::Binary, Rsv::NONE, Bytes::from(vec![1u8; 40 << 10]))
+        .unwrap();
+    let queued = conn.write_queue_len();
+    assert_eq!(queued, conn.frame_len(40 << 10));
+    assert!(!conn.outbox_full(), "under the bound");
+    let left = BOUND - queued;
+    assert!(conn.outbox_has_room_for(conn.frame_len(left - 4)));
+    assert!(
+        !conn.outbox_has_room_for(conn.frame_len(left - 3)),
+        "one byte too many"
+    );
+    assert!(!conn.outbox_has_room_for(10 * BOUND));
+    // Written: the large one is let in, alone.
+    let queue = conn.write_queue();
+    while !queue.is_empty() {
+        let n = queue.chunk().len();
+        queue.advance(n);
+    }
+    assert!(conn.outbox_has_room_for(conn.frame_len(10 * BOUND)));
+    conn.send_data(
+        OpCode::Binary,
+        Rsv::NONE,
+        Bytes::from(vec![2u8; 10 * BOUND]),
+    )
+    .unwrap();
+    assert!(!conn.outbox_has_room_for(2), "nothing more while it waits");
+}

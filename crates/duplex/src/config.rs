@@ -162,13 +162,18 @@ impl WebSockets {
         self
     }
 
-    /// How many bytes may wait to be written before `send` waits,
-    /// `try_send` reports the session full and the server stops reading
-    /// from the socket. What the session queues by itself (Pongs, the echoed
-    /// Close) counts too, so a peer that floods Pings and reads nothing holds
-    /// at most this much (plus one read's worth of replies). Default 1 MiB
-    /// (Ktor: unbounded). A single larger message is still accepted when
-    /// nothing is queued.
+    /// How many bytes may wait to be written. A message is queued only if
+    /// its frame fits in what is left: otherwise `send` waits and
+    /// `try_send` reports the session full (a hub applies its
+    /// slow-consumer policy), so raise it above the largest message you
+    /// broadcast. A message larger than the whole buffer waits until
+    /// nothing is queued and is then queued alone, so any message can be
+    /// sent. A compressed message is judged by its size before
+    /// compression. The server stops reading from the socket while the
+    /// queue is full; what the session queues by itself (Pongs, the echoed
+    /// Close) counts too, so a peer that floods Pings and reads nothing
+    /// holds at most this much (plus one read's worth of replies). Default
+    /// 1 MiB (Ktor: unbounded).
     #[must_use]
     pub fn outgoing_buffer(mut self, bytes: usize) -> Self {
         self.outgoing_buffer = bytes.max(1);
@@ -314,6 +319,11 @@ impl WebSockets {
     /// The maximum frame size in force.
     pub fn get_max_frame_size(&self) -> u64 {
         self.max_frame_size
+    }
+
+    /// The maximum message size in force.
+    pub fn get_max_message_size(&self) -> u64 {
+        self.max_message_size
     }
 
     /// Closes every live session of this configuration with 1001 "Server

@@ -35,10 +35,19 @@ use crate::{
 /// });
 /// # }
 /// ```
-#[derive(Clone)]
 pub struct Sender {
     shared: Arc<Shared>,
     converter: Arc<dyn ContentConverter>,
+    /// As a `Sink`: the message given to `start_send` that did not fit in
+    /// the outgoing buffer yet; queued by the next `poll_ready`,
+    /// `poll_flush` or `poll_close`. Each clone has its own.
+    unsent: Option<Message>,
+}
+
+impl Clone for Sender {
+    fn clone(&self) -> Self {
+        Sender::new(Arc::clone(&self.shared), Arc::clone(&self.converter))
+    }
 }
 
 /// Why [`Sender::try_send`] did not queue a message.
@@ -74,10 +83,20 @@ impl fmt::Debug for Sender {
 
 impl Sender {
     pub(crate) fn new(shared: Arc<Shared>, converter: Arc<dyn ContentConverter>) -> Self {
-        Sender { shared, converter }
+        Sender {
+            shared,
+            converter,
+            unsent: None,
+        }
     }
 
-    /// Queues a whole message, waiting while the outgoing buffer is full.
+    /// Queues a whole message, waiting while the outgoing buffer has no
+    /// room for it: it must fit in what is left of
+    /// [`outgoing_buffer`](crate::WebSockets::outgoing_buffer), or, if it
+    /// is larger than the whole buffer, wait until nothing is queued (a
+    /// message is never queued past the bound, and one of any size can
+    /// still be sent, alone). A compressed message is judged by its size
+    /// before compression.
     ///
     /// Returning `Ok` means the message will be written before any later one
     /// and before our Close; it does not mean the peer has it
@@ -89,14 +108,17 @@ impl Sender {
     /// # Cancel safety
     /// Cancelling before it returns means the message was not queued.
     pub async fn send(&self, message: impl Into<Message>) -> Result<(), Error> {
-        let mut message = Some(message.into());
+        let message = message.into();
+        let len = message.len();
+        let mut message = Some(message);
         poll_fn(|cx| {
             let mut inner = self.shared.lock();
             if !inner.conn.can_send() {
                 return Poll::Ready(Err(Error::Closed));
             }
-            if !inner.has_room() {
-                inner.register_send(cx);
+            let frame_len = inner.conn.frame_len(len);
+            if !inner.has_room_for(frame_len) {
+                inner.register_send(frame_len, cx);
                 return Poll::Pending;
             }
             let Some(message) = message.take() else {
@@ -173,19 +195,24 @@ impl Sender {
     /// must not hold up the others.
     ///
     /// # Errors
-    /// [`TrySendError::Full`] when the outgoing buffer is full,
+    /// [`TrySendError::Full`] when the outgoing buffer has no room for the
+    /// message (as [`send`](Self::send) would wait),
     /// [`TrySendError::Closed`] once the session is closing.
     pub fn try_send(&self, message: impl Into<Message>) -> Result<(), TrySendError> {
         let message = message.into();
+        let len = message.len();
         if !self.shared.has_codec() {
-            return self.try_queue(|conn| conn.send_message(message));
+            return self.try_queue(
+                |conn| conn.frame_len(len),
+                |conn| conn.send_message(message),
+            );
         }
         {
             let inner = self.shared.lock();
             if !inner.conn.can_send() {
                 return Err(TrySendError::Closed);
             }
-            if !inner.has_room() {
+            if !inner.has_room_for(inner.conn.frame_len(len)) {
                 return Err(TrySendError::Full);
             }
         }
@@ -197,19 +224,21 @@ impl Sender {
     /// sessions by the hub).
     #[cfg(feature = "hub")]
     pub(crate) fn try_send_encoded(&self, encoded: &Bytes) -> Result<(), TrySendError> {
-        self.try_queue(|conn| conn.send_encoded(encoded.clone()))
+        self.try_queue(|_| encoded.len(), |conn| conn.send_encoded(encoded.clone()))
     }
 
-    /// The checks both non-waiting sends share, then `queue`.
+    /// The checks both non-waiting sends share, then `queue` (of
+    /// `frame_len` bytes).
     fn try_queue(
         &self,
+        frame_len: impl FnOnce(&duplex_proto::Connection) -> usize,
         queue: impl FnOnce(&mut duplex_proto::Connection) -> Result<(), SendError>,
     ) -> Result<(), TrySendError> {
         let mut inner = self.shared.lock();
         if !inner.conn.can_send() {
             return Err(TrySendError::Closed);
         }
-        if !inner.has_room() {
+        if !inner.has_room_for(frame_len(&inner.conn)) {
             return Err(TrySendError::Full);
         }
         queue(&mut inner.conn).map_err(TrySendError::from)?;
@@ -240,11 +269,13 @@ impl Sender {
     /// [`Error::Send`] for a frame that breaks the rules, [`Error::Closed`]
     /// once the session is closing.
     pub async fn send_frame(&self, frame: Frame) -> Result<(), Error> {
+        let len = frame.payload.len();
         let mut frame = Some(frame);
         poll_fn(|cx| {
             let mut inner = self.shared.lock();
-            if !inner.has_room() && inner.conn.can_send() {
-                inner.register_send(cx);
+            let frame_len = inner.conn.frame_len(len);
+            if !inner.has_room_for(frame_len) && inner.conn.can_send() {
+                inner.register_send(frame_len, cx);
                 return Poll::Pending;
             }
             let Some(frame) = frame.take() else {
@@ -352,6 +383,30 @@ impl Sender {
         !self.shared.lock().conn.can_send()
     }
 
+    /// As a `Sink`: queues the held message once it fits. Ready when
+    /// nothing is held (any more); an error drops the message.
+    fn poll_unsent(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let Some(len) = self.unsent.as_ref().map(Message::len) else {
+            return Poll::Ready(Ok(()));
+        };
+        {
+            let mut inner = self.shared.lock();
+            if !inner.conn.can_send() {
+                self.unsent = None;
+                return Poll::Ready(Err(Error::Closed));
+            }
+            let frame_len = inner.conn.frame_len(len);
+            if !inner.has_room_for(frame_len) {
+                inner.register_send(frame_len, cx);
+                return Poll::Pending;
+            }
+        }
+        match self.unsent.take() {
+            Some(message) => Poll::Ready(self.queue_now(message)),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
     /// Queues a message now, room or not (the caller checked).
     fn queue_now(&self, message: Message) -> Result<(), Error> {
         if self.shared.has_codec() {
@@ -365,10 +420,11 @@ impl Sender {
 }
 
 /// A `Sink` of whole messages, for `futures` combinators
-/// (`stream.forward(sender)`, `sink.send(m)`): ready while the outgoing
-/// buffer has room (as [`Sender::send`] waits), flushed once what was
-/// queued is written, closed with 1000 (the closing handshake then runs as
-/// after [`Sender::close`]).
+/// (`stream.forward(sender)`, `sink.send(m)`): a message that does not fit
+/// in the outgoing buffer yet is held by the sink (one at most) and
+/// queued when it fits, as [`Sender::send`] waits; ready once nothing is
+/// held, flushed once what was queued is written, closed with 1000 (the
+/// closing handshake then runs as after [`Sender::close`]).
 ///
 /// ```no_run
 /// use futures_util::{SinkExt, StreamExt};
@@ -387,23 +443,33 @@ impl futures_sink::Sink<Message> for Sender {
     type Error = Error;
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        let mut inner = self.shared.lock();
-        if !inner.conn.can_send() {
+        let this = self.get_mut();
+        if this.unsent.is_none() && !this.shared.lock().conn.can_send() {
             return Poll::Ready(Err(Error::Closed));
         }
-        if inner.has_room() {
-            return Poll::Ready(Ok(()));
-        }
-        inner.register_send(cx);
-        Poll::Pending
+        this.poll_unsent(cx)
     }
 
     fn start_send(self: Pin<&mut Self>, message: Message) -> Result<(), Error> {
-        self.queue_now(message)
+        let this = self.get_mut();
+        let fits = {
+            let inner = this.shared.lock();
+            inner.has_room_for(inner.conn.frame_len(message.len()))
+        };
+        if fits {
+            this.queue_now(message)
+        } else {
+            this.unsent = Some(message);
+            Ok(())
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        let mut inner = self.shared.lock();
+        let this = self.get_mut();
+        if this.poll_unsent(cx)?.is_pending() {
+            return Poll::Pending;
+        }
+        let mut inner = this.shared.lock();
         let queued = inner.conn.write_queue_len() as u64;
         if queued == 0 || inner.transport_done {
             return Poll::Ready(Ok(()));
@@ -414,7 +480,12 @@ impl futures_sink::Sink<Message> for Sender {
         Poll::Pending
     }
 
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        // A held message goes before our Close; if the session is closing
+        // already it is dropped, as a send would fail.
+        if self.poll_unsent(cx).is_pending() {
+            return Poll::Pending;
+        }
         {
             let mut inner = self.shared.lock();
             if inner.conn.can_send() {

@@ -47,8 +47,9 @@ pub(crate) struct Inner {
     driver_waker: Option<Waker>,
     /// A receive waiting for an event.
     recv_waker: Option<Waker>,
-    /// Sends waiting for room in the write queue.
-    send_wakers: Vec<Waker>,
+    /// Sends waiting for room in the write queue, with the bytes each
+    /// waits to fit.
+    send_wakers: Vec<(usize, Waker)>,
     /// Flushes waiting for `written` to reach their mark.
     flush_wakers: Vec<(u64, Waker)>,
     /// `close_reason` calls waiting for the end.
@@ -170,11 +171,14 @@ impl Inner {
         }
     }
 
-    /// Whether a send may queue more bytes now. The bound is the one at
-    /// which the connection stops reading, so that what it queues by
-    /// itself (Pongs) and what senders queue share one limit.
-    pub(crate) fn has_room(&self) -> bool {
-        self.conn.write_queue_len() == 0 || !self.conn.outbox_full()
+    /// Whether a send may queue `frame_len` bytes now (a message's frame,
+    /// [`Connection::frame_len`], or a frame already encoded): they fit in
+    /// what is left of the outgoing buffer, or nothing is queued (see
+    /// [`Connection::outbox_has_room_for`]). The bound is the one at which
+    /// the connection stops reading, so that what it queues by itself
+    /// (Pongs) and what senders queue share one limit.
+    pub(crate) fn has_room_for(&self, frame_len: usize) -> bool {
+        self.conn.outbox_has_room_for(frame_len)
     }
 
     /// Takes the next event for a receiver, resuming reading when the inbox
@@ -199,8 +203,9 @@ impl Inner {
         }
     }
 
-    pub(crate) fn register_send(&mut self, cx: &Context<'_>) {
-        self.send_wakers.push(cx.waker().clone());
+    /// Registers a send waiting for room for `frame_len` bytes.
+    pub(crate) fn register_send(&mut self, frame_len: usize, cx: &Context<'_>) {
+        self.send_wakers.push((frame_len, cx.waker().clone()));
     }
 
     pub(crate) fn register_flush(&mut self, mark: u64, cx: &Context<'_>) {
@@ -224,16 +229,19 @@ impl Inner {
         }
     }
 
-    /// Wakes what bytes leaving the queue can unblock: sends waiting for
-    /// room and flushes whose mark was reached. Called by the connection
-    /// task only.
+    /// Wakes what bytes leaving the queue can unblock: sends whose message
+    /// now fits and flushes whose mark was reached. Called by the
+    /// connection task only.
     pub(crate) fn on_written(&mut self) {
-        let room = self.has_room();
         let driver = self.driver_waker.as_ref();
         let woken = &mut self.handler_woken;
-        if room {
-            for w in self.send_wakers.drain(..) {
+        let mut i = 0;
+        while i < self.send_wakers.len() {
+            if self.conn.outbox_has_room_for(self.send_wakers[i].0) {
+                let (_, w) = self.send_wakers.swap_remove(i);
                 Self::wake_from_driver(driver, woken, w);
+            } else {
+                i += 1;
             }
         }
         let written = self.written;
@@ -256,7 +264,7 @@ impl Inner {
         let woken = &mut self.handler_woken;
         let waiting = self.recv_waker.take().into_iter();
         for w in waiting
-            .chain(self.send_wakers.drain(..))
+            .chain(self.send_wakers.drain(..).map(|(_, w)| w))
             .chain(self.close_wakers.drain(..))
         {
             Self::wake_from_driver(driver, woken, w);

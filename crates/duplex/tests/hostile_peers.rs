@@ -117,6 +117,53 @@ async fn a_peer_that_reads_nothing_is_dropped_with_its_waiting_handler_after_the
     assert_eq!(ending.reason.code, CloseCode::ABNORMAL, "{ending:?}");
 }
 
+/// `outgoing_buffer` (1 MiB by default) bounds what is queued, not only
+/// when more may be queued: a message that does not fit in what is left
+/// waits (`send`) or is refused (`try_send` is `Full`), and one larger than
+/// the whole buffer is queued alone, once nothing else is. Everything sent
+/// arrives whole and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_is_queued_only_where_it_fits_in_the_outgoing_buffer_and_a_larger_one_alone() {
+    use duplex::{App, Session, TrySendError};
+    const KIB: usize = 1024;
+    let (tx, mut results) = common::reports::<Vec<Result<(), TrySendError>>>();
+    let app = App::new().web_socket("/out", move |session: Session| {
+        let tx = tx.clone();
+        async move {
+            // Within one poll of the connection task, nothing is written
+            // between these.
+            let results = vec![
+                session.try_send(vec![1u8; 700 * KIB]),
+                session.try_send(vec![2u8; 700 * KIB]),
+                session.try_send(vec![3u8; 100 * KIB]),
+            ];
+            let _ = tx.send(results);
+            // Larger than the whole buffer: sent once the rest is written.
+            let _ = session.send(vec![4u8; 3 * 1024 * KIB]).await;
+            let _ = session.send(vec![5u8; 700 * KIB]).await;
+        }
+    });
+    let server = Server::start(app).await;
+    let (response, mut client) =
+        common::RawClient::request(server.addr, upgrade_request("/out", "")).await;
+    assert_eq!(response.status, 101);
+    let results = results.next().await;
+    assert!(
+        matches!(results[..], [Ok(()), Err(TrySendError::Full), Ok(())]),
+        "700 KiB, 700 KiB (over the 1 MiB left: Full), 100 KiB: {results:?}"
+    );
+    for (fill, len) in [
+        (1u8, 700 * KIB),
+        (3, 100 * KIB),
+        (4, 3 * 1024 * KIB),
+        (5, 700 * KIB),
+    ] {
+        let frame = client.read_frame().await;
+        assert_eq!(frame.payload.len(), len);
+        assert!(frame.payload.iter().all(|&b| b == fill), "message {fill}");
+    }
+}
+
 /// permessage-deflate: inflated bytes count against the inbox bound.
 #[cfg(feature = "deflate")]
 mod rfc7692 {

@@ -224,3 +224,52 @@ async fn rfc7692_7_1_1_1_an_idle_connection_releases_its_compressor_and_its_clie
         "and keeps context again while busy"
     );
 }
+
+/// §7.1.2.1: an offer that limits the server's window to 8 bits, which
+/// zlib's raw deflate cannot produce, is declined over a real socket: with
+/// it alone the session runs without compression (and a compressed frame
+/// is a protocol error, 1002); with a second offer after it, the second is
+/// taken and the echo comes back compressed.
+#[tokio::test]
+async fn rfc7692_7_1_2_1_an_offer_of_server_max_window_bits_8_is_declined() {
+    let server = mirror(WebSockets::default().extension(Deflate::default()).unwrap()).await;
+    let upgrade =
+        |offer: &str| upgrade_request("/mirror", &format!("Sec-WebSocket-Extensions: {offer}\r\n"));
+
+    let (response, mut client) = RawClient::request(
+        server.addr,
+        upgrade("permessage-deflate; server_max_window_bits=8"),
+    )
+    .await;
+    assert_eq!(response.status, 101);
+    assert_eq!(response.header("Sec-WebSocket-Extensions"), None);
+    let text = vec![b'a'; 4096];
+    client.send_final(0x1, &text).await;
+    let echo = client.read_frame().await;
+    assert_eq!((echo.rsv, echo.payload.len()), (0, text.len()));
+    client
+        .write(&common::encode_frame(
+            true,
+            0x40,
+            0x2,
+            &compressed_zeros(100),
+            Some([1, 2, 3, 4]),
+        ))
+        .await;
+    assert_eq!(client.read_close().await.0, 1002);
+
+    let (response, mut client) = RawClient::request(
+        server.addr,
+        upgrade("permessage-deflate; server_max_window_bits=8, permessage-deflate"),
+    )
+    .await;
+    assert_eq!(response.status, 101);
+    assert_eq!(
+        response.header("Sec-WebSocket-Extensions"),
+        Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
+    );
+    client.send_final(0x1, &text).await;
+    let echo = client.read_frame().await;
+    assert_eq!(echo.rsv, 0x40, "the echo is compressed");
+    assert!(echo.payload.len() < 100, "{} bytes", echo.payload.len());
+}

@@ -99,3 +99,45 @@ fn tokio_stream_of<T: Send + 'static>(
 ) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
 }
+
+/// A message fed to the `Sink` that does not fit in what is left of the
+/// outgoing buffer (1 MiB) is held by the sink and queued once it fits:
+/// `feed` of a second 700 KiB message returns, `flush` delivers both, and
+/// closing the sink sends 1000 after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_holds_a_message_that_does_not_fit_yet_and_delivers_it_in_order() {
+    let app = App::new().web_socket("/big", |session: Session| async move {
+        let (mut sender, _receiver) = session.split();
+        for fill in [1u8, 2, 3] {
+            sender
+                .feed(Message::Binary(vec![fill; 700 << 10].into()))
+                .await?;
+        }
+        SinkExt::flush(&mut sender).await?;
+        SinkExt::close(&mut sender).await
+    });
+    let server = Server::start(app).await;
+    let config = tungstenite::protocol::WebSocketConfig::default();
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(
+        format!("ws://{}/big", server.addr),
+        Some(config),
+        false,
+    )
+    .await
+    .expect("connect");
+    for fill in [1u8, 2, 3] {
+        let message = common::within("a message", ws.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let data = message.into_data();
+        assert_eq!(data.len(), 700 << 10);
+        assert!(data.iter().all(|&b| b == fill), "message {fill}");
+    }
+    match common::within("the Close", ws.next()).await {
+        Some(Ok(tungstenite::Message::Close(Some(frame)))) => {
+            assert_eq!(frame.code, CloseCode::Normal)
+        }
+        other => panic!("expected a Close, got {other:?}"),
+    }
+}

@@ -1,0 +1,288 @@
+//! What one address can make `duplex-chat` hold through its echo routes,
+//! measured on the binary at its shipped defaults, in a process of its own
+//! so that its resident memory is the server's alone (issue 19).
+//!
+//! The attack: 40 connections to `/mirror` offer permessage-deflate, each
+//! sends three frames of about 61 KB that inflate to 60 MiB each, and reads
+//! nothing. Offered with `server_max_window_bits=8` (a window zlib's raw
+//! deflate cannot compress with), the server used to accept it, echo every
+//! message uncompressed and hold each one whole in its write queue: 7.3 MB
+//! sent took it from 8 MB to 4.5 GB until the write timeout. Now that offer
+//! is declined (RFC 7692 §7.1.2.1), so compressed frames are a protocol
+//! error, and the echo routes read at most 64 KiB a message, so a message
+//! that inflates past it is refused with 1009 while it is inflated.
+//!
+//! All traffic goes to 127.0.0.1; every wait is bounded, and the server is
+//! stopped as soon as it grows past the bound.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use flate2::{Compress, Compression, FlushCompress};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+const CONNECTIONS: usize = 40;
+const MESSAGES: usize = 3;
+const INFLATED: usize = 60 << 20;
+const BOUND_KIB: u64 = 256 << 10;
+const WAIT: Duration = Duration::from_secs(30);
+/// How long the server is watched after the last frame is sent.
+const WATCH: Duration = Duration::from_secs(5);
+
+struct ChatProcess(Child);
+
+impl Drop for ChatProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("the field in status")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `zeros` zero bytes as one permessage-deflate payload (tail removed),
+/// compressed a chunk at a time.
+fn compressed_zeros(zeros: usize) -> Vec<u8> {
+    let chunk = vec![0u8; 1 << 20];
+    let mut compressor = Compress::new(Compression::best(), false);
+    let mut out = Vec::with_capacity(zeros / 500);
+    let mut left = zeros;
+    while left > 0 {
+        let take = left.min(chunk.len());
+        let before = compressor.total_in();
+        out.reserve(64 << 10);
+        compressor
+            .compress_vec(&chunk[..take], &mut out, FlushCompress::None)
+            .expect("compress");
+        left -= (compressor.total_in() - before) as usize;
+    }
+    loop {
+        out.reserve(64 << 10);
+        compressor
+            .compress_vec(&[], &mut out, FlushCompress::Sync)
+            .expect("compress");
+        if out.ends_with(&[0, 0, 0xff, 0xff]) {
+            break;
+        }
+    }
+    out.truncate(out.len() - 4);
+    out
+}
+
+/// A masked binary frame with RSV1 (compressed), FIN set.
+fn compressed_binary_frame(compressed: &[u8]) -> Vec<u8> {
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    let mut frame = vec![0xC2];
+    let len = compressed.len();
+    if len < 126 {
+        frame.push(0x80 | len as u8);
+    } else if len <= 0xffff {
+        frame.push(0x80 | 126);
+        frame.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        frame.push(0x80 | 127);
+        frame.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(compressed.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// Upgrades to `/mirror` offering `offer`; returns the stream and the
+/// answer's `Sec-WebSocket-Extensions`, if any.
+async fn upgrade(port: u16, offer: &str) -> (TcpStream, Option<String>) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /mirror HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Extensions: {offer}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).await.expect("read the head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).expect("an ASCII head");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let extensions = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("sec-websocket-extensions")
+            .then(|| value.trim().to_owned())
+    });
+    (stream, extensions)
+}
+
+/// Reads frames until a Close and returns its code (`None` if the
+/// connection ends without one). Data frames are skipped.
+async fn close_code(stream: &mut TcpStream) -> Option<u16> {
+    loop {
+        let mut header = [0u8; 2];
+        stream.read_exact(&mut header).await.ok()?;
+        let len = match header[1] & 0x7f {
+            126 => {
+                let mut ext = [0u8; 2];
+                stream.read_exact(&mut ext).await.ok()?;
+                u64::from(u16::from_be_bytes(ext))
+            }
+            127 => {
+                let mut ext = [0u8; 8];
+                stream.read_exact(&mut ext).await.ok()?;
+                u64::from_be_bytes(ext)
+            }
+            n => u64::from(n),
+        };
+        let mut payload = vec![0u8; usize::try_from(len.min(1 << 20)).ok()?];
+        if header[0] & 0x0f == 0x8 {
+            stream.read_exact(&mut payload).await.ok()?;
+            return Some(u16::from_be_bytes([*payload.first()?, *payload.get(1)?]));
+        }
+        let mut left = len;
+        while left > 0 {
+            let take = left.min(payload.len() as u64) as usize;
+            stream.read_exact(&mut payload[..take]).await.ok()?;
+            left -= take as u64;
+        }
+    }
+}
+
+/// Starts the binary at its shipped defaults and waits until it listens.
+async fn start_chat(port: u16) -> ChatProcess {
+    let child = Command::new(env!("CARGO_BIN_EXE_duplex-chat"))
+        .args(["--addr", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start duplex-chat");
+    let chat = ChatProcess(child);
+    let ready = async {
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, ready)
+        .await
+        .expect("duplex-chat listens");
+    chat
+}
+
+/// Runs the attack with `offer` and returns, per connection, the close
+/// code it got; fails as soon as the server's resident set grows past the
+/// bound.
+async fn attack(offer: &str, expect_extensions: Option<&str>) -> Vec<Option<u16>> {
+    let port = free_port();
+    let chat = start_chat(port).await;
+    let pid = chat.0.id();
+    let frame = compressed_binary_frame(&compressed_zeros(INFLATED));
+    assert!(
+        (55_000..65_536).contains(&frame.len()),
+        "a frame of about 61 KB: {}",
+        frame.len()
+    );
+    let baseline = status_kib(pid, "VmRSS");
+    let mut streams = Vec::with_capacity(CONNECTIONS);
+    let mut answers = Vec::with_capacity(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        let (stream, extensions) = upgrade(port, offer).await;
+        answers.push(extensions);
+        streams.push(stream);
+    }
+    let sent = CONNECTIONS * MESSAGES * frame.len();
+    let sent_at = std::cell::Cell::new(None::<Instant>);
+    let send = async {
+        for stream in &mut streams {
+            for _ in 0..MESSAGES {
+                // A server that closed already may refuse the rest.
+                if stream.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+        }
+        sent_at.set(Some(Instant::now()));
+    };
+    // Watched while sending too: the growth is what the sends cause.
+    let watch = async {
+        let grown = |pid| status_kib(pid, "VmHWM").saturating_sub(baseline);
+        loop {
+            let growth = grown(pid);
+            assert!(
+                growth < BOUND_KIB,
+                "duplex-chat grew by {} MiB (from {} MiB) for {sent} bytes sent; the bound is {} MiB",
+                growth >> 10,
+                baseline >> 10,
+                BOUND_KIB >> 10
+            );
+            if sent_at.get().is_some_and(|at| at.elapsed() >= WATCH) {
+                return growth;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let (growth, ()) = tokio::time::timeout(WAIT, async { tokio::join!(watch, send) })
+        .await
+        .expect("the attack ran within its time");
+    eprintln!(
+        "offer {offer:?}: {sent} bytes sent on {CONNECTIONS} connections; duplex-chat peak RSS \
+         {growth} KiB over a baseline of {baseline} KiB"
+    );
+    // Checked after the memory, which is what the attack is about.
+    for answer in &answers {
+        assert_eq!(answer.as_deref(), expect_extensions, "{offer}");
+    }
+    let mut codes = Vec::with_capacity(CONNECTIONS);
+    for stream in &mut streams {
+        codes.push(
+            tokio::time::timeout(WAIT, close_code(stream))
+                .await
+                .expect("each connection ends in time"),
+        );
+    }
+    codes
+}
+
+/// The issue's attack as reported: the 8-bit window offer is declined, so
+/// the session has no compression, a compressed frame is a protocol error
+/// (1002), and nothing is inflated or echoed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_mirror_connections_offering_an_8_bit_window_and_reading_nothing_hold_under_256_mib()
+{
+    let codes = attack("permessage-deflate; server_max_window_bits=8", None).await;
+    assert!(codes.iter().all(|c| *c == Some(1002)), "{codes:?}");
+}
+
+/// The same attack with an offer the server accepts: the echo routes read
+/// at most 64 KiB a message, so each message is refused with 1009 while it
+/// is inflated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_mirror_connections_sending_messages_that_inflate_to_60_mib_get_1009_and_hold_under_256_mib()
+ {
+    let codes = attack(
+        "permessage-deflate",
+        Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover"),
+    )
+    .await;
+    assert!(codes.iter().all(|c| *c == Some(1009)), "{codes:?}");
+}
