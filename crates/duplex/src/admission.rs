@@ -40,9 +40,11 @@ impl Default for Limits {
     }
 }
 
-/// The default IPv6 prefix length of one client "address": a /64 is what
-/// one home or one cloud instance is routed (RFC 6177), so counting every
-/// address of it apart would give one peer 2^64 addresses.
+/// The default IPv6 prefix length of one client "address": a /64 is the
+/// smallest prefix routed to one network, whose hosts choose the other 64
+/// bits, so counting every address of it apart would give one host 2^64
+/// addresses. Sites often get a /56 or a /48 (RFC 6177): a shorter prefix
+/// groups those.
 pub(crate) const DEFAULT_IPV6_PREFIX: u8 = 64;
 
 /// The key under which the per-address limits count `ip`: an IPv4 address

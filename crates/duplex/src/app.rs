@@ -19,6 +19,7 @@ use tower_service::Service;
 use crate::tls::{TlsListener, rustls};
 use crate::{
     address_limit::AddressLimit,
+    body_deadline::IdleBody,
     config::WebSockets,
     endpoint,
     handler::Handler,
@@ -355,6 +356,7 @@ impl App {
             .max_connections_per_ip
             .map(|max| AddressLimit::new(max, websockets.limits.ipv6_prefix));
         let write_timeout = websockets.write_timeout;
+        let header_read_timeout = self.header_read_timeout;
         let http = Arc::new(crate::h2::Http::new(
             self.header_read_timeout,
             write_timeout,
@@ -399,7 +401,8 @@ impl App {
             let router = router.clone();
             let served = served.clone();
             let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
-                let mut request = request.map(Body::new);
+                let mut request =
+                    request.map(|body| Body::new(IdleBody::new(body, header_read_timeout)));
                 request.extensions_mut().insert(ConnectInfo(peer));
                 // A task-local rather than a request extension: the
                 // extensions stay with the session's request, and one more

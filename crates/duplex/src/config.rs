@@ -261,10 +261,12 @@ impl WebSockets {
     /// How many leading bits of an IPv6 address name one client for the
     /// per-address limits (sessions, handshake rate, and
     /// [`App`](crate::App)'s HTTP connections and TLS handshakes): every
-    /// address of one prefix counts as the same client, since a single
-    /// host is routed a whole /64 and could otherwise escape the limits by
-    /// changing its address. IPv4 addresses count one by one. Default 64;
-    /// at most 128 (every address apart).
+    /// address of one prefix counts as the same client, since a host
+    /// chooses the last 64 bits of its address itself and could otherwise
+    /// escape the limits by changing them. Sites are often routed a /56 or
+    /// a /48 (RFC 6177): a shorter prefix groups a whole site. IPv4
+    /// addresses count one by one. Default 64; at most 128 (every address
+    /// apart).
     #[must_use]
     pub fn ipv6_prefix(mut self, bits: u8) -> Self {
         self.limits.ipv6_prefix = bits.min(128);

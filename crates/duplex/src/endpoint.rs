@@ -392,6 +392,12 @@ where
             return rejection.into_response();
         }
     };
+    // The mark that keeps an HTTP/2 connection from being idle goes with
+    // the session's task, not its `Request`, which the application may
+    // clone and keep after the session ends.
+    let open_stream = parts
+        .extensions
+        .remove::<Arc<crate::stream_ledger::OpenStream>>();
     let request = Arc::new(Request {
         method: parts.method,
         uri: detach_uri(&parts.uri),
@@ -405,8 +411,9 @@ where
     let protocol = accepted.protocol;
     let lifecycle = config.lifecycle.clone();
     lifecycle.spawn(async move {
-        // Held for the session's life: its place in the per-address count.
-        let _slot = slot;
+        // Held for the session's life: its place in the per-address count,
+        // and its HTTP/2 stream's in its connection's.
+        let _slot = (slot, open_stream);
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(err) => {

@@ -216,6 +216,9 @@ impl Http {
             + 'static,
         S::Future: Send + 'static,
     {
+        // An HTTP/2 connection is idle from its accept: the time spent
+        // telling its version counts.
+        let accepted = tokio::time::Instant::now();
         let h2 = match &self.http2 {
             None => false,
             Some(_) => {
@@ -229,7 +232,7 @@ impl Http {
         };
         match (&self.http2, h2) {
             (Some(http2), true) => {
-                let ledger = Ledger::new();
+                let ledger = Ledger::new(accepted);
                 let service = Tracked {
                     inner: service,
                     ledger: std::sync::Arc::clone(&ledger),
@@ -246,7 +249,14 @@ impl Http {
                     // run to their end (`serve` bounds the wait).
                     None => {
                         connection.as_mut().graceful_shutdown();
-                        Ok(connection.await?)
+                        tokio::select! {
+                            result = connection.as_mut() => Ok(result?),
+                            verdict = ledger.watch(Duration::MAX, self.write_timeout) => {
+                                debug_assert_eq!(verdict, Verdict::Stalled);
+                                counter!("duplex_write_timeouts_total").increment(1);
+                                Err("HTTP/2 peer took no byte of a response within the write timeout".into())
+                            }
+                        }
                     }
                     Some(Verdict::Idle) => {
                         // GOAWAY, then the end: a peer that answers nothing

@@ -151,6 +151,7 @@ impl NoMetric {
 mod address_limit;
 mod admission;
 mod app;
+mod body_deadline;
 #[cfg(feature = "client")]
 mod client;
 mod config;

@@ -103,7 +103,7 @@ pub const METRICS: &[Metric] = &[
         name: "duplex_http2_responses_refused_total",
         kind: Kind::Counter,
         unit: Unit::Count,
-        help: "HTTP/2 requests answered 503 because their connection held 1 MiB of responses its peer had not taken.",
+        help: "HTTP/2 requests answered 503 (or reset, for a body of unknown length) because their connection held 256 KiB of responses its peer had not taken.",
         label: None,
     },
     Metric {

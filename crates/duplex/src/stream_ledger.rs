@@ -38,7 +38,7 @@ use tokio::{sync::Notify, time::Instant};
 /// The most bytes of responses one HTTP/2 connection may hold that its
 /// peer has not taken; a request past it gets 503, and so does a response
 /// that would pass it while others wait.
-pub(crate) const MAX_UNSENT: usize = 1 << 20;
+pub(crate) const MAX_UNSENT: usize = 256 << 10;
 
 /// Why the connection should end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +68,11 @@ struct State {
 
 #[derive(Debug)]
 struct Response {
+    /// The body's bytes not yet handed over: its whole length when known
+    /// up front, else the chunk it last gave.
     bytes: usize,
+    /// The length was not known up front: chunks are counted as they come.
+    streamed: bool,
     progressed: Instant,
     /// The body's last poll was pending: the application, not the peer,
     /// has the next move.
@@ -93,11 +97,12 @@ impl Drop for OpenStream {
 }
 
 impl Ledger {
-    pub(crate) fn new() -> Arc<Self> {
+    /// A connection accepted at `accepted`, idle since then.
+    pub(crate) fn new(accepted: Instant) -> Arc<Self> {
         Arc::new(Ledger {
             state: Mutex::new(State {
                 open: 0,
-                idle_since: Instant::now(),
+                idle_since: accepted,
                 next_id: 0,
                 responses: HashMap::new(),
                 unsent: 0,
@@ -132,11 +137,8 @@ impl Ledger {
         if response.body().is_end_stream() {
             return response;
         }
-        let bytes = response
-            .body()
-            .size_hint()
-            .exact()
-            .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        let exact = response.body().size_hint().exact();
+        let bytes = exact.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
         let id = {
             let mut state = self.lock();
             // One response larger than the bound still goes out alone.
@@ -152,6 +154,7 @@ impl Ledger {
                 id,
                 Response {
                     bytes,
+                    streamed: exact.is_none(),
                     progressed: Instant::now(),
                     waiting_on_app: false,
                 },
@@ -165,6 +168,7 @@ impl Ledger {
                 ledger: Arc::clone(self),
                 id,
                 _open: open,
+                rest: Bytes::new(),
             })
         })
     }
@@ -177,14 +181,18 @@ impl Ledger {
             notified.as_mut().enable();
             let next = {
                 let state = self.lock();
-                let idle =
-                    (state.open == 0).then(|| (state.idle_since + idle_timeout, Verdict::Idle));
+                // A deadline past what `Instant` can hold is never.
+                let idle = (state.open == 0)
+                    .then(|| state.idle_since.checked_add(idle_timeout))
+                    .flatten()
+                    .map(|at| (at, Verdict::Idle));
                 let stalled = state
                     .responses
                     .values()
                     .filter(|r| !r.waiting_on_app)
-                    .map(|r| (r.progressed + write_timeout, Verdict::Stalled))
-                    .min_by_key(|(at, _)| *at);
+                    .filter_map(|r| r.progressed.checked_add(write_timeout))
+                    .min()
+                    .map(|at| (at, Verdict::Stalled));
                 idle.into_iter().chain(stalled).min_by_key(|(at, _)| *at)
             };
             match next {
@@ -218,6 +226,39 @@ struct TrackedBody {
     ledger: Arc<Ledger>,
     id: u64,
     _open: Arc<OpenStream>,
+    rest: Bytes,
+}
+
+/// The largest piece of a response body handed to hyper at once. hyper
+/// gives h2 a piece as soon as the stream has any window and drops the
+/// body once it has the last one: whole, a body granted one byte of
+/// window would leave the ledger while h2 still held all of it. In pieces
+/// (the last byte alone), at most two wait in hyper and h2 per stream, the
+/// body stays counted until all but one byte has gone, and each piece sent
+/// is progress.
+const CHUNK: usize = 16 * 1024;
+
+impl TrackedBody {
+    /// Counts a chunk of `len` bytes from a body of unknown length in
+    /// place of its last one; false if that would take the connection past
+    /// [`MAX_UNSENT`] while others hold bytes too.
+    fn count_chunk(&self, len: usize) -> bool {
+        let mut state = self.ledger.lock();
+        let unsent = state.unsent;
+        let Some(response) = state.responses.get_mut(&self.id) else {
+            return true;
+        };
+        if !response.streamed {
+            return true;
+        }
+        let others = unsent - response.bytes;
+        if others > 0 && others.saturating_add(len) > MAX_UNSENT {
+            return false;
+        }
+        response.bytes = len;
+        state.unsent = others + len;
+        true
+    }
 }
 
 impl http_body::Body for TrackedBody {
@@ -228,23 +269,74 @@ impl http_body::Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        let mut state = self.ledger.lock();
-        if let Some(response) = state.responses.get_mut(&self.id) {
-            response.waiting_on_app = polled.is_pending();
-            if polled.is_ready() {
-                response.progressed = Instant::now();
+        let piece = if self.rest.is_empty() {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) if frame.is_data() => {
+                    let data = frame.into_data().unwrap_or_default();
+                    if !self.count_chunk(data.len()) {
+                        // The connection holds its bound already: this
+                        // stream is reset rather than kept waiting.
+                        counter!("duplex_http2_responses_refused_total").increment(1);
+                        return Poll::Ready(Some(Err(axum::Error::new(
+                            "HTTP/2 connection holds 256 KiB of unsent responses",
+                        ))));
+                    }
+                    self.rest = data;
+                    None
+                }
+                other => Some(other),
             }
+        } else {
+            None
+        };
+        let polled = match piece {
+            Some(other) => other,
+            None => {
+                let mut n = self.rest.len().min(CHUNK);
+                // The body's last byte goes alone: hyper hands h2 a piece
+                // only once the one before has left, so the body, and its
+                // place in the ledger, stays until all but that byte has
+                // been sent, instead of ending while h2 still holds a piece
+                // the peer never takes.
+                if n == self.rest.len() && n > 1 && self.inner.is_end_stream() {
+                    n -= 1;
+                }
+                let head = self.rest.split_to(n);
+                Poll::Ready(Some(Ok(Frame::data(head))))
+            }
+        };
+        // A body the application had not filled yet now waits on the
+        // peer: the watcher, which ignored it, must look again.
+        let mut woke = false;
+        {
+            let mut state = self.ledger.lock();
+            if let Some(response) = state.responses.get_mut(&self.id) {
+                woke = response.waiting_on_app && polled.is_ready();
+                response.waiting_on_app = polled.is_pending();
+                if polled.is_ready() {
+                    response.progressed = Instant::now();
+                }
+            }
+        }
+        if woke {
+            self.ledger.changed.notify_one();
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let mut hint = self.inner.size_hint();
+        let extra = self.rest.len() as u64;
+        // The upper bound first: a lower one above it panics.
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + extra);
+        }
+        hint.set_lower(hint.lower() + extra);
+        hint
     }
 }
 
@@ -305,7 +397,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_without_streams_is_idle_after_the_idle_timeout() {
-        let ledger = Ledger::new();
+        let ledger = Ledger::new(Instant::now());
         let start = Instant::now();
         assert_eq!(ledger.watch(IDLE, WRITE).await, Verdict::Idle);
         assert!(start.elapsed() >= IDLE);
@@ -322,7 +414,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_never_taken_stalls_after_the_write_timeout() {
-        let ledger = Ledger::new();
+        let ledger = Ledger::new(Instant::now());
         let open = ledger.open();
         let response = ledger.track(ok("metrics"), open);
         let start = Instant::now();
@@ -335,7 +427,7 @@ mod tests {
 
     #[test]
     fn responses_past_the_bound_get_503_and_one_large_one_goes_alone() {
-        let ledger = Ledger::new();
+        let ledger = Ledger::new(Instant::now());
         let big = || http::Response::new(Body::from(vec![0u8; MAX_UNSENT * 2 / 3]));
         let first = ledger.track(big(), ledger.open());
         assert_eq!(first.status(), http::StatusCode::OK);

@@ -8,8 +8,9 @@
 //! the socket takes what is written: a timer exists only while a write
 //! waits.
 //!
-//! An upgraded HTTP/1.1 connection is unwrapped again (`socket.rs`): the
-//! session's own write timeout takes over.
+//! An upgraded HTTP/1.1 connection over TCP is unwrapped again
+//! (`socket.rs`): the session's own write timeout takes over. Over TLS the
+//! wrapper stays inside the boxed stream, with the same timeout.
 
 use std::{
     future::Future,

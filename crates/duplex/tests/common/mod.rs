@@ -587,6 +587,11 @@ pub(crate) struct ChildServer {
 }
 
 impl ChildServer {
+    /// The child's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub(crate) fn start(name: &str) -> ChildServer {
         use std::io::BufRead;
         let mut child = std::process::Command::new(std::env::current_exe().expect("current_exe"))
