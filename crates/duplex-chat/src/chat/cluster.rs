@@ -3,9 +3,11 @@
 //!
 //! What lives where (keys under the prefix `P`, `duplex-chat` by default):
 //!
-//! - `P:name:<key>`: who holds a name, `node \n token \n Name`, expiring
-//!   [`TTL`] after its node last refreshed it: a name is unique across
-//!   every node, and a dead node's names free themselves.
+//! - `P:name:<key>`: who holds a name (by [`protocol::name_key`]),
+//!   `node \n identity \n Name`, expiring [`TTL`] after its node last
+//!   refreshed it: a name is unique across every node, and a dead node's
+//!   names free themselves. The identity is [`protocol::identity`] of the
+//!   holder's token, never the token.
 //! - `P:s:<room>`: the room's stream, one entry per message (`t`: the line
 //!   as sent after its id, `p`: the id of the entry before it), trimmed to
 //!   `--history` entries; `P:meta:<room>` holds its `last` id and its
@@ -15,7 +17,9 @@
 //!   rooms, for `P:rooms`) scored by when the entry expires; every node
 //!   refreshes its own every [`BEAT`], so the users of a node that died
 //!   drop out of every list within [`TTL`] plus a beat.
-//! - `P:ds:<a>|<b>`, `P:dmeta:<a>|<b>`: a pair's direct messages, as rooms.
+//! - `P:ds:<a>|<b>`, `P:dmeta:<a>|<b>`: a pair's direct messages, as rooms,
+//!   by the two identities (sorted); the meta also holds `k:<identity>`, the
+//!   name key each had at the pair's last message.
 //!
 //! Every write that others must see is one Lua script that changes the
 //! data and publishes the change (`P:r:<room>` for a room, `P:d` for direct
@@ -302,14 +306,15 @@ struct Scripts {
     say: Script,
     range: Script,
     dm: Script,
+    last_peer: Script,
     beat: Script,
     presence: Script,
     directory: Script,
     release: Script,
 }
 
-/// Takes a name unless another holds it (a holder with the same token
-/// gives it up); says who held it before.
+/// Takes a name unless another identity holds it (the same identity takes
+/// it over); says who held it before.
 const HELLO: &str = r"
 local cur = redis.call('GET', KEYS[1])
 if cur then
@@ -425,9 +430,26 @@ keep(KEYS[4], ARGV[9], ARGV[7], ARGV[8], ARGV[10], ARGV[11])
 redis.call('HSETNX', KEYS[3], 'epoch', ARGV[3])
 local id = redis.call('XADD', KEYS[2], '*', 't', ARGV[1])
 redis.call('HSET', KEYS[3], 'last', id)
+redis.call('HSET', KEYS[3], 'k:' .. ARGV[12], ARGV[13], 'k:' .. ARGV[14], ARGV[15])
 trim(KEYS[2], KEYS[3], #ARGV[1], ARGV[2], ARGV[6])
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. '\n' .. id .. '\n' .. ARGV[1])
 return id
+";
+
+/// The identity `ARGV[1]` last exchanged direct messages with while it was
+/// called `ARGV[3]`: the most recently used pair of `ARGV[1]`'s whose other
+/// side had that name key. The pairs are capped (`--max-total-rooms`).
+const LAST_PEER: &str = r"
+local pairs = redis.call('ZREVRANGE', KEYS[1], 0, -1)
+for i = 1, #pairs do
+  local a, b = string.match(pairs[i], '^([^|]*)|([^|]*)$')
+  local peer = nil
+  if a == ARGV[1] then peer = b elseif b == ARGV[1] then peer = a end
+  if peer and redis.call('HGET', ARGV[2] .. pairs[i], 'k:' .. peer) == ARGV[3] then
+    return peer
+  end
+end
+return false
 ";
 
 /// Refreshes this node's names (taking back those Redis lost; those
@@ -610,7 +632,7 @@ fn split_member(member: &str) -> Option<(&str, &str)> {
     member.split_once('\n')
 }
 
-/// The key of a pair's streams: the two lowercased names, sorted.
+/// The key of a pair's streams: the two identities, sorted.
 fn pair(a: &str, b: &str) -> String {
     let (a, b) = super::pair_key(a, b);
     format!("{a}|{b}")
@@ -691,6 +713,7 @@ impl Cluster {
                 say: Script::new(&format!("{STREAM_FUNCTIONS}{SAY}")),
                 range: Script::new(&format!("{STREAM_FUNCTIONS}{RANGE}")),
                 dm: Script::new(&format!("{STREAM_FUNCTIONS}{DM}")),
+                last_peer: Script::new(LAST_PEER),
                 beat: Script::new(BEAT_SCRIPT),
                 presence: Script::new(PRESENCE),
                 directory: Script::new(DIRECTORY),
@@ -750,7 +773,7 @@ impl Cluster {
             ));
         }
         let checked = protocol::check_name(name)?;
-        let key = checked.to_lowercase();
+        let key = protocol::name_key(&checked);
         let full = {
             let state = self.lock();
             !state.users.contains_key(&key) && state.users.len() >= self.options.max_users
@@ -764,8 +787,8 @@ impl Cluster {
                 ),
             ));
         }
-        let new_token = random_hex(16);
-        let value = format!("{}\n{new_token}\n{checked}", self.node);
+        let (token, identity) = super::identify(token);
+        let value = format!("{}\n{identity}\n{checked}", self.node);
         let (taken, before): (i64, String) = {
             let reply: Value = within(
                 self.scripts
@@ -773,7 +796,7 @@ impl Cluster {
                     .key(self.keys.name(&key))
                     .key(self.keys.online())
                     .arg(&value)
-                    .arg(token.unwrap_or(""))
+                    .arg(&*identity)
                     .arg(TTL.as_millis() as u64)
                     .arg(ms_after(TTL))
                     .arg(presence_member(&self.node, &checked))
@@ -849,7 +872,7 @@ impl Cluster {
             Event::Welcome {
                 name: &name,
                 id: me.id().0,
-                token: &new_token,
+                token: &token,
                 instance: &self.node,
                 rooms: rooms.iter().map(|r| &**r).collect(),
                 limits: self.options.limits(),
@@ -857,6 +880,7 @@ impl Cluster {
             .to_message(),
         );
         conn.name = Some(name);
+        conn.identity = Some(identity);
         self.changed();
         gauges(counts);
         Ok(())
@@ -1350,38 +1374,44 @@ impl Cluster {
         text: &str,
     ) -> Result<(), Problem> {
         let from = conn.name.clone().ok_or_else(not_identified)?;
+        let identity = conn.identity.clone().ok_or_else(not_identified)?;
         let text = protocol::check_text(
             text,
             self.options.max_text_chars,
             self.options.max_text_bytes,
         )?;
-        let to_key = to.trim().to_lowercase();
-        let from_key = from.to_lowercase();
         let unknown = || {
             Problem::new(
                 ErrorCode::UnknownUser,
                 format!("Nobody called {} is here", to.trim()),
             )
         };
-        if to_key == from_key {
-            return Err(Problem::new(
+        let to_key = protocol::check_name(to)
+            .map(|to| protocol::name_key(&to))
+            .map_err(|_| unknown())?;
+        let from_key = protocol::name_key(&from);
+        let oneself = || {
+            Problem::new(
                 ErrorCode::InvalidRecipient,
                 "A direct message goes to someone else",
-            ));
-        }
-        if protocol::check_name(to).is_err() {
-            return Err(unknown());
+            )
+        };
+        if to_key == from_key {
+            return Err(oneself());
         }
         let holder: Option<String> = within(self.conn().get(self.keys.name(&to_key))).await?;
         let Some(holder) = holder else {
             return Err(unknown());
         };
-        let to_name = holder
-            .splitn(3, '\n')
-            .nth(2)
-            .unwrap_or(to.trim())
-            .to_owned();
-        let pair = pair(&from, &to_name);
+        // `node \n identity \n Name`: the message is the pair's of the two
+        // identities, whoever holds the names later.
+        let mut fields = holder.splitn(3, '\n').skip(1);
+        let to_identity = fields.next().unwrap_or_default().to_owned();
+        let to_name = fields.next().unwrap_or(to.trim()).to_owned();
+        if to_identity == *identity {
+            return Err(oneself());
+        }
+        let pair = pair(&identity, &to_identity);
         let tail = protocol::dm_tail(&from, &to_name, &text, now_ms());
         let (stream_prefix, meta_prefix) = self.keys.stream_prefixes(true);
         let id: Option<String> = within(
@@ -1395,13 +1425,17 @@ impl Cluster {
                 .arg(self.options.history.max(1))
                 .arg(random_hex(6))
                 .arg(self.keys.dm_channel())
-                .arg(format!("{from_key}\n{to_key}"))
+                .arg(format!("{from_key}\n{identity}\n{to_key}\n{to_identity}"))
                 .arg(self.options.history_bytes)
                 .arg(now_ms())
                 .arg(self.options.max_total_rooms)
                 .arg(&pair)
                 .arg(stream_prefix)
                 .arg(meta_prefix)
+                .arg(&*identity)
+                .arg(&from_key)
+                .arg(&to_identity)
+                .arg(&to_key)
                 .invoke_async(&mut self.conn()),
         )
         .await?;
@@ -1419,9 +1453,36 @@ impl Cluster {
         since: Option<&str>,
         epoch: Option<&str>,
     ) -> Result<(), Problem> {
-        let name = conn.name.clone().ok_or_else(not_identified)?;
+        let identity = conn.identity.clone().ok_or_else(not_identified)?;
         let with = protocol::check_name(with)?;
-        let pair = pair(&name, &with);
+        let with_key = protocol::name_key(&with);
+        // The name's holder, or if nobody holds it, whoever last had it in
+        // a conversation of the caller's: only the caller's own
+        // conversations are ever read.
+        let holder: Option<String> = within(self.conn().get(self.keys.name(&with_key))).await?;
+        let peer = match holder {
+            Some(holder) => holder.split('\n').nth(1).map(str::to_owned),
+            None => {
+                let (_, meta_prefix) = self.keys.stream_prefixes(true);
+                within(
+                    self.scripts
+                        .last_peer
+                        .key(self.keys.dm_kept())
+                        .arg(&*identity)
+                        .arg(meta_prefix)
+                        .arg(&with_key)
+                        .invoke_async(&mut self.conn()),
+                )
+                .await?
+            }
+        };
+        let Some(peer) = peer.filter(|peer| *peer != *identity) else {
+            // No conversation: nothing kept, and nothing to recover.
+            let answer = protocol::dm_history(&with, &self.node, since.map(|_| false), []);
+            self.hub.send_to(conn.me.id(), answer);
+            return Ok(());
+        };
+        let pair = pair(&identity, &peer);
         let stream = self.keys.dm_stream(&pair);
         let range = self
             .range_of(
@@ -1540,14 +1601,17 @@ impl Cluster {
                 _ => tracing::debug!(%channel, "unknown message on a room channel"),
             }
         } else if channel == self.keys.dm_channel() {
-            let mut parts = payload.splitn(4, '\n');
-            if let (Some(from), Some(to), Some(id), Some(tail)) =
-                (parts.next(), parts.next(), parts.next(), parts.next())
-            {
+            // `from key \n identity \n to key \n identity \n id \n tail`.
+            let parts: Vec<&str> = payload.splitn(6, '\n').collect();
+            if let [from, from_identity, to, to_identity, id, tail] = parts[..] {
                 let message = protocol::dm_event(&protocol::dm_line(id, tail));
                 let state = self.lock();
-                for key in [from, to] {
-                    if let Some(user) = state.users.get(key) {
+                // To the name's holder only while it is the identity the
+                // message was for: not to whoever took the name since.
+                for (key, identity) in [(from, from_identity), (to, to_identity)] {
+                    if let Some(user) = state.users.get(key)
+                        && user.value.split('\n').nth(1) == Some(identity)
+                    {
                         self.hub.send_to(user.id, message.clone());
                     }
                 }
@@ -1573,7 +1637,7 @@ impl Cluster {
             return;
         }
         let old = fields[3..].join("\n");
-        let key = fields[5].to_lowercase();
+        let key = protocol::name_key(fields[5]);
         let sender = {
             let state = self.lock();
             state
