@@ -971,6 +971,43 @@ mod tests {
         }
     }
 
+    /// What the chat_request fuzz target checks of keys, for every
+    /// character of the Basic Multilingual Plane a name may hold that its
+    /// skeleton or lowercasing changes, alone and between letters: a key's
+    /// key is itself, and a character replaced by its skeleton is the same
+    /// name.
+    #[test]
+    fn keys_are_stable_for_every_character_a_name_may_hold() {
+        let mut buf = [0; 4];
+        for c in (0..=0xffff_u32).filter_map(char::from_u32) {
+            let Ok(name) = check_name(c.encode_utf8(&mut buf)) else {
+                continue;
+            };
+            let plain =
+                unicode_security::skeleton(&name).eq(name.chars()) && name.to_lowercase() == name;
+            if plain {
+                continue;
+            }
+            for name in [name.clone(), format!("A{name}b")] {
+                let key = name_key(&name);
+                assert_eq!(name_key(&key), key, "{name:?}");
+                let skeleton: String = name
+                    .chars()
+                    .flat_map(|c| {
+                        let mut buf = [0; 4];
+                        if c.is_ascii() {
+                            vec![c]
+                        } else {
+                            unicode_security::skeleton(c.encode_utf8(&mut buf)).collect()
+                        }
+                    })
+                    .collect();
+                assert_eq!(name_key(&skeleton), key, "{name:?} and {skeleton:?}");
+                assert_eq!(name_key(&name.to_ascii_uppercase()), key, "{name:?}");
+            }
+        }
+    }
+
     #[test]
     fn an_identity_is_a_fixed_hash_of_its_token() {
         let token = "5f0c2a9e41d37b86a0e9c3d2f1b4a7e8";
