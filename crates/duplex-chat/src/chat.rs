@@ -173,6 +173,11 @@ struct ChatState {
     /// Direct messages kept, by pair of identities ([`pair_key`]): never
     /// by names, which others may hold later.
     pairs: HashMap<(String, String), Pair>,
+    /// Whom each identity's conversations are with, by the name the other
+    /// had at the pair's last message: `(identity, name key)` to the other
+    /// identity. Two entries per pair at most (each pair's current ones),
+    /// so it is capped with `pairs`.
+    contacts: HashMap<(String, String), String>,
 }
 
 /// The direct messages of two people, kept as sent (the `dm` event's JSON
@@ -530,23 +535,22 @@ impl ChatState {
     }
 
     /// The identity `me` last exchanged direct messages with while it was
-    /// called `name_key` (pairs are capped, so this looks at a bounded
-    /// number).
+    /// called `name_key`.
     fn last_peer_named(&self, me: &str, name_key: &str) -> Option<Arc<str>> {
-        self.pairs
-            .iter()
-            .filter_map(|((a, b), pair)| {
-                let peer = if a == me && pair.names[1] == name_key {
-                    b
-                } else if b == me && pair.names[0] == name_key {
-                    a
-                } else {
-                    return None;
-                };
-                Some((pair.last_active, peer))
-            })
-            .max_by_key(|(active, _)| *active)
-            .map(|(_, peer)| Arc::from(peer.as_str()))
+        self.contacts
+            .get(&(me.to_owned(), name_key.to_owned()))
+            .map(|peer| Arc::from(peer.as_str()))
+    }
+
+    /// Forgets the contacts a pair (its key and its names) made, unless a
+    /// later pair has made them its own.
+    fn forget_contacts(&mut self, (a, b): &(String, String), names: &[String; 2]) {
+        for (who, peer, peer_name) in [(a, b, &names[1]), (b, a, &names[0])] {
+            let entry = (who.clone(), peer_name.clone());
+            if self.contacts.get(&entry) == Some(peer) {
+                self.contacts.remove(&entry);
+            }
+        }
     }
 }
 
@@ -1280,10 +1284,20 @@ impl Chat {
                 .iter()
                 .min_by_key(|(_, p)| p.last_active)
                 .map(|(k, _)| k.clone())
+                && let Some(gone) = state.pairs.remove(&oldest)
             {
-                state.pairs.remove(&oldest);
+                state.forget_contacts(&oldest, &gone.names);
             }
         }
+        if let Some(before) = state.pairs.get(&key).map(|p| p.names.clone()) {
+            state.forget_contacts(&key, &before);
+        }
+        state
+            .contacts
+            .insert((key.0.clone(), names[1].clone()), key.1.clone());
+        state
+            .contacts
+            .insert((key.1.clone(), names[0].clone()), key.0.clone());
         let pair = state.pairs.entry(key).or_default();
         pair.last = pair.last.next(now_ms());
         pair.last_active = clock;
