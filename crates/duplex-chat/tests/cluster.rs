@@ -1157,3 +1157,51 @@ async fn a_look_alike_name_is_the_name_it_looks_like_across_nodes() {
     let oneself = bob.dm("\u{412}ob", "me").await;
     assert_eq!(oneself["code"], "invalid_recipient", "{oneself}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whom_identities_wrote_with_is_capped_with_the_pairs() {
+    let redis = Redis::start();
+    let prefix = prefix("contacts");
+    let port = free_port();
+    let node = Node {
+        child: node_command(&redis.url(), &prefix, port)
+            .args(["--max-total-rooms", "2"])
+            .spawn()
+            .expect("start duplex-chat"),
+        port,
+    };
+    wait_listening(port, "duplex-chat");
+    let mut bob = Client::hello(&node, "Bob").await;
+    let mut writers = Vec::new();
+    for i in 0..4 {
+        let mut writer = Client::hello(&node, &format!("W{i}")).await;
+        let sent = writer.dm("Bob", &format!("from W{i}")).await;
+        assert_eq!(sent["type"], "dm", "{sent}");
+        writers.push(writer);
+    }
+    bob.until("the last message", |e| e["text"] == "from W3")
+        .await;
+    let mut conn = inspect(&redis).await;
+    let (fields, used): (usize, usize) = redis::pipe()
+        .cmd("HLEN")
+        .arg(format!("{prefix}:dc"))
+        .cmd("ZCARD")
+        .arg(format!("{prefix}:dcu"))
+        .query_async(&mut conn)
+        .await
+        .expect("HLEN, ZCARD");
+    assert_eq!((fields, used), (4, 4), "two a pair, for the two pairs kept");
+    // The newest are kept: Bob's conversation with W3, W3's with Bob.
+    let kept: Option<String> = redis::cmd("HGET")
+        .arg(format!("{prefix}:dc"))
+        .arg(format!("{}\nw3", sha_identity(&bob.token())))
+        .query_async(&mut conn)
+        .await
+        .expect("HGET");
+    assert!(kept.is_some(), "Bob's last conversation is kept");
+}
+
+/// The identity of a token, as the server computes it.
+fn sha_identity(token: &str) -> String {
+    duplex_chat::protocol::identity(token)
+}

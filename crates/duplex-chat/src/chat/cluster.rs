@@ -18,8 +18,10 @@
 //!   refreshes its own every [`BEAT`], so the users of a node that died
 //!   drop out of every list within [`TTL`] plus a beat.
 //! - `P:ds:<a>|<b>`, `P:dmeta:<a>|<b>`: a pair's direct messages, as rooms,
-//!   by the two identities (sorted); the meta also holds `k:<identity>`, the
-//!   name key each had at the pair's last message.
+//!   by the two identities (sorted). `P:dc` maps `identity \n name key` to
+//!   the identity its last conversation with that name was with, for
+//!   `dm_history` with a name nobody holds; `P:dcu` orders its fields by
+//!   use, and the two are capped at twice `--max-total-rooms` fields.
 //!
 //! Every write that others must see is one Lua script that changes the
 //! data and publishes the change (`P:r:<room>` for a room, `P:d` for direct
@@ -291,6 +293,14 @@ impl Keys {
     fn dm_kept(&self) -> String {
         format!("{}:dkept", self.prefix)
     }
+    /// Whom each identity last wrote with under each name.
+    fn dm_contacts(&self) -> String {
+        format!("{}:dc", self.prefix)
+    }
+    /// The fields of [`Keys::dm_contacts`], by when last used.
+    fn dm_contacts_used(&self) -> String {
+        format!("{}:dcu", self.prefix)
+    }
     fn dm_channel(&self) -> String {
         format!("{}:d", self.prefix)
     }
@@ -306,7 +316,6 @@ struct Scripts {
     say: Script,
     range: Script,
     dm: Script,
-    last_peer: Script,
     beat: Script,
     presence: Script,
     directory: Script,
@@ -430,26 +439,16 @@ keep(KEYS[4], ARGV[9], ARGV[7], ARGV[8], ARGV[10], ARGV[11])
 redis.call('HSETNX', KEYS[3], 'epoch', ARGV[3])
 local id = redis.call('XADD', KEYS[2], '*', 't', ARGV[1])
 redis.call('HSET', KEYS[3], 'last', id)
-redis.call('HSET', KEYS[3], 'k:' .. ARGV[12], ARGV[13], 'k:' .. ARGV[14], ARGV[15])
+-- Whom each of the two wrote with under the other's name, capped.
+local mine, theirs = ARGV[12] .. '\n' .. ARGV[15], ARGV[14] .. '\n' .. ARGV[13]
+redis.call('HSET', ARGV[16], mine, ARGV[14], theirs, ARGV[12])
+redis.call('ZADD', ARGV[17], ARGV[7], mine, ARGV[7], theirs)
+while redis.call('ZCARD', ARGV[17]) > 2 * tonumber(ARGV[8]) do
+  redis.call('HDEL', ARGV[16], redis.call('ZPOPMIN', ARGV[17])[1])
+end
 trim(KEYS[2], KEYS[3], #ARGV[1], ARGV[2], ARGV[6])
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. '\n' .. id .. '\n' .. ARGV[1])
 return id
-";
-
-/// The identity `ARGV[1]` last exchanged direct messages with while it was
-/// called `ARGV[3]`: the most recently used pair of `ARGV[1]`'s whose other
-/// side had that name key. The pairs are capped (`--max-total-rooms`).
-const LAST_PEER: &str = r"
-local pairs = redis.call('ZREVRANGE', KEYS[1], 0, -1)
-for i = 1, #pairs do
-  local a, b = string.match(pairs[i], '^([^|]*)|([^|]*)$')
-  local peer = nil
-  if a == ARGV[1] then peer = b elseif b == ARGV[1] then peer = a end
-  if peer and redis.call('HGET', ARGV[2] .. pairs[i], 'k:' .. peer) == ARGV[3] then
-    return peer
-  end
-end
-return false
 ";
 
 /// Refreshes this node's names (taking back those Redis lost; those
@@ -713,7 +712,6 @@ impl Cluster {
                 say: Script::new(&format!("{STREAM_FUNCTIONS}{SAY}")),
                 range: Script::new(&format!("{STREAM_FUNCTIONS}{RANGE}")),
                 dm: Script::new(&format!("{STREAM_FUNCTIONS}{DM}")),
-                last_peer: Script::new(LAST_PEER),
                 beat: Script::new(BEAT_SCRIPT),
                 presence: Script::new(PRESENCE),
                 directory: Script::new(DIRECTORY),
@@ -1436,6 +1434,8 @@ impl Cluster {
                 .arg(&from_key)
                 .arg(&to_identity)
                 .arg(&to_key)
+                .arg(self.keys.dm_contacts())
+                .arg(self.keys.dm_contacts_used())
                 .invoke_async(&mut self.conn()),
         )
         .await?;
@@ -1463,15 +1463,9 @@ impl Cluster {
         let peer = match holder {
             Some(holder) => holder.split('\n').nth(1).map(str::to_owned),
             None => {
-                let (_, meta_prefix) = self.keys.stream_prefixes(true);
                 within(
-                    self.scripts
-                        .last_peer
-                        .key(self.keys.dm_kept())
-                        .arg(&*identity)
-                        .arg(meta_prefix)
-                        .arg(&with_key)
-                        .invoke_async(&mut self.conn()),
+                    self.conn()
+                        .hget(self.keys.dm_contacts(), format!("{identity}\n{with_key}")),
                 )
                 .await?
             }
