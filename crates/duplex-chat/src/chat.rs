@@ -127,7 +127,7 @@ pub const DIRECTORY_MAX: usize = 500;
 const DIRECTORY_DELAY: Duration = Duration::from_millis(200);
 
 /// The close code sent to a connection whose name was taken over by a newer
-/// connection of the same client (one that sent the `welcome` token).
+/// connection of the same identity (one that sent the `welcome` token).
 pub const REPLACED: u16 = 4001;
 
 /// Events one task delivers from an outbox before it hands the rest to a

@@ -327,8 +327,8 @@ struct Scripts {
 const HELLO: &str = r"
 local cur = redis.call('GET', KEYS[1])
 if cur then
-  local token = string.match(cur, '^[^\n]*\n([^\n]*)\n')
-  if ARGV[2] == '' or token ~= ARGV[2] then return {0, cur} end
+  local holder = string.match(cur, '^[^\n]*\n([^\n]*)\n')
+  if holder ~= ARGV[2] then return {0, cur} end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
@@ -1625,7 +1625,7 @@ impl Cluster {
     /// Another connection took a name over with its token: if this node's
     /// connection held it (as `old`), it is closed with 4001.
     fn on_kick(&self, rest: &str) {
-        // `new value \n old value`, each `node \n token \n Name`.
+        // `new value \n old value`, each `node \n identity \n Name`.
         let fields: Vec<&str> = rest.splitn(6, '\n').collect();
         if fields.len() < 6 || fields[3] != &*self.node || fields[0] == &*self.node {
             return;
