@@ -219,7 +219,7 @@ struct Line {
 }
 
 struct Room {
-    /// By lowercased name, so in the order `joined` lists them.
+    /// By [`protocol::name_key`], so in the order `joined` lists them.
     members: BTreeMap<String, (SessionId, Arc<str>)>,
     history: VecDeque<Line>,
     /// What `history` takes in a `joined` ([`protocol::history_entry_len`]).

@@ -136,7 +136,7 @@ const SAYS_BATCH: usize = 256;
 
 #[derive(Default)]
 struct ClusterState {
-    /// Names held by connections of this node, by lowercased name.
+    /// Names held by connections of this node, by [`protocol::name_key`].
     users: HashMap<String, LocalUser>,
     /// Connections of this node that have a name.
     sessions: HashMap<SessionId, Named>,
