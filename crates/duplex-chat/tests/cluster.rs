@@ -1075,6 +1075,25 @@ async fn a_freed_name_gives_its_new_holder_none_of_the_earlier_holder_s_direct_m
         Client::take_freed_name(&b, "alice", None, Duration::from_secs(5)).await;
     assert_ne!(welcome["token"], alice_token.as_str());
     assert_none_of_it(&mut stranger, "Bob", &first["id"], &epoch).await;
+    // A live message published for the old Alice (as one on its way when
+    // she left would be) reaches only her identity's connections: not the
+    // stranger now called alice; Bob, its other end, gets it.
+    let old_alice = sha_identity(&alice_token);
+    let bob_identity = sha_identity(&bob.token());
+    let late = r#""from":"Bob","to":"Alice","text":"late secret","ts":1}"#;
+    let mut conn = inspect(&redis).await;
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("{prefix}:d"))
+        .arg(format!(
+            "bob\n{bob_identity}\nalice\n{old_alice}\n9-0\n{late}"
+        ))
+        .query_async(&mut conn)
+        .await
+        .expect("PUBLISH");
+    bob.until("the late message", |e| e["text"] == "late secret")
+        .await;
+    let quiet_until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while stranger.read(quiet_until).await.is_some() {}
     // Freed by its node's death: the name expires, and another takes it.
     c.child.kill().expect("SIGKILL");
     let _ = c.child.wait();
