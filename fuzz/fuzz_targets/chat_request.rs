@@ -2,11 +2,16 @@
 //!
 //! Checks: a parsed request is the JSON object it came from; a refusal has
 //! one of the parser's three codes; a name, room or text the checks accept
-//! keeps to the rules of PROTOCOL.md and is accepted again unchanged.
+//! keeps to the rules of PROTOCOL.md and is accepted again unchanged. The
+//! key a name is compared by is stable: the key of a key is itself, case
+//! in ASCII and look-alike characters (a character replaced by its
+//! confusable skeleton) do not change it. The identity of a token is a
+//! fixed 128-bit hash, never the token.
 #![no_main]
 
 use duplex_chat::protocol::{
-    self, ErrorCode, MAX_NAME_CHARS, Request, check_name, check_room, check_text,
+    self, ErrorCode, MAX_NAME_CHARS, Request, check_name, check_room, check_text, identity,
+    is_token, name_key,
 };
 
 const MAX_TEXT_CHARS: usize = 2000;
@@ -25,10 +30,43 @@ fn check_label(label: &str) {
     );
 }
 
+fn check_key(name: &str) {
+    let key = name_key(name);
+    assert_eq!(name_key(&key), key, "{name:?}");
+    assert_eq!(name_key(&name.to_ascii_uppercase()), key, "{name:?}");
+    assert_eq!(name_key(&name.to_ascii_lowercase()), key, "{name:?}");
+    // Each character outside ASCII replaced by its skeleton: the same name.
+    let looks_alike: String = name
+        .chars()
+        .flat_map(|c| {
+            let mut buf = [0; 4];
+            let one: Vec<char> = if c.is_ascii() {
+                vec![c]
+            } else {
+                unicode_security::skeleton(c.encode_utf8(&mut buf)).collect()
+            };
+            one
+        })
+        .collect();
+    assert_eq!(name_key(&looks_alike), key, "{name:?} and {looks_alike:?}");
+}
+
+fn check_token(token: &str) {
+    let id = identity(token);
+    assert_eq!(id.len(), 32);
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    assert_eq!(identity(token), id);
+    assert_ne!(id, token);
+}
+
 fn checks(raw: &str) {
     if let Ok(name) = check_name(raw) {
         check_label(&name);
         assert_eq!(check_name(&name).as_deref(), Ok(name.as_str()));
+        check_key(&name);
+    }
+    if is_token(raw) {
+        check_token(raw);
     }
     if let Ok(room) = check_room(raw) {
         check_label(&room);
@@ -89,6 +127,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             assert_eq!(field("name"), Some(name.as_str()));
             assert_eq!(field("token"), token.as_deref());
             checks(name);
+            if let Some(token) = token.as_deref().filter(|t| is_token(t)) {
+                check_token(token);
+            }
         }
         Request::Join { room, since, epoch } => {
             assert_eq!(field("room"), Some(room.as_str()));

@@ -109,6 +109,10 @@ class FakeChat {
       this.requests.push(req);
       switch (req.type) {
         case 'hello':
+          if (this.taken?.has(req.name)) {
+            out({ type: 'error', code: 'name_taken', message: `${req.name} is already in use; pick another name`, request: 'hello' });
+            break;
+          }
           if (this.refuseHellos > 0) {
             this.refuseHellos -= 1;
             out({ type: 'error', code: 'unavailable', message: 'The chat\u2019s message store does not answer', request: 'hello' });
@@ -255,6 +259,34 @@ test('the page shows a banner and holds sending while the store is down', async 
       { type: 'hello', name: 'Ada', token: 'secret' },
     ]);
     assert.equal(await page.locator('#login-error').textContent(), '');
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+  }
+});
+
+test('a name taken while the page was away: the next name is asked with the same token', async () => {
+  const fake = new FakeChat();
+  const page = await newPage(browser);
+  await page.routeWebSocket(/\/chat$/, (ws) => fake.attach(ws));
+  try {
+    await signIn(page, server.url, 'Ada');
+    // Another identity took "Ada" meanwhile: the page is sent back to the
+    // sign-in form, but stays the same identity (PROTOCOL.md, "Names and
+    // identities"), so its direct messages stay its own.
+    fake.taken = new Set(['Ada']);
+    fake.drop();
+    await page.locator('#login-error', { hasText: 'Pick another name' }).waitFor({ timeout: 20_000 });
+    const asked = fake.requests.length;
+    await page.locator('#name-input').fill('Ada two');
+    await page.locator('#login-button').click();
+    const deadline = Date.now() + 10_000;
+    let hellos = [];
+    while (hellos.length === 0 && Date.now() < deadline) {
+      await page.waitForTimeout(50);
+      hellos = fake.requests.slice(asked).filter((r) => r.type === 'hello');
+    }
+    assert.deepEqual(hellos, [{ type: 'hello', name: 'Ada two', token: 'secret' }]);
     assert.deepEqual(page.problems, []);
   } finally {
     await page.context().close();

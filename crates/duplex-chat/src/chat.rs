@@ -134,7 +134,7 @@ pub const DIRECTORY_MAX: usize = 500;
 const DIRECTORY_DELAY: Duration = Duration::from_millis(200);
 
 /// The close code sent to a connection whose name was taken over by a newer
-/// connection of the same client (one that sent the `welcome` token).
+/// connection of the same identity (one that sent the `welcome` token).
 pub const REPLACED: u16 = 4001;
 
 /// Events one task delivers from an outbox before it hands the rest to a
@@ -165,7 +165,7 @@ struct ChatInner {
 
 #[derive(Default)]
 struct ChatState {
-    /// Names in use, by lowercased name (so in the directory's order).
+    /// Names in use, by [`protocol::name_key`].
     users: BTreeMap<String, User>,
     /// Connections that have a name.
     sessions: HashMap<SessionId, Named>,
@@ -177,8 +177,14 @@ struct ChatState {
     retired: HashMap<Arc<str>, Weak<Outbox>>,
     /// The clock of room and pair activity.
     clock: u64,
-    /// Direct messages kept, by pair of lowercased names (sorted).
+    /// Direct messages kept, by pair of identities ([`pair_key`]): never
+    /// by names, which others may hold later.
     pairs: HashMap<(String, String), Pair>,
+    /// Whom each identity's conversations are with, by the name the other
+    /// had at the pair's last message: `(identity, name key)` to the other
+    /// identity. Two entries per pair at most (each pair's current ones),
+    /// so it is capped with `pairs`.
+    contacts: HashMap<(String, String), String>,
 }
 
 /// The direct messages of two people, kept as sent (the `dm` event's JSON
@@ -189,17 +195,22 @@ struct Pair {
     lines: VecDeque<(StreamId, Arc<str>)>,
     bytes: usize,
     last_active: u64,
+    /// The name keys the two identities of the pair's key had at its last
+    /// message, in the key's order: what `dm_history` with a name nobody
+    /// holds now finds the caller's conversation by.
+    names: [String; 2],
 }
 
 struct User {
     id: SessionId,
     name: Arc<str>,
-    token: String,
+    /// Who holds the name ([`protocol::identity`] of its token).
+    identity: Arc<str>,
     sender: duplex::Sender,
 }
 
 struct Named {
-    /// The lowercased name: the key in `users` and in rooms' members.
+    /// The [`protocol::name_key`]: the key in `users` and in rooms' members.
     key: String,
     /// The rooms it is in, and whether this connection got their history
     /// (false for rooms taken over from an older connection).
@@ -215,7 +226,7 @@ struct Line {
 }
 
 struct Room {
-    /// By lowercased name, so in the order `joined` lists them.
+    /// By [`protocol::name_key`], so in the order `joined` lists them.
     members: BTreeMap<String, (SessionId, Arc<str>)>,
     history: VecDeque<Line>,
     /// What `history` takes in a `joined` ([`protocol::history_entry_len`]).
@@ -529,6 +540,25 @@ impl ChatState {
     fn counts(&self) -> (usize, usize) {
         (self.users.len(), self.rooms.len())
     }
+
+    /// The identity `me` last exchanged direct messages with while it was
+    /// called `name_key`.
+    fn last_peer_named(&self, me: &str, name_key: &str) -> Option<Arc<str>> {
+        self.contacts
+            .get(&(me.to_owned(), name_key.to_owned()))
+            .map(|peer| Arc::from(peer.as_str()))
+    }
+
+    /// Forgets the contacts a pair (its key and its names) made, unless a
+    /// later pair has made them its own.
+    fn forget_contacts(&mut self, (a, b): &(String, String), names: &[String; 2]) {
+        for (who, peer, peer_name) in [(a, b, &names[1]), (b, a, &names[0])] {
+            let entry = (who.clone(), peer_name.clone());
+            if self.contacts.get(&entry) == Some(peer) {
+                self.contacts.remove(&entry);
+            }
+        }
+    }
 }
 
 fn gauges((users, rooms): (usize, usize)) {
@@ -559,9 +589,12 @@ impl DirectorySnapshot {
             rooms.truncate(DIRECTORY_MAX);
         }
         rooms.sort_by(|a, b| a.name.cmp(&b.name));
+        // Kept in the order of their keys, listed ignoring case only.
+        let mut users: Vec<&str> = self.users.iter().map(|u| &**u).collect();
+        users.sort_by_cached_key(|u| u.to_lowercase());
         Event::Directory {
             rooms,
-            users: self.users.iter().map(|u| &**u).collect(),
+            users,
             online: self.online,
         }
         .to_message()
@@ -637,6 +670,9 @@ struct Connection {
     sender: duplex::Sender,
     /// Set by `hello`; a connection's name never changes after.
     name: Option<Arc<str>>,
+    /// Set by `hello`: the identity its token proves
+    /// ([`protocol::identity`]), which its direct messages are kept under.
+    identity: Option<Arc<str>>,
     bucket: TokenBucket,
     quiet_until: Option<Instant>,
     /// With Redis: room messages of this connection on their way to Redis
@@ -779,6 +815,7 @@ impl Chat {
             me: Arc::new(self.inner.hub.register(&session.sender())),
             sender: session.sender(),
             name: None,
+            identity: None,
             bucket: TokenBucket::new(options.rate, options.burst),
             quiet_until: None,
             in_flight: Arc::new(tokio::sync::Semaphore::new(cluster::SAYS_IN_FLIGHT)),
@@ -954,8 +991,8 @@ impl Chat {
             ));
         }
         let checked = protocol::check_name(name)?;
-        let key = checked.to_lowercase();
-        let new_token = random_hex(16);
+        let key = protocol::name_key(&checked);
+        let (token, identity) = identify(token);
         let max_users = self.inner.options.max_users;
         let mut outboxes = Vec::new();
         let mut replaced = None;
@@ -965,8 +1002,7 @@ impl Chat {
             let mut name: Arc<str> = Arc::from(checked);
             let mut rooms = BTreeMap::new();
             if let Some(user) = state.users.get(&key) {
-                let reclaim = token.is_some_and(|t| !t.is_empty() && t == user.token);
-                if !reclaim {
+                if user.identity != identity {
                     return Err(Problem::new(
                         ErrorCode::NameTaken,
                         format!("{} is already in use; pick another name", user.name),
@@ -1001,7 +1037,7 @@ impl Chat {
                 User {
                     id: me.id(),
                     name: Arc::clone(&name),
-                    token: new_token.clone(),
+                    identity: Arc::clone(&identity),
                     sender: conn.sender.clone(),
                 },
             );
@@ -1023,13 +1059,14 @@ impl Chat {
             &Event::Welcome {
                 name: &name,
                 id: me.id().0,
-                token: &new_token,
+                token: &token,
                 instance: &self.inner.instance,
                 rooms: rooms.iter().map(|r| &**r).collect(),
                 limits: self.inner.options.limits(),
             },
         );
         conn.name = Some(name);
+        conn.identity = Some(identity);
         self.directory_changed();
         gauges(counts);
         Ok(())
@@ -1230,25 +1267,38 @@ impl Chat {
         let me = &conn.me;
         let options = &self.inner.options;
         let from = conn.name.clone().ok_or_else(not_identified)?;
+        let identity = conn.identity.clone().ok_or_else(not_identified)?;
         let text = protocol::check_text(text, options.max_text_chars, options.max_text_bytes)?;
+        let to_key = protocol::check_name(to).map(|to| protocol::name_key(&to));
         let mut guard = self.lock();
         let state = &mut *guard;
-        let Some(user) = state.users.get(&to.trim().to_lowercase()) else {
+        let Some(user) = to_key.as_ref().ok().and_then(|k| state.users.get(k)) else {
             return Err(Problem::new(
                 ErrorCode::UnknownUser,
                 format!("Nobody called {} is here", to.trim()),
             ));
         };
-        if user.id == me.id() {
+        if user.id == me.id() || user.identity == identity {
             return Err(Problem::new(
                 ErrorCode::InvalidRecipient,
                 "A direct message goes to someone else",
             ));
         }
         let (recipient, recipient_name) = (user.id, Arc::clone(&user.name));
+        let recipient_identity = Arc::clone(&user.identity);
+        let from_key = state
+            .sessions
+            .get(&me.id())
+            .map(|named| named.key.clone())
+            .ok_or_else(not_identified)?;
         state.clock += 1;
         let clock = state.clock;
-        let key = pair_key(&from, &recipient_name);
+        let key = pair_key(&identity, &recipient_identity);
+        let names = if key.0 == *identity {
+            [from_key, to_key.unwrap_or_default()]
+        } else {
+            [to_key.unwrap_or_default(), from_key]
+        };
         let max_pairs = options.max_total_rooms;
         if !state.pairs.contains_key(&key) && state.pairs.len() >= max_pairs {
             // The least recently used pair goes: the cap bounds memory.
@@ -1257,13 +1307,24 @@ impl Chat {
                 .iter()
                 .min_by_key(|(_, p)| p.last_active)
                 .map(|(k, _)| k.clone())
+                && let Some(gone) = state.pairs.remove(&oldest)
             {
-                state.pairs.remove(&oldest);
+                state.forget_contacts(&oldest, &gone.names);
             }
         }
+        if let Some(before) = state.pairs.get(&key).map(|p| p.names.clone()) {
+            state.forget_contacts(&key, &before);
+        }
+        state
+            .contacts
+            .insert((key.0.clone(), names[1].clone()), key.1.clone());
+        state
+            .contacts
+            .insert((key.1.clone(), names[0].clone()), key.0.clone());
         let pair = state.pairs.entry(key).or_default();
         pair.last = pair.last.next(now_ms());
         pair.last_active = clock;
+        pair.names = names;
         let line = DirectLine {
             id: pair.last.to_string(),
             from: from.to_string(),
@@ -1290,12 +1351,23 @@ impl Chat {
         since: Option<&str>,
         epoch: Option<&str>,
     ) -> Result<(), Problem> {
-        let name = conn.name.clone().ok_or_else(not_identified)?;
+        let identity = conn.identity.clone().ok_or_else(not_identified)?;
         let with = protocol::check_name(with)?;
+        let with_key = protocol::name_key(&with);
         let own_epoch = &self.inner.instance;
         let (lines, recovered) = {
             let state = self.lock();
-            match state.pairs.get(&pair_key(&name, &with)) {
+            // The name's holder, or if nobody holds it, whoever last had
+            // it in a conversation of the caller's: only the caller's own
+            // conversations are ever read.
+            let peer = match state.users.get(&with_key) {
+                Some(user) => Some(Arc::clone(&user.identity)),
+                None => state.last_peer_named(&identity, &with_key),
+            };
+            let pair = peer
+                .filter(|peer| *peer != identity)
+                .and_then(|peer| state.pairs.get(&pair_key(&identity, &peer)));
+            match pair {
                 Some(pair) => pair.history_for(since, epoch, own_epoch),
                 None => (Vec::new(), since.map(|_| false)),
             }
@@ -1335,11 +1407,21 @@ impl Chat {
     }
 }
 
-/// The key of two people's direct messages: their lowercased names,
-/// sorted.
+/// The key of two people's direct messages: their identities
+/// ([`protocol::identity`]), sorted.
 fn pair_key(a: &str, b: &str) -> (String, String) {
-    let (a, b) = (a.trim().to_lowercase(), b.trim().to_lowercase());
+    let (a, b) = (a.to_owned(), b.to_owned());
     if a <= b { (a, b) } else { (b, a) }
+}
+
+/// The token a `hello` proves its identity with, and that identity: the
+/// one it gave if it has a token's shape, else a new one.
+fn identify(token: Option<&str>) -> (String, Arc<str>) {
+    let token = token
+        .filter(|t| protocol::is_token(t))
+        .map_or_else(|| random_hex(protocol::TOKEN_HEX_DIGITS / 2), str::to_owned);
+    let identity = Arc::from(protocol::identity(&token));
+    (token, identity)
 }
 
 impl Pair {

@@ -370,6 +370,73 @@ pub fn check_name(raw: &str) -> Result<String, Problem> {
     check_label(raw, "name").map_err(|m| Problem::new(ErrorCode::InvalidName, m))
 }
 
+/// The key a name is known by: two names with the same key are one name
+/// (unique among the people connected, and where a `dm` goes).
+///
+/// Built with the confusable skeletons of Unicode TS #39
+/// (`unicode-security`'s tables): every character outside ASCII becomes
+/// its skeleton (the Cyrillic `А` and `В` become `A` and `B`, as they look),
+/// then the whole is lowercased, then skeleton and lowercase again until
+/// that changes nothing. So `Alice`, `ALICE`, `Аlice` and `Вob`'s `Bob` are
+/// each one name, and a key's key is itself. ASCII is lowercased before
+/// its skeleton is taken, so that `I` is `i` (ignoring case) rather than
+/// `l` (which the skeleton makes of it). The name shown stays as its holder
+/// typed it. A key is for comparing, never shown: it need not obey the
+/// rules of [`check_name`] (the skeleton of `m` is `rn`).
+pub fn name_key(name: &str) -> String {
+    let mut buf = [0; 4];
+    let mut key = String::with_capacity(name.len());
+    for c in name.trim().chars() {
+        if c.is_ascii() {
+            key.push(c);
+        } else {
+            key.extend(unicode_security::skeleton(c.encode_utf8(&mut buf)));
+        }
+    }
+    key = key.to_lowercase();
+    // The skeleton may hold capitals (`0` becomes `O`) whose lowercase has
+    // a skeleton of its own; a few rounds reach the fixed point.
+    for _ in 0..NAME_KEY_ROUNDS {
+        let next = unicode_security::skeleton(&key)
+            .collect::<String>()
+            .to_lowercase();
+        if next == key {
+            break;
+        }
+        key = next;
+    }
+    key
+}
+
+/// Rounds of [`name_key`] at most.
+const NAME_KEY_ROUNDS: usize = 4;
+
+/// Hex digits of a `welcome` token: 128 random bits.
+pub const TOKEN_HEX_DIGITS: usize = 32;
+
+/// Whether `token` has the shape of a `welcome` token (32 lowercase hex
+/// digits). Another string in `hello` is ignored: the connection gets a
+/// new identity and token.
+pub fn is_token(token: &str) -> bool {
+    token.len() == TOKEN_HEX_DIGITS
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The identity a token proves: the first 128 bits of SHA-256 over a label
+/// and the token, in hex. Direct conversations are kept under the two
+/// identities; the identity is stored (in memory, in Redis) and never the
+/// token, so what is stored does not let anyone sign in as anyone.
+pub fn identity(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"duplex-chat identity\n")
+        .chain_update(token.as_bytes())
+        .finalize();
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A room name, trimmed and lowercased: the rules of [`check_name`].
 ///
 /// # Errors
@@ -874,6 +941,91 @@ mod tests {
         }
         assert_eq!(check_room(" Random Stuff "), Ok("random stuff".into()));
         assert_eq!(check_room("#x").unwrap_err().code, ErrorCode::InvalidRoom);
+    }
+
+    #[test]
+    fn look_alike_names_share_a_key() {
+        let alice = name_key("Alice");
+        for same in [
+            "alice",
+            " ALICE ",
+            "\u{410}lice",
+            "\u{410}l\u{456}ce",
+            "\u{391}LICE",
+            "A\u{13de}ice",
+            "\u{1d5a0}lice",
+        ] {
+            assert_eq!(name_key(same), alice, "{same:?}");
+        }
+        assert_eq!(name_key("\u{412}ob"), name_key("Bob"), "a Cyrillic Ve");
+        for other in ["Alicia", "Bob", "Al ice", "Al-ice"] {
+            assert_ne!(name_key(other), alice, "{other:?}");
+        }
+        assert_eq!(name_key("Ada"), "ada");
+        assert_eq!(name_key("m"), name_key("rn"), "TS #39: m looks like rn");
+        assert_eq!(name_key("Zoë"), name_key("Zoe\u{308}"), "normalised");
+        // The key of a key is itself.
+        for name in ["Alice", "ΣΟΦΊΑ", "Zoë_2.0", "0O0", "İstanbul", "ǅemal", "ﬀ"] {
+            let key = name_key(name);
+            assert_eq!(name_key(&key), key, "{name:?}");
+        }
+    }
+
+    /// What the chat_request fuzz target checks of keys, for every
+    /// character of the Basic Multilingual Plane a name may hold that its
+    /// skeleton or lowercasing changes, alone and between letters: a key's
+    /// key is itself, and a character replaced by its skeleton is the same
+    /// name.
+    #[test]
+    fn keys_are_stable_for_every_character_a_name_may_hold() {
+        let mut buf = [0; 4];
+        for c in (0..=0xffff_u32).filter_map(char::from_u32) {
+            let Ok(name) = check_name(c.encode_utf8(&mut buf)) else {
+                continue;
+            };
+            let plain =
+                unicode_security::skeleton(&name).eq(name.chars()) && name.to_lowercase() == name;
+            if plain {
+                continue;
+            }
+            for name in [name.clone(), format!("A{name}b")] {
+                let key = name_key(&name);
+                assert_eq!(name_key(&key), key, "{name:?}");
+                let skeleton: String = name
+                    .chars()
+                    .flat_map(|c| {
+                        let mut buf = [0; 4];
+                        if c.is_ascii() {
+                            vec![c]
+                        } else {
+                            unicode_security::skeleton(c.encode_utf8(&mut buf)).collect()
+                        }
+                    })
+                    .collect();
+                assert_eq!(name_key(&skeleton), key, "{name:?} and {skeleton:?}");
+                assert_eq!(name_key(&name.to_ascii_uppercase()), key, "{name:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_identity_is_a_fixed_hash_of_its_token() {
+        let token = "5f0c2a9e41d37b86a0e9c3d2f1b4a7e8";
+        assert!(is_token(token));
+        for bad in [
+            "",
+            "secret",
+            &token[1..],
+            &token.to_uppercase(),
+            &format!("{token}0"),
+        ] {
+            assert!(!is_token(bad), "{bad:?}");
+        }
+        let id = identity(token);
+        assert_eq!(id.len(), 32);
+        assert_eq!(id, identity(token));
+        assert_ne!(id, identity("5f0c2a9e41d37b86a0e9c3d2f1b4a7e9"));
+        assert!(!id.contains(token) && id != token);
     }
 
     /// Found by the chat_request fuzz target: "İ" lowercases to "i" and

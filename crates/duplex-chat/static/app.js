@@ -57,6 +57,9 @@
   function loadWanted() {
     return new Set(loadList('duplex.rooms'));
   }
+  // The token is this tab's identity on the server (PROTOCOL.md, "Names and
+  // identities"): its direct messages come back with it after a reload or
+  // a reconnect, under any name. Signing out forgets it.
   function saveSession() {
     sessionStorage.setItem('duplex.rooms', JSON.stringify([...state.wanted]));
     sessionStorage.setItem('duplex.dms', JSON.stringify([...state.dms.values()].map((d) => d.peer)));
@@ -554,11 +557,10 @@
       return;
     }
     if (ev.request === 'hello') {
-      // The name is refused: back to the sign-in form.
+      // The name is refused: back to the sign-in form. The token stays: it
+      // is who we are (our direct messages), whatever name we pick next.
       state.wantedName = '';
-      state.token = '';
       sessionStorage.removeItem('duplex.name');
-      sessionStorage.removeItem('duplex.token');
       if (state.welcomedOnce) {
         state.me = null;
         showLogin();
@@ -594,7 +596,7 @@
     state.wantedName = name;
     if (state.ws && state.ws.readyState === WebSocket.OPEN) {
       $('login-button').disabled = true;
-      sendNow({ type: 'hello', name });
+      sendNow({ type: 'hello', name, token: state.token || undefined });
     } else {
       $('login-error').textContent = 'Not connected yet — you will join as soon as the connection is back.';
       retryNow();

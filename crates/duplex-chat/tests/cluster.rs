@@ -472,10 +472,13 @@ async fn three_nodes_chat_in_rooms_and_by_direct_message_with_unique_names_and_p
         bob.events.iter().all(|e| e["type"] != "dm"),
         "Bob got someone else's DM"
     );
-    // And the pair's history, asked on node 2 by Cyd reconnected there.
+    // And the pair's history, asked on node 2 by Cyd reconnected there
+    // with its token (the pair's messages are the two identities').
+    let token = cyd.token();
     drop(cyd);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut cyd = Client::hello(&nodes[1], "Cyd").await;
+    let (mut cyd, welcome) = Client::try_hello(&nodes[1], "Cyd", Some(&token)).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
     cyd.send(json!({"type": "dm_history", "with": "Ada"})).await;
     let history = cyd.until("dm_history", |e| e["type"] == "dm_history").await;
     assert_eq!(history["history"][0]["text"], "psst", "{history}");
@@ -1290,4 +1293,293 @@ async fn new_rooms_and_conversations_past_a_connection_s_or_an_address_s_allowan
         Client::hello_from(&node, "Dee", std::net::Ipv4Addr::new(127, 0, 3, 4)).await;
     let joined = elsewhere.join("elsewhere").await;
     assert_eq!(joined["type"], "joined", "{joined}");
+}
+
+impl Client {
+    /// A connection that says `hello` (with `token` if given) and gets
+    /// `welcome` or an error.
+    async fn try_hello(node: &Node, name: &str, token: Option<&str>) -> (Client, Value) {
+        let mut client = Client::open(node, name).await;
+        let mut request = json!({"type": "hello", "name": name});
+        if let Some(token) = token {
+            request["token"] = json!(token);
+        }
+        client.send(request).await;
+        let answer = client
+            .until("welcome", |e| {
+                e["type"] == "welcome" || e["type"] == "error"
+            })
+            .await;
+        (client, answer)
+    }
+
+    /// A connection that takes `name` once its last holder's hold is gone
+    /// (a disconnect is released at once, a dead node's names expire).
+    async fn take_freed_name(
+        node: &Node,
+        name: &str,
+        token: Option<&str>,
+        limit: Duration,
+    ) -> (Client, Value) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let (client, answer) = Client::try_hello(node, name, token).await;
+            if answer["type"] == "welcome" {
+                return (client, answer);
+            }
+            assert_eq!(answer["code"], "name_taken", "{answer}");
+            assert!(
+                Instant::now() < deadline,
+                "{name} not freed within {limit:?}"
+            );
+            drop(client);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Sends a direct message and waits for its echo.
+    async fn dm(&mut self, to: &str, text: &str) -> Value {
+        self.send(json!({"type": "dm", "to": to, "text": text}))
+            .await;
+        self.until("the dm's echo", |e| {
+            (e["type"] == "dm" && e["text"] == text) || e["type"] == "error"
+        })
+        .await
+    }
+
+    async fn dm_history(&mut self, request: Value) -> Value {
+        self.send(request).await;
+        self.until("dm_history", |e| e["type"] == "dm_history")
+            .await
+    }
+
+    /// The token of this connection's `welcome`.
+    fn token(&self) -> String {
+        self.events
+            .iter()
+            .find(|e| e["type"] == "welcome")
+            .and_then(|e| e["token"].as_str())
+            .expect("a welcome with a token")
+            .to_owned()
+    }
+
+    async fn close(mut self) {
+        let _ = tokio::time::timeout(WAIT, self.ws.close(None)).await;
+    }
+}
+
+fn dm_texts(answer: &Value) -> Vec<String> {
+    answer["history"]
+        .as_array()
+        .expect("a history")
+        .iter()
+        .map(|l| l["text"].as_str().expect("text").to_owned())
+        .collect()
+}
+
+/// Every way of asking a stranger can try: none gets an earlier holder's
+/// messages.
+async fn assert_none_of_it(stranger: &mut Client, with: &str, since: &Value, epoch: &Value) {
+    for request in [
+        json!({"type": "dm_history", "with": with}),
+        json!({"type": "dm_history", "with": with.to_lowercase(), "since": "0-0", "epoch": epoch}),
+        json!({"type": "dm_history", "with": with.to_uppercase(), "since": since, "epoch": epoch}),
+        json!({"type": "dm_history", "with": with, "since": since}),
+    ] {
+        let answer = stranger.dm_history(request.clone()).await;
+        assert_eq!(
+            dm_texts(&answer),
+            Vec::<String>::new(),
+            "{request} gave {answer}"
+        );
+        assert_ne!(answer["recovered"], true, "{request} gave {answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freed_name_gives_its_new_holder_none_of_the_earlier_holder_s_direct_messages() {
+    let redis = Redis::start();
+    let prefix = prefix("identity");
+    let a = Node::start(&redis, &prefix);
+    let b = Node::start(&redis, &prefix);
+    let mut c = Node::start(&redis, &prefix);
+    let (mut alice, welcome) = Client::try_hello(&a, "Alice", None).await;
+    let alice_token = welcome["token"].as_str().expect("a token").to_owned();
+    let mut bob = Client::hello(&b, "Bob").await;
+    let first = alice.dm("bob", "secret one").await;
+    bob.until("Alice's message", |e| {
+        e["type"] == "dm" && e["text"] == "secret one"
+    })
+    .await;
+    bob.dm("alice", "secret two").await;
+    alice
+        .until("Bob's message", |e| {
+            e["type"] == "dm" && e["text"] == "secret two"
+        })
+        .await;
+    let mine = alice
+        .dm_history(json!({"type": "dm_history", "with": "Bob"}))
+        .await;
+    assert_eq!(dm_texts(&mine), ["secret one", "secret two"]);
+    let epoch = mine["epoch"].clone();
+    let (mut carol, welcome) = Client::try_hello(&c, "Carol", None).await;
+    let carol_token = welcome["token"].as_str().expect("a token").to_owned();
+    carol.dm("Bob", "carol's secret").await;
+    bob.until("Carol's message", |e| e["text"] == "carol's secret")
+        .await;
+
+    // Freed by a disconnect: a stranger on another node takes the name.
+    alice.close().await;
+    let (mut stranger, welcome) =
+        Client::take_freed_name(&b, "alice", None, Duration::from_secs(5)).await;
+    assert_ne!(welcome["token"], alice_token.as_str());
+    assert_none_of_it(&mut stranger, "Bob", &first["id"], &epoch).await;
+    // A live message published for the old Alice (as one on its way when
+    // she left would be) reaches only her identity's connections: not the
+    // stranger now called alice; Bob, its other end, gets it.
+    let old_alice = sha_identity(&alice_token);
+    let bob_identity = sha_identity(&bob.token());
+    let late = r#""from":"Bob","to":"Alice","text":"late secret","ts":1}"#;
+    let mut conn = inspect(&redis).await;
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("{prefix}:d"))
+        .arg(format!(
+            "bob\n{bob_identity}\nalice\n{old_alice}\n9-0\n{late}"
+        ))
+        .query_async(&mut conn)
+        .await
+        .expect("PUBLISH");
+    bob.until("the late message", |e| e["text"] == "late secret")
+        .await;
+    let quiet_until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while stranger.read(quiet_until).await.is_some() {}
+    // Freed by its node's death: the name expires, and another takes it.
+    c.child.kill().expect("SIGKILL");
+    let _ = c.child.wait();
+    drop(carol);
+    let (mut other, _) = Client::take_freed_name(&a, "carol", None, Duration::from_secs(20)).await;
+    assert_none_of_it(&mut other, "Bob", &first["id"], &epoch).await;
+
+    // "alice" is the stranger now: Bob's next message is theirs, in a
+    // conversation of their own.
+    bob.dm("Alice", "who is this?").await;
+    stranger
+        .until("Bob's message", |e| {
+            e["type"] == "dm" && e["text"] == "who is this?"
+        })
+        .await;
+    let theirs = stranger
+        .dm_history(json!({"type": "dm_history", "with": "Bob"}))
+        .await;
+    assert_eq!(dm_texts(&theirs), ["who is this?"]);
+
+    // The real Alice and Carol, back with their tokens under other names
+    // (theirs are held), have their conversations and nothing else.
+    let (_, refused) = Client::try_hello(&a, "Alice", Some(&alice_token)).await;
+    assert_eq!(refused["code"], "name_taken", "{refused}");
+    let (mut alice, welcome) = Client::try_hello(&a, "Alice again", Some(&alice_token)).await;
+    assert_eq!(welcome["token"], alice_token.as_str(), "{welcome}");
+    let again = alice
+        .dm_history(json!({"type": "dm_history", "with": "Bob"}))
+        .await;
+    assert_eq!(dm_texts(&again), ["secret one", "secret two"]);
+    let since = alice
+        .dm_history(
+            json!({"type": "dm_history", "with": "Bob", "since": first["id"], "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(since["recovered"], true, "{since}");
+    assert_eq!(dm_texts(&since), ["secret two"]);
+    let (mut carol, _) = Client::try_hello(&b, "Carol again", Some(&carol_token)).await;
+    let hers = carol
+        .dm_history(json!({"type": "dm_history", "with": "Bob"}))
+        .await;
+    assert_eq!(dm_texts(&hers), ["carol's secret"]);
+    // With Bob gone, Alice's conversation is still hers.
+    bob.close().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let offline = alice
+        .dm_history(json!({"type": "dm_history", "with": "Bob"}))
+        .await;
+    assert_eq!(dm_texts(&offline), ["secret one", "secret two"]);
+    // Nothing of the others' conversations ever reached the strangers.
+    for (who, events) in [
+        ("the stranger", &stranger.events),
+        ("the other", &other.events),
+    ] {
+        assert!(
+            !events.iter().any(|e| e.to_string().contains("secret")),
+            "{who} got {events:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_look_alike_name_is_the_name_it_looks_like_across_nodes() {
+    let redis = Redis::start();
+    let prefix = prefix("lookalike");
+    let a = Node::start(&redis, &prefix);
+    let b = Node::start(&redis, &prefix);
+    let mut alice = Client::hello(&a, "Alice").await;
+    for look_alike in ["\u{410}lice", "ALICE", "\u{391}LICE"] {
+        let (_, answer) = Client::try_hello(&b, look_alike, None).await;
+        assert_eq!(answer["code"], "name_taken", "{look_alike:?}: {answer}");
+    }
+    // A direct message to a look-alike goes to the name's holder.
+    let mut bob = Client::hello(&b, "Bob").await;
+    let sent = bob.dm("\u{410}lice", "hi").await;
+    assert_eq!(sent["to"], "Alice", "{sent}");
+    alice
+        .until("Bob's message", |e| e["type"] == "dm" && e["text"] == "hi")
+        .await;
+    let oneself = bob.dm("\u{412}ob", "me").await;
+    assert_eq!(oneself["code"], "invalid_recipient", "{oneself}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whom_identities_wrote_with_is_capped_with_the_pairs() {
+    let redis = Redis::start();
+    let prefix = prefix("contacts");
+    let port = free_port();
+    let node = Node {
+        child: node_command(&redis.url(), &prefix, port)
+            .args(["--max-total-rooms", "2"])
+            .spawn()
+            .expect("start duplex-chat"),
+        port,
+    };
+    wait_listening(port, "duplex-chat");
+    let mut bob = Client::hello(&node, "Bob").await;
+    let mut writers = Vec::new();
+    for i in 0..4 {
+        let mut writer = Client::hello(&node, &format!("W{i}")).await;
+        let sent = writer.dm("Bob", &format!("from W{i}")).await;
+        assert_eq!(sent["type"], "dm", "{sent}");
+        writers.push(writer);
+    }
+    bob.until("the last message", |e| e["text"] == "from W3")
+        .await;
+    let mut conn = inspect(&redis).await;
+    let (fields, used): (usize, usize) = redis::pipe()
+        .cmd("HLEN")
+        .arg(format!("{prefix}:dc"))
+        .cmd("ZCARD")
+        .arg(format!("{prefix}:dcu"))
+        .query_async(&mut conn)
+        .await
+        .expect("HLEN, ZCARD");
+    assert_eq!((fields, used), (4, 4), "two a pair, for the two pairs kept");
+    // The newest are kept: Bob's conversation with W3, W3's with Bob.
+    let kept: Option<String> = redis::cmd("HGET")
+        .arg(format!("{prefix}:dc"))
+        .arg(format!("{}\nw3", sha_identity(&bob.token())))
+        .query_async(&mut conn)
+        .await
+        .expect("HGET");
+    assert!(kept.is_some(), "Bob's last conversation is kept");
+}
+
+/// The identity of a token, as the server computes it.
+fn sha_identity(token: &str) -> String {
+    duplex_chat::protocol::identity(token)
 }

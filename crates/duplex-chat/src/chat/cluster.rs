@@ -3,9 +3,11 @@
 //!
 //! What lives where (keys under the prefix `P`, `duplex-chat` by default):
 //!
-//! - `P:name:<key>`: who holds a name, `node \n token \n Name`, expiring
-//!   [`TTL`] after its node last refreshed it: a name is unique across
-//!   every node, and a dead node's names free themselves.
+//! - `P:name:<key>`: who holds a name (by [`protocol::name_key`]),
+//!   `node \n identity \n Name`, expiring [`TTL`] after its node last
+//!   refreshed it: a name is unique across every node, and a dead node's
+//!   names free themselves. The identity is [`protocol::identity`] of the
+//!   holder's token, never the token.
 //! - `P:s:<room>`: the room's stream, one entry per message (`t`: the line
 //!   as sent after its id, `p`: the id of the entry before it), trimmed to
 //!   `--history` entries; `P:meta:<room>` holds its `last` id and its
@@ -15,9 +17,13 @@
 //!   rooms, for `P:rooms`) scored by when the entry expires; every node
 //!   refreshes its own every [`BEAT`], so the users of a node that died
 //!   drop out of every list within [`TTL`] plus a beat.
-//! - `P:ds:<a>|<b>`, `P:dmeta:<a>|<b>`: a pair's direct messages, as rooms.
-//!   A pair that never wrote has neither: `P:depoch` is the epoch its
-//!   first message will give it (one key for every pair).
+//! - `P:ds:<a>|<b>`, `P:dmeta:<a>|<b>`: a pair's direct messages, as rooms,
+//!   by the two identities (sorted). A pair that never wrote has neither:
+//!   `P:depoch` is the epoch the next pair to write will take (one key for
+//!   every pair, replaced each time a pair takes it). `P:dc` maps `identity \n name key` to the identity its
+//!   last conversation with that name was with, for `dm_history` with a
+//!   name nobody holds; `P:dcu` orders its fields by use, and the two are
+//!   capped at twice `--max-total-rooms` fields.
 //! - `P:kept`, `P:dkept`: the rooms and pairs with a stream, by when last
 //!   used; beyond `--max-total-rooms` of either, the least recently used
 //!   one nobody is in (a room whose `P:m:` set has a live entry is in use;
@@ -192,7 +198,7 @@ const SAYS_BATCH: usize = 256;
 
 #[derive(Default)]
 struct ClusterState {
-    /// Names held by connections of this node, by lowercased name.
+    /// Names held by connections of this node, by [`protocol::name_key`].
     users: HashMap<String, LocalUser>,
     /// Connections of this node that have a name.
     sessions: HashMap<SessionId, Named>,
@@ -362,6 +368,14 @@ impl Keys {
     fn dm_kept(&self) -> String {
         format!("{}:dkept", self.prefix)
     }
+    /// Whom each identity last wrote with under each name.
+    fn dm_contacts(&self) -> String {
+        format!("{}:dc", self.prefix)
+    }
+    /// The fields of [`Keys::dm_contacts`], by when last used.
+    fn dm_contacts_used(&self) -> String {
+        format!("{}:dcu", self.prefix)
+    }
     fn dm_channel(&self) -> String {
         format!("{}:d", self.prefix)
     }
@@ -383,13 +397,13 @@ struct Scripts {
     release: Script,
 }
 
-/// Takes a name unless another holds it (a holder with the same token
-/// gives it up); says who held it before.
+/// Takes a name unless another identity holds it (the same identity takes
+/// it over); says who held it before.
 const HELLO: &str = r"
 local cur = redis.call('GET', KEYS[1])
 if cur then
-  local token = string.match(cur, '^[^\n]*\n([^\n]*)\n')
-  if ARGV[2] == '' or token ~= ARGV[2] then return {0, cur} end
+  local holder = string.match(cur, '^[^\n]*\n([^\n]*)\n')
+  if holder ~= ARGV[2] then return {0, cur} end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
@@ -559,18 +573,28 @@ return {epoch, held, entries, last}
 /// Adds a direct message to its pair's stream if the recipient still
 /// holds the name, and publishes it; says its id and whether it made the
 /// pair's stream. The pair's first message (since it was forgotten) is
-/// refused with `rate` without the connection's allowance (`ARGV[12]`).
+/// refused with `rate` without the connection's allowance (`ARGV[18]`).
 const DM: &str = r"
 if not redis.call('GET', KEYS[1]) then return false end
 local created = 0
 if redis.call('EXISTS', KEYS[3]) == 0 then
-  if ARGV[12] ~= '1' then return 'rate' end
+  if ARGV[18] ~= '1' then return 'rate' end
   redis.call('HSET', KEYS[3], 'epoch', unwritten(KEYS[5], ARGV[3]))
+  -- The next pair to write gets another epoch: a pair forgotten and
+  -- written again must not come back with the one its readers knew.
+  redis.call('SET', KEYS[5], ARGV[19])
   created = 1
 end
 keep(KEYS[4], ARGV[9], ARGV[7], ARGV[8], ARGV[10], ARGV[11], '', true)
 local id = redis.call('XADD', KEYS[2], '*', 't', ARGV[1])
 redis.call('HSET', KEYS[3], 'last', id)
+-- Whom each of the two wrote with under the other's name, capped.
+local mine, theirs = ARGV[12] .. '\n' .. ARGV[15], ARGV[14] .. '\n' .. ARGV[13]
+redis.call('HSET', ARGV[16], mine, ARGV[14], theirs, ARGV[12])
+redis.call('ZADD', ARGV[17], ARGV[7], mine, ARGV[7], theirs)
+while redis.call('ZCARD', ARGV[17]) > 2 * tonumber(ARGV[8]) do
+  redis.call('HDEL', ARGV[16], redis.call('ZPOPMIN', ARGV[17])[1])
+end
 trim(KEYS[2], KEYS[3], #ARGV[1], ARGV[2], ARGV[6])
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. '\n' .. id .. '\n' .. ARGV[1])
 return {id, created}
@@ -767,7 +791,7 @@ fn address_key(addr: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
-/// The key of a pair's streams: the two lowercased names, sorted.
+/// The key of a pair's streams: the two identities, sorted.
 fn pair(a: &str, b: &str) -> String {
     let (a, b) = super::pair_key(a, b);
     format!("{a}|{b}")
@@ -913,7 +937,7 @@ impl Cluster {
             ));
         }
         let checked = protocol::check_name(name)?;
-        let key = checked.to_lowercase();
+        let key = protocol::name_key(&checked);
         let full = {
             let state = self.lock();
             !state.users.contains_key(&key) && state.users.len() >= self.options.max_users
@@ -927,8 +951,8 @@ impl Cluster {
                 ),
             ));
         }
-        let new_token = random_hex(16);
-        let value = format!("{}\n{new_token}\n{checked}", self.node);
+        let (token, identity) = super::identify(token);
+        let value = format!("{}\n{identity}\n{checked}", self.node);
         let (taken, before): (i64, String) = {
             let reply: Value = within(
                 self.scripts
@@ -936,7 +960,7 @@ impl Cluster {
                     .key(self.keys.name(&key))
                     .key(self.keys.online())
                     .arg(&value)
-                    .arg(token.unwrap_or(""))
+                    .arg(&*identity)
                     .arg(TTL.as_millis() as u64)
                     .arg(ms_after(TTL))
                     .arg(presence_member(&self.node, &checked))
@@ -1014,7 +1038,7 @@ impl Cluster {
             Event::Welcome {
                 name: &name,
                 id: me.id().0,
-                token: &new_token,
+                token: &token,
                 instance: &self.node,
                 rooms: rooms.iter().map(|r| &**r).collect(),
                 limits: self.options.limits(),
@@ -1022,6 +1046,7 @@ impl Cluster {
             .to_message(),
         );
         conn.name = Some(name);
+        conn.identity = Some(identity);
         self.changed();
         gauges(counts);
         Ok(())
@@ -1128,6 +1153,7 @@ impl Cluster {
                 .arg((TTL * 2).as_millis() as u64)
                 .arg(members_prefix)
                 .arg(if allowance.is_ok() { "1" } else { "0" })
+                .arg(random_hex(6))
                 .invoke_async(&mut self.conn()),
         )
         .await;
@@ -1622,38 +1648,44 @@ impl Cluster {
         text: &str,
     ) -> Result<(), Problem> {
         let from = conn.name.clone().ok_or_else(not_identified)?;
+        let identity = conn.identity.clone().ok_or_else(not_identified)?;
         let text = protocol::check_text(
             text,
             self.options.max_text_chars,
             self.options.max_text_bytes,
         )?;
-        let to_key = to.trim().to_lowercase();
-        let from_key = from.to_lowercase();
         let unknown = || {
             Problem::new(
                 ErrorCode::UnknownUser,
                 format!("Nobody called {} is here", to.trim()),
             )
         };
-        if to_key == from_key {
-            return Err(Problem::new(
+        let to_key = protocol::check_name(to)
+            .map(|to| protocol::name_key(&to))
+            .map_err(|_| unknown())?;
+        let from_key = protocol::name_key(&from);
+        let oneself = || {
+            Problem::new(
                 ErrorCode::InvalidRecipient,
                 "A direct message goes to someone else",
-            ));
-        }
-        if protocol::check_name(to).is_err() {
-            return Err(unknown());
+            )
+        };
+        if to_key == from_key {
+            return Err(oneself());
         }
         let holder: Option<String> = within(self.conn().get(self.keys.name(&to_key))).await?;
         let Some(holder) = holder else {
             return Err(unknown());
         };
-        let to_name = holder
-            .splitn(3, '\n')
-            .nth(2)
-            .unwrap_or(to.trim())
-            .to_owned();
-        let pair = pair(&from, &to_name);
+        // `node \n identity \n Name`: the message is the pair's of the two
+        // identities, whoever holds the names later.
+        let mut fields = holder.splitn(3, '\n').skip(1);
+        let to_identity = fields.next().unwrap_or_default().to_owned();
+        let to_name = fields.next().unwrap_or(to.trim()).to_owned();
+        if to_identity == *identity {
+            return Err(oneself());
+        }
+        let pair = pair(&identity, &to_identity);
         let tail = protocol::dm_tail(&from, &to_name, &text, now_ms());
         let (stream_prefix, meta_prefix, _) = self.keys.stream_prefixes(true);
         let allowance = self.take_new_stream(conn.me.id());
@@ -1669,14 +1701,21 @@ impl Cluster {
                 .arg(self.options.history.max(1))
                 .arg(random_hex(6))
                 .arg(self.keys.dm_channel())
-                .arg(format!("{from_key}\n{to_key}"))
+                .arg(format!("{from_key}\n{identity}\n{to_key}\n{to_identity}"))
                 .arg(self.options.history_bytes)
                 .arg(now_ms())
                 .arg(self.options.max_total_rooms)
                 .arg(&pair)
                 .arg(stream_prefix)
                 .arg(meta_prefix)
+                .arg(&*identity)
+                .arg(&from_key)
+                .arg(&to_identity)
+                .arg(&to_key)
+                .arg(self.keys.dm_contacts())
+                .arg(self.keys.dm_contacts_used())
                 .arg(if allowance.is_ok() { "1" } else { "0" })
+                .arg(random_hex(6))
                 .invoke_async(&mut self.conn()),
         )
         .await;
@@ -1703,9 +1742,30 @@ impl Cluster {
         since: Option<&str>,
         epoch: Option<&str>,
     ) -> Result<(), Problem> {
-        let name = conn.name.clone().ok_or_else(not_identified)?;
+        let identity = conn.identity.clone().ok_or_else(not_identified)?;
         let with = protocol::check_name(with)?;
-        let pair = pair(&name, &with);
+        let with_key = protocol::name_key(&with);
+        // The name's holder, or if nobody holds it, whoever last had it in
+        // a conversation of the caller's: only the caller's own
+        // conversations are ever read.
+        let holder: Option<String> = within(self.conn().get(self.keys.name(&with_key))).await?;
+        let peer = match holder {
+            Some(holder) => holder.split('\n').nth(1).map(str::to_owned),
+            None => {
+                within(
+                    self.conn()
+                        .hget(self.keys.dm_contacts(), format!("{identity}\n{with_key}")),
+                )
+                .await?
+            }
+        };
+        let Some(peer) = peer.filter(|peer| *peer != *identity) else {
+            // No conversation: nothing kept, and nothing to recover.
+            let answer = protocol::dm_history(&with, &self.node, since.map(|_| false), []);
+            self.hub.send_to(conn.me.id(), answer);
+            return Ok(());
+        };
+        let pair = pair(&identity, &peer);
         let stream = self.keys.dm_stream(&pair);
         let range = self
             .range_of(
@@ -1824,14 +1884,17 @@ impl Cluster {
                 _ => tracing::debug!(%channel, "unknown message on a room channel"),
             }
         } else if channel == self.keys.dm_channel() {
-            let mut parts = payload.splitn(4, '\n');
-            if let (Some(from), Some(to), Some(id), Some(tail)) =
-                (parts.next(), parts.next(), parts.next(), parts.next())
-            {
+            // `from key \n identity \n to key \n identity \n id \n tail`.
+            let parts: Vec<&str> = payload.splitn(6, '\n').collect();
+            if let [from, from_identity, to, to_identity, id, tail] = parts[..] {
                 let message = protocol::dm_event(&protocol::dm_line(id, tail));
                 let state = self.lock();
-                for key in [from, to] {
-                    if let Some(user) = state.users.get(key) {
+                // To the name's holder only while it is the identity the
+                // message was for: not to whoever took the name since.
+                for (key, identity) in [(from, from_identity), (to, to_identity)] {
+                    if let Some(user) = state.users.get(key)
+                        && user.value.split('\n').nth(1) == Some(identity)
+                    {
                         self.hub.send_to(user.id, message.clone());
                     }
                 }
@@ -1851,13 +1914,13 @@ impl Cluster {
     /// Another connection took a name over with its token: if this node's
     /// connection held it (as `old`), it is closed with 4001.
     fn on_kick(&self, rest: &str) {
-        // `new value \n old value`, each `node \n token \n Name`.
+        // `new value \n old value`, each `node \n identity \n Name`.
         let fields: Vec<&str> = rest.splitn(6, '\n').collect();
         if fields.len() < 6 || fields[3] != &*self.node || fields[0] == &*self.node {
             return;
         }
         let old = fields[3..].join("\n");
-        let key = fields[5].to_lowercase();
+        let key = protocol::name_key(fields[5]);
         let sender = {
             let state = self.lock();
             state
