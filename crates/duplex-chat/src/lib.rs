@@ -63,6 +63,14 @@ pub fn app_with(websockets: WebSockets, options: ChatOptions) -> App {
 /// [`Chat::with_redis`], for example), with `chat`'s options; as
 /// [`app_with`] otherwise.
 pub fn app_for(websockets: WebSockets, chat: Chat) -> App {
+    public_app_for(websockets, chat).merge(metrics_router())
+}
+
+/// Every route but `/metrics`, for a server that serves its metrics on a
+/// listener of their own ([`metrics_app`], `--metrics-addr`), out of the
+/// public's reach: a scrape renders every series, which a stranger should
+/// not be able to ask for at will.
+pub fn public_app_for(websockets: WebSockets, chat: Chat) -> App {
     let options = chat.options().clone();
     let limit = (options.max_request_bytes() as u64 * 4).max(64 << 10);
     let chat_websockets = websockets
@@ -77,7 +85,6 @@ pub fn app_for(websockets: WebSockets, chat: Chat) -> App {
         .max_message_size(echo_limit)
         .max_frame_size(echo_limit.min(websockets.get_max_frame_size()));
     let plain = ChatRoom::new(&options);
-    let metrics = prometheus();
     App::new()
         .install(websockets)
         .route(
@@ -96,7 +103,6 @@ pub fn app_for(websockets: WebSockets, chat: Chat) -> App {
             "/favicon.svg",
             get(|| async { asset("image/svg+xml", FAVICON) }),
         )
-        .route("/metrics", get(move || render_metrics(metrics.clone())))
         .route(
             "/chat",
             duplex::web_socket(&chat_websockets, move |session| chat.clone().serve(session)),
@@ -107,6 +113,17 @@ pub fn app_for(websockets: WebSockets, chat: Chat) -> App {
         )
         .route("/echo", duplex::web_socket(&echo_websockets, echo))
         .route("/mirror", duplex::web_socket(&echo_websockets, mirror))
+}
+
+/// `/metrics` alone (Prometheus text format), to serve on a listener of
+/// its own: `--metrics-addr`.
+pub fn metrics_app() -> App {
+    App::new().merge(metrics_router())
+}
+
+fn metrics_router() -> duplex::axum::Router {
+    let metrics = prometheus();
+    duplex::axum::Router::new().route("/metrics", get(move || render_metrics(metrics.clone())))
 }
 
 const INDEX_HTML: &str = include_str!("../static/index.html");

@@ -27,6 +27,10 @@ struct Args {
     /// Address to listen on (use 0.0.0.0:PORT to accept other machines).
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
+    /// Serve /metrics on this address only (for example 127.0.0.1:9090),
+    /// not next to the public routes.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
     /// Messages kept per room and per pair of direct messages, for recovery; joining sends the last 50 at most.
     #[arg(long, default_value_t = 200)]
     history: usize,
@@ -213,8 +217,24 @@ async fn main() -> std::io::Result<()> {
         "duplex-chat listening: open http://{} in a browser",
         listener.local_addr()?
     );
-    duplex_chat::app_for(websockets, chat)
-        .shutdown_grace(Duration::from_secs(args.shutdown_grace))
-        .serve(listener)
-        .await
+    let grace = Duration::from_secs(args.shutdown_grace);
+    let Some(metrics_addr) = args.metrics_addr else {
+        return duplex_chat::app_for(websockets, chat)
+            .shutdown_grace(grace)
+            .serve(listener)
+            .await;
+    };
+    let metrics_listener = tokio::net::TcpListener::bind(metrics_addr).await?;
+    tracing::info!(
+        "metrics on http://{}/metrics",
+        metrics_listener.local_addr()?
+    );
+    // Both stop on the same Ctrl-C or SIGTERM.
+    let public = duplex_chat::public_app_for(websockets, chat)
+        .shutdown_grace(grace)
+        .serve(listener);
+    let metrics = duplex_chat::metrics_app()
+        .shutdown_grace(grace)
+        .serve(metrics_listener);
+    tokio::try_join!(public, metrics).map(|_| ())
 }

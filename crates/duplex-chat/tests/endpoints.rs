@@ -395,6 +395,28 @@ mod http_routes {
             "no duplex metric in {response}"
         );
     }
+
+    /// `--metrics-addr`: the public routes without `/metrics`, and
+    /// `/metrics` alone on a listener of its own.
+    #[tokio::test]
+    async fn metrics_on_their_own_listener_are_not_on_the_public_one() {
+        let serve = |app: duplex::App| async move {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(app.serve_with_shutdown(listener, std::future::pending()));
+            addr
+        };
+        let chat = duplex_chat::Chat::new(ChatOptions::default());
+        let public = serve(duplex_chat::public_app_for(WebSockets::default(), chat)).await;
+        let private = serve(duplex_chat::metrics_app()).await;
+        assert!(get(public, "/").await.starts_with("HTTP/1.1 200 "));
+        let refused = get(public, "/metrics").await;
+        assert!(refused.starts_with("HTTP/1.1 404 "), "{refused}");
+        let metrics = get(private, "/metrics").await;
+        assert!(metrics.starts_with("HTTP/1.1 200 "), "{metrics}");
+        assert!(metrics.contains("duplex_sessions"), "{metrics}");
+        assert!(get(private, "/").await.starts_with("HTTP/1.1 404 "));
+    }
 }
 
 mod rfc6455_7_4_1_going_away {
