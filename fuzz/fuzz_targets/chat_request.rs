@@ -54,7 +54,10 @@ fn check_key(name: &str) {
 fn check_token(token: &str) {
     let id = identity(token);
     assert_eq!(id.len(), 32);
-    assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    assert!(
+        id.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    );
     assert_eq!(identity(token), id);
     assert_ne!(id, token);
 }
