@@ -203,9 +203,20 @@ impl Inner {
         }
     }
 
-    /// Registers a send waiting for room for `frame_len` bytes.
+    /// Registers a send waiting for room for `frame_len` bytes. A task
+    /// polled again while it waits (the connection task polls its handler
+    /// on each of its wake-ups, which a peer's pings cause) replaces its
+    /// entry: the list holds one per waiting task, not one per poll.
     pub(crate) fn register_send(&mut self, frame_len: usize, cx: &Context<'_>) {
-        self.send_wakers.push((frame_len, cx.waker().clone()));
+        let waker = cx.waker();
+        match self
+            .send_wakers
+            .iter_mut()
+            .find(|(_, w)| w.will_wake(waker))
+        {
+            Some(entry) => entry.0 = entry.0.min(frame_len),
+            None => self.send_wakers.push((frame_len, waker.clone())),
+        }
     }
 
     pub(crate) fn register_flush(&mut self, mark: u64, cx: &Context<'_>) {
@@ -282,5 +293,40 @@ impl Inner {
 
     pub(crate) fn now() -> Instant {
         tokio::time::Instant::now().into_std()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use duplex_proto::{Config, Role};
+    use std::{
+        sync::Arc,
+        task::{Wake, Waker},
+    };
+
+    struct Task;
+
+    impl Wake for Task {
+        fn wake(self: Arc<Self>) {}
+    }
+
+    #[test]
+    fn a_send_polled_again_while_it_waits_keeps_one_entry() {
+        let conn = Connection::new(Config::new(Role::Server), std::time::Instant::now());
+        let shared = Shared::new(conn);
+        let mut inner = shared.lock();
+        let waker = Waker::from(Arc::new(Task));
+        let cx = Context::from_waker(&waker);
+        for _ in 0..10_000 {
+            inner.register_send(3 << 20, &cx);
+        }
+        inner.register_send(100, &cx);
+        assert_eq!(inner.send_wakers.len(), 1);
+        assert_eq!(inner.send_wakers[0].0, 100, "woken for the smaller send");
+        // Another task waiting has its own entry.
+        let other = Waker::from(Arc::new(Task));
+        inner.register_send(3 << 20, &Context::from_waker(&other));
+        assert_eq!(inner.send_wakers.len(), 2);
     }
 }
