@@ -994,7 +994,7 @@ fn history_texts(answer: &Value) -> Vec<String> {
         .as_array()
         .unwrap_or_else(|| panic!("no history: {answer}"))
         .iter()
-        .map(|l| l["text"].as_str().unwrap_or_default().to_owned())
+        .map(|l| l["text"].as_str().expect("text").to_owned())
         .collect()
 }
 
@@ -1368,15 +1368,6 @@ impl Client {
     }
 }
 
-fn dm_texts(answer: &Value) -> Vec<String> {
-    answer["history"]
-        .as_array()
-        .expect("a history")
-        .iter()
-        .map(|l| l["text"].as_str().expect("text").to_owned())
-        .collect()
-}
-
 /// Every way of asking a stranger can try: none gets an earlier holder's
 /// messages.
 async fn assert_none_of_it(stranger: &mut Client, with: &str, since: &Value, epoch: &Value) {
@@ -1388,7 +1379,7 @@ async fn assert_none_of_it(stranger: &mut Client, with: &str, since: &Value, epo
     ] {
         let answer = stranger.dm_history(request.clone()).await;
         assert_eq!(
-            dm_texts(&answer),
+            history_texts(&answer),
             Vec::<String>::new(),
             "{request} gave {answer}"
         );
@@ -1420,7 +1411,7 @@ async fn a_freed_name_gives_its_new_holder_none_of_the_earlier_holder_s_direct_m
     let mine = alice
         .dm_history(json!({"type": "dm_history", "with": "Bob"}))
         .await;
-    assert_eq!(dm_texts(&mine), ["secret one", "secret two"]);
+    assert_eq!(history_texts(&mine), ["secret one", "secret two"]);
     let epoch = mine["epoch"].clone();
     let (mut carol, welcome) = Client::try_hello(&c, "Carol", None).await;
     let carol_token = welcome["token"].as_str().expect("a token").to_owned();
@@ -1471,7 +1462,7 @@ async fn a_freed_name_gives_its_new_holder_none_of_the_earlier_holder_s_direct_m
     let theirs = stranger
         .dm_history(json!({"type": "dm_history", "with": "Bob"}))
         .await;
-    assert_eq!(dm_texts(&theirs), ["who is this?"]);
+    assert_eq!(history_texts(&theirs), ["who is this?"]);
 
     // The real Alice and Carol, back with their tokens under other names
     // (theirs are held), have their conversations and nothing else.
@@ -1482,26 +1473,26 @@ async fn a_freed_name_gives_its_new_holder_none_of_the_earlier_holder_s_direct_m
     let again = alice
         .dm_history(json!({"type": "dm_history", "with": "Bob"}))
         .await;
-    assert_eq!(dm_texts(&again), ["secret one", "secret two"]);
+    assert_eq!(history_texts(&again), ["secret one", "secret two"]);
     let since = alice
         .dm_history(
             json!({"type": "dm_history", "with": "Bob", "since": first["id"], "epoch": epoch}),
         )
         .await;
     assert_eq!(since["recovered"], true, "{since}");
-    assert_eq!(dm_texts(&since), ["secret two"]);
+    assert_eq!(history_texts(&since), ["secret two"]);
     let (mut carol, _) = Client::try_hello(&b, "Carol again", Some(&carol_token)).await;
     let hers = carol
         .dm_history(json!({"type": "dm_history", "with": "Bob"}))
         .await;
-    assert_eq!(dm_texts(&hers), ["carol's secret"]);
+    assert_eq!(history_texts(&hers), ["carol's secret"]);
     // With Bob gone, Alice's conversation is still hers.
     bob.close().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let offline = alice
         .dm_history(json!({"type": "dm_history", "with": "Bob"}))
         .await;
-    assert_eq!(dm_texts(&offline), ["secret one", "secret two"]);
+    assert_eq!(history_texts(&offline), ["secret one", "secret two"]);
     // Nothing of the others' conversations ever reached the strangers.
     for (who, events) in [
         ("the stranger", &stranger.events),

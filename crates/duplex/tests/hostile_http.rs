@@ -168,23 +168,30 @@ async fn one_address_holding_10050_idle_http2_connections_leaves_others_served_a
     );
 }
 
-/// The server of [`the_connection_after_max_connections_is_closed_at_once_and_one_address_gets_a_thousand`],
-/// in a process of its own ([`ChildServer`]).
+/// [`app`] in a process of its own ([`ChildServer`]), for the tests whose
+/// floods one process could not hold both ends of, or whose server's
+/// memory they read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the server process of another test, which starts it"]
-async fn child_server_for_max_connections() {
+#[ignore = "the server process of other tests, which start it"]
+async fn child_server() {
     ChildServer::serve(app()).await;
+}
+
+/// [`child_server`] started, once it answers.
+async fn start_child() -> ChildServer {
+    let server = ChildServer::start("child_server");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get_from(loopback(2), server.addr, "/ping").await != Some(200) {
+        assert!(Instant::now() < deadline, "the child server never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_after_max_connections_is_closed_at_once_and_one_address_gets_a_thousand() {
-    let server = ChildServer::start("child_server_for_max_connections");
+    let server = start_child().await;
     let addr = server.addr;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get_from(loopback(2), addr, "/ping").await != Some(200) {
-        assert!(Instant::now() < deadline, "the child server never answered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     // 10,000 connections from ten addresses, each at the per-address cap;
     // they wait for a request head (10 s), which the test does not need.
     let mut held = Vec::new();
@@ -228,23 +235,10 @@ fn memory_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-/// The server of [`http2_responses_a_peer_never_takes_are_bounded_and_dropped_after_the_write_timeout`],
-/// in a process of its own whose memory the test reads.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the server process of another test, which starts it"]
-async fn child_server_for_unsent_responses() {
-    ChildServer::serve(app()).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_responses_a_peer_never_takes_are_bounded_and_dropped_after_the_write_timeout() {
-    let server = ChildServer::start("child_server_for_unsent_responses");
+    let server = start_child().await;
     let addr = server.addr;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get_from(loopback(2), addr, "/ping").await != Some(200) {
-        assert!(Instant::now() < deadline, "the child server never answered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let (baseline, _) = memory_kib(server.pid());
     // 200 connections of 256 requests each, whose response bodies the
     // peer never takes, though it answers PINGs all along: pages with a
