@@ -253,8 +253,7 @@ impl Http {
                             result = connection.as_mut() => Ok(result?),
                             verdict = ledger.watch(Duration::MAX, self.write_timeout) => {
                                 debug_assert_eq!(verdict, Verdict::Stalled);
-                                counter!("duplex_write_timeouts_total").increment(1);
-                                Err("HTTP/2 peer took no byte of a response within the write timeout".into())
+                                Err(stalled())
                             }
                         }
                     }
@@ -266,13 +265,7 @@ impl Http {
                         let _ = tokio::time::timeout(IDLE_GOAWAY_WAIT, connection).await;
                         Err("idle HTTP/2 connection closed".into())
                     }
-                    Some(Verdict::Stalled) => {
-                        counter!("duplex_write_timeouts_total").increment(1);
-                        Err(
-                            "HTTP/2 peer took no byte of a response within the write timeout"
-                                .into(),
-                        )
-                    }
+                    Some(Verdict::Stalled) => Err(stalled()),
                 }
             }
             _ => {
@@ -290,6 +283,12 @@ impl Http {
             }
         }
     }
+}
+
+/// Counts a connection dropped for a stalled response, and says why.
+fn stalled() -> Box<dyn std::error::Error + Send + Sync> {
+    counter!("duplex_write_timeouts_total").increment(1);
+    "HTTP/2 peer took no byte of a response within the write timeout".into()
 }
 
 /// Whether `request` is an extended CONNECT for a WebSocket (RFC 8441 §4).
