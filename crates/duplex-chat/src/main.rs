@@ -104,6 +104,13 @@ struct Args {
     /// WebSocket sessions open at once from one address (0: no limit); one more gets 429.
     #[arg(long, default_value_t = 1_000)]
     max_sessions_per_ip: usize,
+    /// Bytes all WebSocket sessions may hold together (read and not yet
+    /// handled, queued and not yet sent); past it the largest holders stop
+    /// being read and new sessions get 503; one address may hold a
+    /// sixteenth. 0: no budget. Default: a quarter of the machine's (or
+    /// the container's) memory.
+    #[arg(long, value_name = "BYTES")]
+    memory_budget: Option<usize>,
     /// WebSocket handshakes per second from one address (0: no limit); past it, 429.
     #[arg(long, default_value_t = 50)]
     handshake_rate: u32,
@@ -165,6 +172,10 @@ async fn main() -> std::io::Result<()> {
         .handshake_rate(
             (args.handshake_rate > 0).then_some((args.handshake_rate, args.handshake_burst.max(1))),
         );
+    let websockets = match args.memory_budget {
+        Some(bytes) => websockets.memory_budget((bytes > 0).then_some(bytes)),
+        None => websockets,
+    };
     let websockets = if args.no_deflate {
         websockets
     } else {

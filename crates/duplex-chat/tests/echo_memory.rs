@@ -12,10 +12,17 @@
 //! error, and the echo routes read at most 64 KiB a message, so a message
 //! that inflates past it is refused with 1009 while it is inflated.
 //!
-//! All traffic goes to 127.0.0.1; every wait is bounded, and the server is
+//! The memory budget: sessions of one address, then of 16, flood `/mirror`
+//! with messages it accepts and read nothing; without a budget each holds
+//! about 2 MiB (a full input and a full output queue). With one, the
+//! server holds about the budget, an address about its sixteenth, and new
+//! sessions get 503 until the attackers are gone.
+//!
+//! All traffic goes to 127.0.0.0/8; every wait is bounded, and the server is
 //! stopped as soon as it grows past the bound.
 
 use std::{
+    net::{IpAddr, Ipv4Addr},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -23,8 +30,10 @@ use std::{
 use flate2::{Compress, Compression, FlushCompress};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
 };
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 const CONNECTIONS: usize = 40;
 const MESSAGES: usize = 3;
@@ -107,16 +116,24 @@ fn compressed_binary_frame(compressed: &[u8]) -> Vec<u8> {
     frame
 }
 
-/// Upgrades to `/mirror` offering `offer`; returns the stream and the
-/// answer's `Sec-WebSocket-Extensions`, if any.
-async fn upgrade(port: u16, offer: &str) -> (TcpStream, Option<String>) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))
+/// Sends an upgrade request for `/mirror` from `source`, offering `offer`
+/// when there is one; returns the stream and the answer's head.
+async fn request_upgrade(port: u16, source: IpAddr, offer: Option<&str>) -> (TcpStream, String) {
+    let socket = TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind((source, 0).into())
+        .expect("bind the source address");
+    let mut stream = socket
+        .connect(([127, 0, 0, 1], port).into())
         .await
         .expect("connect");
+    let offer = offer
+        .map(|offer| format!("Sec-WebSocket-Extensions: {offer}\r\n"))
+        .unwrap_or_default();
     let request = format!(
         "GET /mirror HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
          Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Extensions: {offer}\r\n\r\n"
+         Sec-WebSocket-Version: 13\r\n{offer}\r\n"
     );
     stream.write_all(request.as_bytes()).await.expect("write");
     let mut head = Vec::new();
@@ -125,7 +142,13 @@ async fn upgrade(port: u16, offer: &str) -> (TcpStream, Option<String>) {
         stream.read_exact(&mut byte).await.expect("read the head");
         head.push(byte[0]);
     }
-    let head = String::from_utf8(head).expect("an ASCII head");
+    (stream, String::from_utf8(head).expect("an ASCII head"))
+}
+
+/// Upgrades to `/mirror` offering `offer`; returns the stream and the
+/// answer's `Sec-WebSocket-Extensions`, if any.
+async fn upgrade(port: u16, offer: &str) -> (TcpStream, Option<String>) {
+    let (stream, head) = request_upgrade(port, LOCALHOST, Some(offer)).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let extensions = head.lines().find_map(|line| {
         let (name, value) = line.split_once(':')?;
@@ -168,10 +191,12 @@ async fn close_code(stream: &mut TcpStream) -> Option<u16> {
     }
 }
 
-/// Starts the binary at its shipped defaults and waits until it listens.
-async fn start_chat(port: u16) -> ChatProcess {
+/// Starts the binary at its shipped defaults but for `args`, and waits
+/// until it listens.
+async fn start_chat(port: u16, args: &[&str]) -> ChatProcess {
     let child = Command::new(env!("CARGO_BIN_EXE_duplex-chat"))
         .args(["--addr", &format!("127.0.0.1:{port}")])
+        .args(args)
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -194,7 +219,7 @@ async fn start_chat(port: u16) -> ChatProcess {
 /// bound.
 async fn attack(offer: &str, expect_extensions: Option<&str>) -> Vec<Option<u16>> {
     let port = free_port();
-    let chat = start_chat(port).await;
+    let chat = start_chat(port, &[]).await;
     let pid = chat.0.id();
     let frame = compressed_binary_frame(&compressed_zeros(INFLATED));
     assert!(
@@ -285,4 +310,148 @@ async fn forty_mirror_connections_sending_messages_that_inflate_to_60_mib_get_10
     )
     .await;
     assert!(codes.iter().all(|c| *c == Some(1009)), "{codes:?}");
+}
+
+/// The memory budget of the attacks below: small enough that what the
+/// attackers could hold without it (about 2 MiB a connection: a full
+/// input queue and a full output queue) is far past it.
+const BUDGET: usize = 32 << 20;
+/// How long the attackers send.
+const FLOOD: Duration = Duration::from_secs(4);
+
+/// A masked binary frame of `len` bytes, FIN set.
+fn binary_frame(len: usize) -> Vec<u8> {
+    let mut frame = vec![0x82, 0x80 | 126];
+    frame.extend_from_slice(&u16::try_from(len).expect("under 64 KiB").to_be_bytes());
+    frame.extend_from_slice(&[0; 4]);
+    frame.resize(frame.len() + len, b'x');
+    frame
+}
+
+fn source(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))
+}
+
+/// Opens `per_address` sessions on `/mirror` from each of `sources`; each
+/// sends 60 KB messages for [`FLOOD`] and reads nothing. Returns the
+/// streams, still open.
+async fn flood(port: u16, sources: &[IpAddr], per_address: usize) -> Vec<TcpStream> {
+    let mut streams = Vec::new();
+    for &from in sources {
+        for _ in 0..per_address {
+            let (stream, head) = request_upgrade(port, from, None).await;
+            assert!(head.starts_with("HTTP/1.1 101"), "{from}: {head}");
+            streams.push(stream);
+        }
+    }
+    let until = tokio::time::Instant::now() + FLOOD;
+    let frame = std::sync::Arc::new(binary_frame(60_000));
+    let senders: Vec<_> = streams
+        .into_iter()
+        .map(|mut stream| {
+            let frame = std::sync::Arc::clone(&frame);
+            tokio::spawn(async move {
+                // Blocked writes are what a server that stopped reading
+                // looks like: the deadline ends them.
+                while let Ok(Ok(())) =
+                    tokio::time::timeout_at(until, stream.write_all(&frame)).await
+                {}
+                stream
+            })
+        })
+        .collect();
+    let mut streams = Vec::with_capacity(senders.len());
+    for sender in senders {
+        streams.push(sender.await.expect("a sender"));
+    }
+    streams
+}
+
+/// The status code of an upgrade from `from`.
+async fn upgrade_status(port: u16, from: IpAddr) -> String {
+    let (_stream, head) = request_upgrade(port, from, None).await;
+    head.split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Waits until an upgrade from `from` is accepted again.
+async fn accepted_again(port: u16, from: IpAddr) {
+    let again = async {
+        while upgrade_status(port, from).await != "101" {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    // Well before the first Ping (30 s), which would find them gone too.
+    tokio::time::timeout(Duration::from_secs(10), again)
+        .await
+        .expect("sessions are accepted again within 10 s of the attackers leaving");
+}
+
+fn growth_kib(pid: u32, baseline: u64) -> u64 {
+    status_kib(pid, "VmHWM").saturating_sub(baseline)
+}
+
+/// One address's 160 sessions flood `/mirror` and read nothing: they hold
+/// at most about its sixteenth of the memory budget, the address's next
+/// session gets 503, and another address is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_a_sixteenth_of_the_memory_budget() {
+    let port = free_port();
+    let chat = start_chat(port, &["--memory-budget", &BUDGET.to_string()]).await;
+    let pid = chat.0.id();
+    let baseline = status_kib(pid, "VmRSS");
+    let streams = flood(port, &[source(2)], 160).await;
+    let growth = growth_kib(pid, baseline);
+    eprintln!("one address, 160 sessions: peak RSS +{growth} KiB over {baseline} KiB");
+    assert!(
+        growth < (BUDGET / 2 / 1024) as u64,
+        "duplex-chat grew by {growth} KiB for one address; its share is {} KiB",
+        BUDGET / 16 / 1024
+    );
+    assert_eq!(
+        upgrade_status(port, source(2)).await,
+        "503",
+        "the address's next session"
+    );
+    assert_eq!(
+        upgrade_status(port, source(3)).await,
+        "101",
+        "another address"
+    );
+    drop(streams);
+    accepted_again(port, source(2)).await;
+}
+
+/// 16 addresses with 40 sessions each flood `/mirror` and read nothing:
+/// the server holds about its budget (without it, about 1.3 GB; the
+/// budget does not count the message each echo handler holds while it
+/// waits to send it, hence the bound of twice the budget), every new
+/// session gets 503 while it does, and sessions are accepted again once
+/// the attackers are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_addresses_hold_at_most_about_the_memory_budget_and_new_sessions_get_503() {
+    let port = free_port();
+    let chat = start_chat(port, &["--memory-budget", &BUDGET.to_string()]).await;
+    let pid = chat.0.id();
+    let baseline = status_kib(pid, "VmRSS");
+    let sources: Vec<_> = (2..18).map(source).collect();
+    let streams = flood(port, &sources, 40).await;
+    let growth = growth_kib(pid, baseline);
+    eprintln!("16 addresses, 640 sessions: peak RSS +{growth} KiB over {baseline} KiB");
+    assert!(
+        growth < (BUDGET * 2 / 1024) as u64,
+        "duplex-chat grew by {growth} KiB; the budget is {} KiB",
+        BUDGET / 1024
+    );
+    assert_eq!(
+        upgrade_status(port, source(100)).await,
+        "503",
+        "a new address"
+    );
+    // The server lets go of peers that leave even while it reads none of
+    // them (without looking, only at the next Ping, 30 s on).
+    drop(streams);
+    accepted_again(port, source(100)).await;
 }

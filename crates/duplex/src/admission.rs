@@ -79,6 +79,8 @@ struct Peer {
     sessions: usize,
     tokens: f64,
     refilled: Instant,
+    /// The bytes this address's sessions hold, for the memory budget.
+    bytes: Arc<AtomicUsize>,
 }
 
 #[derive(Debug, Default)]
@@ -106,6 +108,16 @@ pub(crate) struct Slot {
     state: Arc<State>,
     /// Counted per address too.
     ip: Option<IpAddr>,
+    /// What the sessions of that address hold, for the memory budget.
+    address_bytes: Option<Arc<AtomicUsize>>,
+}
+
+impl Slot {
+    /// The counter of the bytes held by sessions of this session's
+    /// address, when the address is counted.
+    pub(crate) fn address_bytes(&self) -> Option<&Arc<AtomicUsize>> {
+        self.address_bytes.as_ref()
+    }
 }
 
 impl Drop for Slot {
@@ -138,13 +150,14 @@ impl Admission {
         let mut slot = Slot {
             state: Arc::clone(&self.state),
             ip: None,
+            address_bytes: None,
         };
         if before >= limits.max_sessions {
             return Err(Rejection::ServerFull);
         }
         match ip.map(|ip| address_key(ip, limits.ipv6_prefix)) {
             Some(ip) if limits.max_sessions_per_ip.is_some() || limits.handshake_rate.is_some() => {
-                self.admit_from(limits, ip, now)?;
+                slot.address_bytes = Some(self.admit_from(limits, ip, now)?);
                 slot.ip = Some(ip);
                 Ok(slot)
             }
@@ -152,8 +165,14 @@ impl Admission {
         }
     }
 
-    /// The per-address checks; counts the session on `ip` when it passes.
-    fn admit_from(&self, limits: &Limits, ip: IpAddr, now: Instant) -> Result<(), Rejection> {
+    /// The per-address checks; counts the session on `ip` when it passes,
+    /// and gives the counter of the bytes its address holds.
+    fn admit_from(
+        &self,
+        limits: &Limits,
+        ip: IpAddr,
+        now: Instant,
+    ) -> Result<Arc<AtomicUsize>, Rejection> {
         let mut table = lock(&self.state.table);
         if table.peers.len() >= table.sweep_at.max(SWEEP_AT) {
             table.sweep(limits, now);
@@ -163,6 +182,7 @@ impl Admission {
             sessions: 0,
             tokens: burst,
             refilled: now,
+            bytes: Arc::default(),
         });
         if limits
             .max_sessions_per_ip
@@ -184,7 +204,7 @@ impl Admission {
             peer.tokens -= 1.0;
         }
         peer.sessions += 1;
-        Ok(())
+        Ok(Arc::clone(&peer.bytes))
     }
 
     /// How many addresses the table holds.

@@ -7,6 +7,7 @@ use duplex_proto::{Config as ProtoConfig, ExtensionFactory, Mode, Role, Rsv};
 
 use crate::{
     admission::{Admission, Limits},
+    budget::{Budget, default_budget},
     convert::{ContentConverter, default_converter},
     handshake::Origins,
     lifecycle::Lifecycle,
@@ -37,6 +38,8 @@ pub struct WebSockets {
     pub(crate) incoming_buffer: usize,
     pub(crate) outgoing_buffer: usize,
     pub(crate) write_timeout: Duration,
+    pub(crate) memory_budget: Option<usize>,
+    pub(crate) budget: Budget,
     pub(crate) origins: Origins,
     pub(crate) limits: Limits,
     pub(crate) admission: Admission,
@@ -69,6 +72,8 @@ impl Default for WebSockets {
             incoming_buffer: 1 << 20,
             outgoing_buffer: 1 << 20,
             write_timeout: Duration::from_secs(20),
+            memory_budget: Some(default_budget()),
+            budget: Budget::default(),
             origins: Origins::default(),
             limits: Limits::default(),
             admission: Admission::default(),
@@ -91,6 +96,7 @@ impl fmt::Debug for WebSockets {
             .field("incoming_buffer", &self.incoming_buffer)
             .field("outgoing_buffer", &self.outgoing_buffer)
             .field("write_timeout", &self.write_timeout)
+            .field("memory_budget", &self.memory_budget)
             .field("origins", &self.origins)
             .field("limits", &self.limits)
             .field("extensions", &self.extensions)
@@ -193,6 +199,40 @@ impl WebSockets {
     pub fn write_timeout(mut self, timeout: Duration) -> Self {
         self.write_timeout = timeout;
         self
+    }
+
+    /// The most memory the sessions of this configuration and its clones
+    /// may hold together: bytes read and not yet taken by handlers, bytes
+    /// queued and not yet written, read buffers. Past it, the connections
+    /// holding 64 KiB or more stop being read (TCP then slows their
+    /// clients), every connection stops once the use passes it by an
+    /// eighth, and new sessions get 503 with `Retry-After`; reading resumes
+    /// as handlers take input and peers take output. One client address
+    /// (as the per-address session limit counts them) may hold a sixteenth
+    /// of it, under the same rules; without a per-address limit
+    /// ([`max_sessions_per_ip`](Self::max_sessions_per_ip) and
+    /// [`handshake_rate`](Self::handshake_rate) both `None`) addresses are
+    /// not counted. Each connection still holds at most its own
+    /// [`incoming_buffer`](Self::incoming_buffer) and
+    /// [`outgoing_buffer`](Self::outgoing_buffer) (plus one message), and
+    /// connections already reading when the mark is passed may each finish
+    /// one round of reads, so the use can pass the budget by a few reads'
+    /// worth. `None` removes it. Default: a quarter of the memory of the
+    /// machine, or of its control group (container) when that is smaller,
+    /// read once at start; 1 GiB where neither can be read.
+    ///
+    /// Configurations built separately keep separate budgets: build one
+    /// and clone it for each route that should share it.
+    #[must_use]
+    pub fn memory_budget(mut self, bytes: Option<usize>) -> Self {
+        self.memory_budget = bytes.map(|bytes| bytes.max(1));
+        self
+    }
+
+    /// How many bytes the sessions of this configuration (and its clones)
+    /// hold now, as counted by the [`memory_budget`](Self::memory_budget).
+    pub fn memory_used(&self) -> usize {
+        self.budget.used()
     }
 
     /// Accepts upgrades from these `Origin`s too (exact match, ASCII case

@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::socket::Socket;
 
 use crate::{
+    budget::Charge,
     error::BoxError,
     lifecycle::ShutdownSignal,
     shared::{Inner, Shared},
@@ -51,6 +52,10 @@ const MAX_READ_CHUNK: usize = 64 * 1024;
 
 /// Slices per vectored write.
 const MAX_IOVECS: usize = 64;
+
+/// How often a connection the memory budget stopped reading looks whether
+/// its peer has left.
+const BUDGET_PROBE: Duration = Duration::from_secs(1);
 
 /// How long to keep reading (and discarding) after our side has closed, so
 /// that unread input does not turn our FIN into a reset that destroys the
@@ -120,6 +125,12 @@ struct Task {
     /// Reading stopped because the write queue is full: the peer reads
     /// slower than it makes us write (Pongs to a Ping flood, echoes).
     read_waits_for_output: bool,
+    /// What this connection holds, in its configuration's memory budget;
+    /// reading stops while the budget says so, and it wakes the task.
+    charge: Option<Charge>,
+    /// When to look again whether the peer of a connection the budget
+    /// stopped reading has left.
+    budget_probe: Option<Instant>,
     /// How long queued output may wait for the peer to take any of it.
     write_timeout: Duration,
     /// When the queued output is abandoned if nothing more is written:
@@ -159,6 +170,8 @@ impl Driver {
             shutdown: Some(shutdown),
             read_waits_for_handler: false,
             read_waits_for_output: false,
+            charge: None,
+            budget_probe: None,
             write_timeout,
             write_deadline: None,
             shutdown_deadline: None,
@@ -170,6 +183,13 @@ impl Driver {
             peer,
         };
         Driver { shared, task }
+    }
+
+    /// Counts what the connection holds in a memory budget, which may stop
+    /// its reading.
+    pub(crate) fn with_charge(mut self, charge: Option<Charge>) -> Self {
+        self.task.charge = charge;
+        self
     }
 }
 
@@ -276,6 +296,13 @@ impl Task {
         }
         let wrote = self.write(inner, cx);
         self.watch_writes(inner, wrote, now);
+        if let Some(charge) = self.charge.as_mut() {
+            charge.set(
+                inner.conn.pending_events().1
+                    + inner.conn.write_queue_len()
+                    + self.read_buf.capacity(),
+            );
+        }
         let mut again = self.finish_transport(inner, cx, now);
         if (inner.conn.is_closed() || inner.transport_done) && !self.end_announced {
             self.end_announced = true;
@@ -316,6 +343,7 @@ impl Task {
     /// True if the round must run again: reading was cut short by the
     /// limit, or the input ended.
     fn read(&mut self, inner: &mut Inner, cx: &mut Context<'_>, now: Instant) -> bool {
+        self.budget_probe = None;
         let Transport::Open(io) = &mut self.transport else {
             return false;
         };
@@ -340,6 +368,20 @@ impl Task {
                 // No more input until the peer reads: a flood of Pings it
                 // never reads the Pongs of holds at most this queue.
                 self.read_waits_for_output = true;
+                again = false;
+                break;
+            }
+            if let Some(charge) = self.charge.as_mut()
+                && !charge.may_read(cx)
+            {
+                // The budget wakes this task when the use falls; a peer
+                // that leaves meanwhile is looked for now and then, or its
+                // bytes would stay held until the next Ping.
+                if io.peer_left(cx) {
+                    inner.conn.handle_eof(now);
+                } else {
+                    self.budget_probe = Some(now + BUDGET_PROBE);
+                }
                 again = false;
                 break;
             }
@@ -560,6 +602,7 @@ impl Task {
             self.write_deadline,
             self.shutdown_deadline,
             self.codec_deadline,
+            self.budget_probe,
         ]
         .into_iter()
         .flatten()

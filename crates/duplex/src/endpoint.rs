@@ -392,6 +392,21 @@ where
             return rejection.into_response();
         }
     };
+    let charge = match config.memory_budget {
+        Some(limit)
+            if config
+                .budget
+                .is_full(limit, slot.address_bytes().map(|b| &**b)) =>
+        {
+            let rejection = Rejection::MemoryFull;
+            tracing::debug!(path = %parts.uri.path(), peer = ?remote_addr, "WebSocket upgrade refused: {rejection}");
+            counter!("duplex_upgrades_refused_total", "reason" => rejection.metric_label())
+                .increment(1);
+            return rejection.into_response();
+        }
+        Some(limit) => Some(config.budget.charge(limit, slot.address_bytes().cloned())),
+        None => None,
+    };
     // The mark that keeps an HTTP/2 connection from being idle goes with
     // the session's task, not its `Request`, which the application may
     // clone and keep after the session ends.
@@ -441,6 +456,7 @@ where
             config.write_timeout,
             peer,
         )
+        .with_charge(charge)
         .await;
         gauge!("duplex_sessions").decrement(1);
     });

@@ -56,6 +56,11 @@ pub enum Rejection {
     /// `Retry-After`).
     #[error("the server has too many sessions open")]
     ServerFull,
+    /// The sessions hold more memory than the configuration's
+    /// [`memory_budget`](crate::WebSockets::memory_budget) allows, in all
+    /// or from the client's address (503 with `Retry-After`).
+    #[error("the server's sessions hold as much memory as it allows")]
+    MemoryFull,
     /// The client's address has `max_sessions_per_ip` sessions open (429
     /// with `Retry-After`).
     #[error("too many sessions open from this address")]
@@ -77,7 +82,9 @@ impl Rejection {
             Rejection::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
             Rejection::OriginNotAllowed => StatusCode::FORBIDDEN,
             Rejection::UnsupportedProtocol => StatusCode::NOT_IMPLEMENTED,
-            Rejection::ShuttingDown | Rejection::ServerFull => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::ShuttingDown | Rejection::ServerFull | Rejection::MemoryFull => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Rejection::TooManySessions | Rejection::HandshakeRate { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -95,6 +102,7 @@ impl Rejection {
     pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Rejection::ServerFull => "server_full",
+            Rejection::MemoryFull => "memory_full",
             Rejection::TooManySessions => "too_many_sessions",
             Rejection::HandshakeRate { .. } => "handshake_rate",
             _ => "other",
@@ -117,7 +125,7 @@ impl IntoResponse for Rejection {
                     .headers_mut()
                     .insert(header::ALLOW, HeaderValue::from_static("GET"));
             }
-            Rejection::ServerFull | Rejection::ShuttingDown => {
+            Rejection::ServerFull | Rejection::ShuttingDown | Rejection::MemoryFull => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));

@@ -152,6 +152,7 @@ mod address_limit;
 mod admission;
 mod app;
 mod body_deadline;
+mod budget;
 #[cfg(feature = "client")]
 mod client;
 mod config;

@@ -110,10 +110,15 @@ pub const METRICS: &[Metric] = &[
         name: "duplex_upgrades_refused_total",
         kind: Kind::Counter,
         unit: Unit::Count,
-        help: "WebSocket upgrades refused by the session limits (503 or 429), by reason.",
+        help: "WebSocket upgrades refused by the session limits or the memory budget (503 or 429), by reason.",
         label: Some((
             "reason",
-            &["server_full", "too_many_sessions", "handshake_rate"],
+            &[
+                "server_full",
+                "memory_full",
+                "too_many_sessions",
+                "handshake_rate",
+            ],
         )),
     },
     Metric {

@@ -138,6 +138,25 @@ impl Socket {
             }
         }
     }
+
+    /// Whether the peer of a TCP stream reset it, or ended it with nothing
+    /// left unread, found without taking a byte: how a connection that may
+    /// not read (the memory budget stopped it) still lets go of a peer
+    /// that left. When nothing is there the task is woken at the next
+    /// readiness; when unread bytes are, it is not, and the caller looks
+    /// again later. Always false for other transports.
+    pub(crate) fn peer_left(&mut self, cx: &mut Context<'_>) -> bool {
+        let Socket::Tcp(tcp) = self else {
+            return false;
+        };
+        let mut byte = [0u8; 1];
+        let mut peeked = ReadBuf::new(&mut byte);
+        match tcp.poll_peek(cx, &mut peeked) {
+            Poll::Ready(Ok(n)) => n == 0,
+            Poll::Ready(Err(_)) => true,
+            Poll::Pending => false,
+        }
+    }
 }
 
 impl AsyncRead for Socket {
