@@ -106,7 +106,7 @@ impl Budget {
             address,
             limit,
             held: 0,
-            registered: None,
+            registered: usize::MAX,
         }
     }
 }
@@ -118,8 +118,10 @@ pub(crate) struct Charge {
     address: Option<Arc<AtomicUsize>>,
     limit: usize,
     held: usize,
-    /// The generation of `waiters` this charge's waker was added in.
-    registered: Option<(usize, Waker)>,
+    /// The generation of `waiters` this charge's waker was added in
+    /// (`usize::MAX`: none). A task's waker stays the task's, so one entry
+    /// per generation is enough.
+    registered: usize,
 }
 
 impl Charge {
@@ -167,14 +169,10 @@ impl Charge {
         }
         let mut waiters = lock(&self.state.waiters);
         let generation = self.state.generation.load(Ordering::SeqCst);
-        let listed = self
-            .registered
-            .as_ref()
-            .is_some_and(|(listed, waker)| *listed == generation && waker.will_wake(cx.waker()));
-        if !listed {
+        if self.registered != generation {
             waiters.push(cx.waker().clone());
             self.state.waiting.store(waiters.len(), Ordering::SeqCst);
-            self.registered = Some((generation, cx.waker().clone()));
+            self.registered = generation;
         }
         drop(waiters);
         // Looked at again once registered: a decrease between the first

@@ -392,21 +392,17 @@ where
             return rejection.into_response();
         }
     };
-    let charge = match config.memory_budget {
-        Some(limit)
-            if config
-                .budget
-                .is_full(limit, slot.address_bytes().map(|b| &**b)) =>
-        {
-            let rejection = Rejection::MemoryFull;
-            tracing::debug!(path = %parts.uri.path(), peer = ?remote_addr, "WebSocket upgrade refused: {rejection}");
-            counter!("duplex_upgrades_refused_total", "reason" => rejection.metric_label())
-                .increment(1);
-            return rejection.into_response();
-        }
-        Some(limit) => Some(config.budget.charge(limit, slot.address_bytes().cloned())),
-        None => None,
-    };
+    if let Some(limit) = config.memory_budget
+        && config
+            .budget
+            .is_full(limit, slot.address_bytes().map(|bytes| &**bytes))
+    {
+        let rejection = Rejection::MemoryFull;
+        tracing::debug!(path = %parts.uri.path(), peer = ?remote_addr, "WebSocket upgrade refused: {rejection}");
+        counter!("duplex_upgrades_refused_total", "reason" => rejection.metric_label())
+            .increment(1);
+        return rejection.into_response();
+    }
     // The mark that keeps an HTTP/2 connection from being idle goes with
     // the session's task, not its `Request`, which the application may
     // clone and keep after the session ends.
@@ -428,7 +424,7 @@ where
     lifecycle.spawn(async move {
         // Held for the session's life: its place in the per-address count,
         // and its HTTP/2 stream's in its connection's.
-        let _slot = (slot, open_stream);
+        let slot = (slot, open_stream);
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(err) => {
@@ -456,7 +452,13 @@ where
             config.write_timeout,
             peer,
         )
-        .with_charge(charge)
+        // Made here, in the expression awaited, so that the task's future
+        // holds it once (inside the driver), not also as a local.
+        .with_charge(
+            config
+                .memory_budget
+                .map(|limit| config.budget.charge(limit, slot.0.address_bytes().cloned())),
+        )
         .await;
         gauge!("duplex_sessions").decrement(1);
     });

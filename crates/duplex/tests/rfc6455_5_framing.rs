@@ -562,3 +562,50 @@ mod rfc6455_10_4_limits {
         assert_eq!((echo.opcode, echo.payload), (BINARY, expected));
     }
 }
+
+mod rfc6455_10_4_shipped_limits {
+    use super::*;
+
+    use duplex::{App, Session};
+
+    /// Answers each message with its length.
+    async fn sizes(mut session: Session) {
+        while let Ok(Some(message)) = session.recv().await {
+            let _ = session.send_text(message.len().to_string()).await;
+        }
+    }
+
+    /// Sends a binary message of `len` bytes in fragments of the shipped
+    /// `max_frame_size` (16 MiB) at most.
+    async fn send_fragmented(client: &mut RawClient, len: usize) {
+        let fragment = vec![0x5a; 16 << 20];
+        let mut left = len;
+        let mut opcode = BINARY;
+        while left > 0 {
+            let take = left.min(fragment.len());
+            left -= take;
+            client.send(left == 0, opcode, &fragment[..take]).await;
+            opcode = CONTINUATION;
+        }
+    }
+
+    /// `max_message_size` at its shipped default, 64 MiB: a message of
+    /// exactly that many bytes, in four frames of the shipped
+    /// `max_frame_size`, is taken whole; one byte more closes with 1009.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_64_mib_message_is_accepted_and_one_byte_more_gives_1009() {
+        common::set_wait(Duration::from_secs(30));
+        let server = Server::start(App::new().web_socket("/size", sizes)).await;
+        let mut client = RawClient::connect(server.addr, "/size").await;
+        send_fragmented(&mut client, 64 << 20).await;
+        let answer = client.read_frame().await;
+        assert_eq!(
+            (answer.opcode, answer.payload),
+            (TEXT, (64u64 << 20).to_string().into_bytes())
+        );
+        let mut client = RawClient::connect(server.addr, "/size").await;
+        // The fifth frame, of one byte, passes the limit.
+        send_fragmented(&mut client, (64 << 20) + 1).await;
+        client.expect_close_then_eof(1009).await;
+    }
+}

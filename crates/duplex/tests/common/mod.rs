@@ -25,11 +25,27 @@ use tokio_tungstenite::{
 /// The longest any single wait in these tests may take.
 pub(crate) const WAIT: Duration = Duration::from_secs(3);
 
+thread_local! {
+    /// [`WAIT`], or what [`set_wait`] set on this thread.
+    static THIS_WAIT: std::cell::Cell<Duration> = const { std::cell::Cell::new(WAIT) };
+}
+
+/// Sets [`within`]'s bound for the waits of this thread (the test's own
+/// future: tasks it spawns on other workers keep [`WAIT`]). For a test on
+/// tokio's paused clock, which jumps to the next timer whenever every task
+/// waits, the bound must be later than any deadline the test waits for, or
+/// it would fire first (at no cost in wall time); a test that moves tens
+/// of MiB in a debug build needs more than [`WAIT`] too.
+pub(crate) fn set_wait(wait: Duration) {
+    THIS_WAIT.with(|this| this.set(wait));
+}
+
 /// Awaits `fut`, failing the test if it takes longer than [`WAIT`].
 pub(crate) async fn within<F: Future>(what: &str, fut: F) -> F::Output {
-    match tokio::time::timeout(WAIT, fut).await {
+    let wait = THIS_WAIT.with(std::cell::Cell::get);
+    match tokio::time::timeout(wait, fut).await {
         Ok(out) => out,
-        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+        Err(_) => panic!("timed out after {wait:?} waiting for {what}"),
     }
 }
 
