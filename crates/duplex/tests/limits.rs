@@ -57,6 +57,25 @@ async fn one_address_may_hold_a_thousand_sessions_and_the_next_gets_429() {
     }
 }
 
+/// An IPv6 client is one address like an IPv4 one (its /64, which on
+/// loopback is `::1` alone): the per-address limit counts its sessions.
+#[tokio::test]
+async fn an_ipv6_address_is_held_to_the_per_address_limit() {
+    let app = App::new()
+        .install(WebSockets::default().max_sessions_per_ip(Some(2)))
+        .web_socket("/ws", hold);
+    let server = Server::start_on(app, "[::1]:0").await;
+    assert!(server.addr.is_ipv6());
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let (status, _, client) = status_of(&server, "").await;
+        assert_eq!(status, 101);
+        open.push(client);
+    }
+    let (status, retry_after, _) = status_of(&server, "").await;
+    assert_eq!((status, retry_after.as_deref()), (429, Some("1")));
+}
+
 #[tokio::test]
 async fn the_session_after_max_sessions_gets_503_with_retry_after() {
     let ws = WebSockets::default().max_sessions(20);

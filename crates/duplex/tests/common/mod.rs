@@ -61,9 +61,15 @@ pub(crate) struct Server {
 
 impl Server {
     pub(crate) async fn start(app: App) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Self::start_on(app, "127.0.0.1:0").await
+    }
+
+    /// [`start`](Self::start) on another loopback address, such as
+    /// `[::1]:0`.
+    pub(crate) async fn start_on(app: App, bind: &str) -> Server {
+        let listener = TcpListener::bind(bind)
             .await
-            .expect("bind 127.0.0.1:0");
+            .unwrap_or_else(|err| panic!("bind {bind}: {err}"));
         let addr = listener.local_addr().expect("local_addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let serve = tokio::spawn(app.serve_with_shutdown(listener, async move {
