@@ -177,6 +177,8 @@ mod stream_ledger;
 pub mod testing;
 #[cfg(feature = "tls")]
 pub mod tls;
+#[cfg(feature = "hub")]
+pub mod topics;
 mod write_deadline;
 
 pub use app::App;
