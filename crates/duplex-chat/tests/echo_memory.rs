@@ -498,3 +498,138 @@ async fn sixteen_addresses_hold_at_most_about_the_memory_budget_and_new_sessions
     drop(streams);
     accepted_again(port, source(100)).await;
 }
+
+/// A masked binary frame of `len` bytes that does not end its message.
+fn first_fragment(len: usize) -> Vec<u8> {
+    let mut frame = binary_frame(len);
+    frame[0] = 0x02;
+    frame
+}
+
+/// Messages left unfinished hold memory too: 20 addresses open up to 25
+/// sessions each, and each sends 30 KB of a message, then 30 KB more, and
+/// never its end (30 MB in all, past the 8 MiB budget and each address's
+/// 512 KiB share). New sessions get 503 once the budget or an address's
+/// share is held, and every session stops being read past its hard mark. A session of another address that answers
+/// every Ping is not timed out while the budget keeps it from reading
+/// (Pings every second here), the paused sessions holding unfinished
+/// messages are closed with 1013 after 15 s of pause (those still read
+/// time out on the Pings they do not answer), and then the other session
+/// is read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_messages_count_and_the_paused_holders_are_closed_with_1013() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    const BUDGET: usize = 8 << 20;
+    let port = free_port();
+    let chat = start_chat(
+        port,
+        &[
+            "--memory-budget",
+            &BUDGET.to_string(),
+            "--ping-period",
+            "1",
+            "--timeout",
+            "1",
+        ],
+    )
+    .await;
+    let pid = chat.0.id();
+    let (mut victim, _) =
+        tokio_tungstenite::client_async(format!("ws://127.0.0.1:{port}/mirror"), {
+            let socket = TcpSocket::new_v4().expect("a socket");
+            socket.bind((source(200), 0).into()).expect("bind");
+            socket
+                .connect(([127, 0, 0, 1], port).into())
+                .await
+                .expect("connect")
+        })
+        .await
+        .expect("the other address's session");
+    let baseline = status_kib(pid, "VmRSS");
+    let fragment = first_fragment(30_000);
+    let mut holders = Vec::new();
+    let mut refused = 0;
+    for from in (5..25).map(source) {
+        for _ in 0..25 {
+            let (mut stream, head) = request_upgrade(port, from, None).await;
+            if head.starts_with("HTTP/1.1 503") {
+                refused += 1;
+                continue;
+            }
+            assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+            stream.write_all(&fragment).await.expect("a fragment");
+            holders.push(stream);
+        }
+    }
+    // New sessions stop at the budget; those open push the use past its
+    // hard mark with a second piece each, and every session stops being
+    // read.
+    let mut continuation = binary_frame(30_000);
+    continuation[0] = 0x00;
+    for stream in &mut holders {
+        stream
+            .write_all(&continuation)
+            .await
+            .expect("a second piece");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let growth = growth_kib(pid, baseline);
+    eprintln!(
+        "{} sessions hold unfinished messages, {refused} refused: peak RSS +{growth} KiB",
+        holders.len()
+    );
+    assert!(refused > 0, "the address's share was never used up");
+    assert!(
+        growth < (BUDGET * 2 / 1024) as u64,
+        "grew by {growth} KiB for unfinished messages; the budget is {} KiB",
+        BUDGET / 1024
+    );
+    // Five Pings' worth: the other session, which answers them (the
+    // client answers as it reads), is still open.
+    let watch = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match victim.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                ended => return ended,
+            }
+        }
+    })
+    .await;
+    assert!(watch.is_err(), "the other session ended: {watch:?}");
+    // The holders are closed with 1013 once paused for 15 s.
+    let mut codes = Vec::new();
+    for stream in &mut holders {
+        codes.push(
+            tokio::time::timeout(Duration::from_secs(20), close_code(stream))
+                .await
+                .expect("each holder is closed in time"),
+        );
+    }
+    // Those still read answered no Ping (these raw clients read nothing):
+    // 1011; those the budget paused were waited for, then shed: 1013.
+    assert!(
+        codes.iter().all(|code| matches!(code, Some(1011 | 1013))),
+        "{codes:?}"
+    );
+    assert!(codes.contains(&Some(1013)), "none was shed: {codes:?}");
+    victim
+        .send(Message::text("still here"))
+        .await
+        .expect("send");
+    let echo = tokio::time::timeout(WAIT, async {
+        loop {
+            match victim.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the echo in time");
+    assert!(
+        matches!(echo, Some(Ok(Message::Text(ref text))) if text.as_str() == "still here"),
+        "{echo:?}"
+    );
+}

@@ -427,6 +427,14 @@ impl Connection {
         (self.events.len(), self.event_bytes)
     }
 
+    /// The input bytes the connection holds: events waiting for the user
+    /// and the fragments of a message still being received. (A partial
+    /// frame stays in the caller's input buffer.)
+    pub fn held_input_bytes(&self) -> usize {
+        let assembling = self.assembly.as_ref().map_or(0, |a| a.data.len());
+        self.event_bytes + assembling
+    }
+
     /// Whether the events waiting for the user have reached
     /// `max_pending_bytes` or `max_pending_events`: input is not consumed
     /// until the user takes some.

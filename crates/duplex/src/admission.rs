@@ -207,6 +207,20 @@ impl Admission {
         Ok(Arc::clone(&peer.bytes))
     }
 
+    /// The counter of the bytes the sessions of `ip` hold, when the address
+    /// is counted and has an entry; nothing is made.
+    pub(crate) fn address_bytes(
+        &self,
+        limits: &Limits,
+        ip: Option<IpAddr>,
+    ) -> Option<Arc<AtomicUsize>> {
+        let key = address_key(ip?, limits.ipv6_prefix);
+        lock(&self.state.table)
+            .peers
+            .get(&key)
+            .map(|peer| Arc::clone(&peer.bytes))
+    }
+
     /// How many addresses the table holds.
     #[cfg(test)]
     fn tracked(&self) -> usize {

@@ -180,7 +180,13 @@ impl Charge {
         self.allowed()
     }
 
-    fn allowed(&self) -> bool {
+    /// What this session holds, as last reported.
+    pub(crate) fn held(&self) -> usize {
+        self.held
+    }
+
+    /// Whether the session may read, without waiting to be woken.
+    pub(crate) fn allowed(&self) -> bool {
         let large = self.held >= FLOOR;
         let fits = |used: usize, limit: usize| {
             let (soft, hard) = marks(limit);

@@ -202,12 +202,16 @@ impl WebSockets {
     }
 
     /// The most memory the sessions of this configuration and its clones
-    /// may hold together: bytes read and not yet taken by handlers, bytes
-    /// queued and not yet written, read buffers. Past it, the connections
-    /// holding 64 KiB or more stop being read (TCP then slows their
-    /// clients), every connection stops once the use passes it by an
-    /// eighth, and new sessions get 503 with `Retry-After`; reading resumes
-    /// as handlers take input and peers take output. One client address
+    /// may hold together: bytes read and not yet taken by handlers
+    /// (messages still being received included), bytes queued and not yet
+    /// written, read buffers. Past it, the connections holding 64 KiB or
+    /// more stop being read (TCP then slows their clients), every
+    /// connection stops once the use passes it by an eighth, and new
+    /// sessions get 503 with `Retry-After`; reading resumes as handlers
+    /// take input and peers take output. A connection kept from reading is
+    /// not timed out for a Pong it cannot read, and one that still holds
+    /// bytes after 15 s of it is closed with 1013 "Try Again Later", so
+    /// that the server sheds what it holds. One client address
     /// (as the per-address session limit counts them) may hold a sixteenth
     /// of it, under the same rules; without a per-address limit
     /// ([`max_sessions_per_ip`](Self::max_sessions_per_ip) and

@@ -57,6 +57,10 @@ const MAX_IOVECS: usize = 64;
 /// its peer has left.
 const BUDGET_PROBE: Duration = Duration::from_secs(1);
 
+/// How long a connection that holds bytes may wait for the memory budget
+/// before it is closed with 1013: as long as a Pong may take.
+const BUDGET_PAUSE: Duration = Duration::from_secs(15);
+
 /// How long to keep reading (and discarding) after our side has closed, so
 /// that unread input does not turn our FIN into a reset that destroys the
 /// Close frame in flight.
@@ -67,9 +71,21 @@ const LINGER: Duration = Duration::from_secs(2);
 pub(crate) enum Peer {
     /// A client's address, when the server knows it.
     Addr(Option<std::net::SocketAddr>),
+    /// A server session's client: its address and the path it asked for.
+    Session(Arc<crate::Request>),
     /// The server a client connected to.
     #[cfg(feature = "client")]
     Host(String),
+}
+
+impl Peer {
+    /// The path of a server session, for log lines.
+    fn path(&self) -> &str {
+        match self {
+            Peer::Session(request) => request.path(),
+            _ => "",
+        }
+    }
 }
 
 impl std::fmt::Display for Peer {
@@ -77,6 +93,7 @@ impl std::fmt::Display for Peer {
         match self {
             Peer::Addr(Some(addr)) => addr.fmt(f),
             Peer::Addr(None) => f.write_str("unknown"),
+            Peer::Session(request) => Peer::Addr(request.remote_addr()).fmt(f),
             #[cfg(feature = "client")]
             Peer::Host(host) => f.write_str(host),
         }
@@ -131,6 +148,8 @@ struct Task {
     /// When to look again whether the peer of a connection the budget
     /// stopped reading has left.
     budget_probe: Option<Instant>,
+    /// Since when the budget has kept this connection from reading.
+    budget_paused_since: Option<Instant>,
     /// How long queued output may wait for the peer to take any of it.
     write_timeout: Duration,
     /// When the queued output is abandoned if nothing more is written:
@@ -172,6 +191,7 @@ impl Driver {
             read_waits_for_output: false,
             charge: None,
             budget_probe: None,
+            budget_paused_since: None,
             write_timeout,
             write_deadline: None,
             shutdown_deadline: None,
@@ -279,6 +299,9 @@ impl Task {
         if inner.reading_paused {
             inner.conn.defer_pong_timeout(now);
         }
+        if let Some(since) = self.budget_paused_since {
+            self.budget_pause(inner, since, now);
+        }
         if inner.conn.poll_timeout().is_some_and(|at| at <= now) {
             inner.conn.handle_timeout(now);
             again = true;
@@ -296,24 +319,40 @@ impl Task {
         }
         let wrote = self.write(inner, cx);
         self.watch_writes(inner, wrote, now);
+        let mut budget_again = false;
         if let Some(charge) = self.charge.as_mut() {
             charge.set(
-                inner.conn.pending_events().1
+                inner.conn.held_input_bytes()
                     + inner.conn.write_queue_len()
                     + self.read_buf.capacity(),
             );
+            // The handler or the peer took enough of what this connection
+            // held: read again now, not at the next probe.
+            budget_again = self.budget_paused_since.is_some() && charge.allowed();
         }
-        let mut again = self.finish_transport(inner, cx, now);
+        let mut again = self.finish_transport(inner, cx, now) | budget_again;
         if (inner.conn.is_closed() || inner.transport_done) && !self.end_announced {
             self.end_announced = true;
             if let Some(termination) = inner.termination() {
                 let reason = termination.close_reason();
-                tracing::debug!(
-                    peer = %self.peer,
-                    code = reason.code.0,
-                    reason = %reason.reason,
-                    "WebSocket session ended"
-                );
+                if is_routine(reason.code) {
+                    tracing::debug!(
+                        peer = %self.peer,
+                        path = self.peer.path(),
+                        code = reason.code.0,
+                        reason = %reason.reason,
+                        "WebSocket session ended"
+                    );
+                } else if let Some(skipped) = crate::log_limit::ABNORMAL_ENDS.admit() {
+                    tracing::info!(
+                        peer = %self.peer,
+                        path = self.peer.path(),
+                        code = reason.code.0,
+                        reason = %reason.reason,
+                        skipped,
+                        "WebSocket session ended abnormally"
+                    );
+                }
             }
             inner.wake_all();
         }
@@ -336,6 +375,32 @@ impl Task {
     fn handler_wanted(inner: &mut Inner, cx: &Context<'_>) -> bool {
         let woken = inner.take_handler_woken();
         woken || (inner.conn.pending_events().0 > 0 && inner.wake_receiver(cx))
+    }
+
+    /// While the memory budget keeps this connection from reading: a Pong
+    /// it cannot read must not time out a peer that answered (so the wait
+    /// for it restarts), and a connection still holding bytes after
+    /// [`BUDGET_PAUSE`] is closed with 1013 "Try Again Later", so that the
+    /// server sheds what it holds instead of holding it for as long as the
+    /// peers care to wait. One that holds nothing waits on.
+    fn budget_pause(&mut self, inner: &mut Inner, since: Instant, now: Instant) {
+        let Some(charge) = self.charge.as_ref() else {
+            return;
+        };
+        if charge.allowed() {
+            // Reading stopped for another reason since (the inbox): the
+            // pause is over.
+            self.budget_paused_since = None;
+            return;
+        }
+        inner.conn.defer_pong_timeout(now);
+        let holds = charge.held() > 0;
+        if holds && now >= since + BUDGET_PAUSE && inner.conn.can_send() {
+            tracing::debug!(peer = %self.peer, "paused by the memory budget for {BUDGET_PAUSE:?}; closing");
+            counter!("duplex_memory_budget_closes_total").increment(1);
+            let reason = CloseReason::new(CloseCode::TRY_AGAIN_LATER, "Server short of memory");
+            let _ = inner.conn.close(now, reason);
+        }
     }
 
     /// Reads until the socket has nothing more (which registers the task
@@ -371,19 +436,22 @@ impl Task {
                 again = false;
                 break;
             }
-            if let Some(charge) = self.charge.as_mut()
-                && !charge.may_read(cx)
-            {
-                // The budget wakes this task when the use falls; a peer
-                // that leaves meanwhile is looked for now and then, or its
-                // bytes would stay held until the next Ping.
-                if io.peer_left(cx) {
-                    inner.conn.handle_eof(now);
-                } else {
-                    self.budget_probe = Some(now + BUDGET_PROBE);
+            if let Some(charge) = self.charge.as_mut() {
+                if !charge.may_read(cx) {
+                    // The budget wakes this task when the use falls; a
+                    // peer that leaves meanwhile is looked for now and
+                    // then, or its bytes would stay held until the end of
+                    // the pause.
+                    self.budget_paused_since.get_or_insert(now);
+                    if io.peer_left(cx) {
+                        inner.conn.handle_eof(now);
+                    } else {
+                        self.budget_probe = Some(now + BUDGET_PROBE);
+                    }
+                    again = false;
+                    break;
                 }
-                again = false;
-                break;
+                self.budget_paused_since = None;
             }
             let room = (self.read_buf.capacity() - self.read_buf.len()).max(self.read_chunk);
             match io.poll_read_buf(cx, &mut self.read_buf, self.read_chunk) {
@@ -633,6 +701,18 @@ impl Task {
         self.sleep.as_mut().reset(deadline.into());
         self.sleep.as_mut().poll(cx).is_ready()
     }
+}
+
+/// Whether a session that ended with `code` ended as sessions do: closed
+/// normally (1000), going away (1001, a closed tab or a shutdown), or with
+/// a Close that had no code (1005). Every other end (a protocol error, a
+/// peer that vanished or stopped reading, a Ping timeout) is logged at
+/// `info`, within the log limit.
+fn is_routine(code: CloseCode) -> bool {
+    matches!(
+        code,
+        CloseCode::NORMAL | CloseCode::GOING_AWAY | CloseCode::NO_STATUS
+    )
 }
 
 /// Reads and discards; true once the peer's FIN (or an error) arrives.

@@ -314,8 +314,12 @@ where
     // The `App` serving this route shuts this configuration's sessions down
     // with its own, whichever configuration the route was built with.
     let _ = SERVED.try_with(|served| served.note(&config.lifecycle));
+    let remote_addr = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0);
     if config.lifecycle.is_shutting_down() {
-        return Rejection::ShuttingDown.into_response();
+        return refuse(Rejection::ShuttingDown, parts.uri.path(), remote_addr);
     }
     let checked = if parts.version == http::Version::HTTP_2 {
         crate::h2::accept(
@@ -337,10 +341,7 @@ where
     };
     let mut accepted = match checked {
         Ok(accepted) => accepted,
-        Err(rejection) => {
-            tracing::debug!(path = %parts.uri.path(), "WebSocket upgrade rejected: {rejection}");
-            return rejection.into_response();
-        }
+        Err(rejection) => return refuse(rejection, parts.uri.path(), remote_addr),
     };
     // Raw sessions hand over frames untouched, so they take no extensions (as in Ktor).
     let factories: &[_] = if mode == Mode::Messages {
@@ -351,10 +352,7 @@ where
     let negotiated = match handshake::negotiate_extensions(&parts.headers, factories, &mut accepted)
     {
         Ok(negotiated) => negotiated,
-        Err(rejection) => {
-            tracing::debug!(path = %parts.uri.path(), "WebSocket upgrade rejected: {rejection}");
-            return rejection.into_response();
-        }
+        Err(rejection) => return refuse(rejection, parts.uri.path(), remote_addr),
     };
     let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
         // HTTP/2 or a test harness without a connection behind the request.
@@ -374,10 +372,14 @@ where
                 .collect()
         })
         .unwrap_or_default();
-    let remote_addr = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|info| info.0);
+    if let Some(limit) = config.memory_budget {
+        let address = config
+            .admission
+            .address_bytes(&config.limits, remote_addr.map(|addr| addr.ip()));
+        if config.budget.is_full(limit, address.as_deref()) {
+            return refuse(Rejection::MemoryFull, parts.uri.path(), remote_addr);
+        }
+    }
     // Checked last: a request refused for any other reason spends no token.
     let slot = match config.admission.admit(
         &config.limits,
@@ -385,24 +387,9 @@ where
         Inner::now(),
     ) {
         Ok(slot) => slot,
-        Err(rejection) => {
-            tracing::debug!(path = %parts.uri.path(), peer = ?remote_addr, "WebSocket upgrade refused: {rejection}");
-            counter!("duplex_upgrades_refused_total", "reason" => rejection.metric_label())
-                .increment(1);
-            return rejection.into_response();
-        }
+        Err(rejection) => return refuse(rejection, parts.uri.path(), remote_addr),
     };
-    if let Some(limit) = config.memory_budget
-        && config
-            .budget
-            .is_full(limit, slot.address_bytes().map(|bytes| &**bytes))
-    {
-        let rejection = Rejection::MemoryFull;
-        tracing::debug!(path = %parts.uri.path(), peer = ?remote_addr, "WebSocket upgrade refused: {rejection}");
-        counter!("duplex_upgrades_refused_total", "reason" => rejection.metric_label())
-            .increment(1);
-        return rejection.into_response();
-    }
+
     // The mark that keeps an HTTP/2 connection from being idle goes with
     // the session's task, not its `Request`, which the application may
     // clone and keep after the session ends.
@@ -432,7 +419,7 @@ where
                 return;
             }
         };
-        let peer = Peer::Addr(remote_addr);
+        let peer = Peer::Session(Arc::clone(&request));
         let mut conn = Connection::new(config.proto_config(mode), Inner::now());
         let extension_names = negotiated.iter().map(|n| n.response.clone()).collect();
         conn.set_extensions(negotiated.into_iter().map(|n| n.extension).collect());
@@ -463,6 +450,26 @@ where
         gauge!("duplex_sessions").decrement(1);
     });
     response
+}
+
+/// Answers a refused upgrade: counted by reason, and logged at `info`
+/// with the peer, the path, the status and the reason, within the log
+/// limit (a flood of bad handshakes cannot flood the log; the next line
+/// that passes says how many were left out).
+fn refuse(rejection: Rejection, path: &str, peer: Option<SocketAddr>) -> Response {
+    let reason = rejection.metric_label();
+    counter!("duplex_upgrades_refused_total", "reason" => reason).increment(1);
+    if let Some(skipped) = crate::log_limit::REFUSALS.admit() {
+        tracing::info!(
+            peer = %Peer::Addr(peer),
+            path,
+            status = rejection.status().as_u16(),
+            reason,
+            skipped,
+            "WebSocket upgrade refused: {rejection}"
+        );
+    }
+    rejection.into_response()
 }
 
 /// A copy of `headers` in allocations of its own. hyper's header values are

@@ -58,6 +58,15 @@ const IDLE_GOAWAY_WAIT: Duration = Duration::from_secs(1);
 /// plain requests together.
 const MAX_CONCURRENT_STREAMS: u32 = 256;
 
+/// The flow-control window of one stream: what a peer may send on it
+/// before the server has read it. 64 KiB, RFC 9113's initial 65,535 bytes
+/// rounded up: enough for a WebSocket message a round trip on a LAN.
+const STREAM_WINDOW: u32 = 64 * 1024;
+
+/// The window of one whole connection: what all its streams may have sent
+/// and the server not read.
+const CONNECTION_WINDOW: u32 = 256 * 1024;
+
 /// A connection the server accepted, which can say whether its client
 /// speaks HTTP/2.
 pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -181,6 +190,12 @@ impl Http {
                 .timer(TokioTimer::new())
                 .enable_connect_protocol()
                 .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                // What a peer may send before the server reads it: the
+                // memory budget cannot count or pause what hyper holds
+                // below a session, so it is kept small (hyper's default
+                // is 1 MiB per stream and connection).
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
                 .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
                 // A peer that vanished without a FIN holds no HTTP/2
                 // connection (and its sessions' streams) for longer than

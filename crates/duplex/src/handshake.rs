@@ -98,16 +98,44 @@ impl Rejection {
 }
 
 impl Rejection {
-    /// A short name for metrics labels.
+    /// A short name for metrics labels and log lines.
     pub(crate) fn metric_label(&self) -> &'static str {
         match self {
+            Rejection::MethodNotGet => "method",
+            Rejection::HttpVersion => "http_version",
+            Rejection::NotUpgrade => "not_upgrade",
+            Rejection::UnsupportedProtocol => "protocol",
+            Rejection::UnsupportedVersion => "version",
+            Rejection::InvalidKey => "bad_handshake",
+            Rejection::OriginNotAllowed => "origin",
+            Rejection::NoSubprotocol => "subprotocol",
+            Rejection::InvalidExtensions => "extensions",
+            Rejection::ShuttingDown => "shutting_down",
             Rejection::ServerFull => "server_full",
             Rejection::MemoryFull => "memory_full",
             Rejection::TooManySessions => "too_many_sessions",
             Rejection::HandshakeRate { .. } => "handshake_rate",
-            _ => "other",
         }
     }
+
+    /// Every label, for the metric's description.
+    #[cfg(feature = "metrics")]
+    pub(crate) const LABELS: [&'static str; 14] = [
+        "method",
+        "http_version",
+        "not_upgrade",
+        "protocol",
+        "version",
+        "bad_handshake",
+        "origin",
+        "subprotocol",
+        "extensions",
+        "shutting_down",
+        "server_full",
+        "memory_full",
+        "too_many_sessions",
+        "handshake_rate",
+    ];
 }
 
 impl IntoResponse for Rejection {

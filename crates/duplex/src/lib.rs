@@ -166,6 +166,7 @@ mod handshake;
 #[cfg(feature = "hub")]
 mod hub;
 mod lifecycle;
+mod log_limit;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 mod request;

@@ -86,6 +86,13 @@ pub const METRICS: &[Metric] = &[
         label: Some(("direction", &["sent", "received"])),
     },
     Metric {
+        name: "duplex_memory_budget_closes_total",
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        help: "Sessions closed with 1013 because the memory budget kept them from reading for 15 s while they held bytes.",
+        label: None,
+    },
+    Metric {
         name: "duplex_write_timeouts_total",
         kind: Kind::Counter,
         unit: Unit::Count,
@@ -110,16 +117,8 @@ pub const METRICS: &[Metric] = &[
         name: "duplex_upgrades_refused_total",
         kind: Kind::Counter,
         unit: Unit::Count,
-        help: "WebSocket upgrades refused by the session limits or the memory budget (503 or 429), by reason.",
-        label: Some((
-            "reason",
-            &[
-                "server_full",
-                "memory_full",
-                "too_many_sessions",
-                "handshake_rate",
-            ],
-        )),
+        help: "WebSocket upgrades refused, by reason: the handshake's checks (400, 403, 405, 426, 501), shutting down, the session limits and the memory budget (503, 429).",
+        label: Some(("reason", &crate::handshake::Rejection::LABELS)),
     },
     Metric {
         name: "duplex_hub_sessions",

@@ -139,8 +139,8 @@ impl Socket {
         }
     }
 
-    /// Whether the peer of a TCP stream reset it, or ended it with nothing
-    /// left unread, found without taking a byte: how a connection that may
+    /// Whether the peer of a TCP stream reset it or ended it (its FIN, even
+    /// behind bytes not read yet), found without taking a byte: how a connection that may
     /// not read (the memory budget stopped it) still lets go of a peer
     /// that left. When nothing is there the task is woken at the next
     /// readiness; when unread bytes are, it is not, and the caller looks
@@ -149,6 +149,14 @@ impl Socket {
         let Socket::Tcp(tcp) = self else {
             return false;
         };
+        // A FIN behind unread bytes: the kernel says so (EPOLLRDHUP) even
+        // though a peek would see the bytes first.
+        let ready = std::pin::pin!(tcp.ready(Interest::READABLE));
+        if let Poll::Ready(Ok(ready)) = std::future::Future::poll(ready, cx)
+            && (ready.is_read_closed() || ready.is_error())
+        {
+            return true;
+        }
         let mut byte = [0u8; 1];
         let mut peeked = ReadBuf::new(&mut byte);
         match tcp.poll_peek(cx, &mut peeked) {

@@ -1,7 +1,10 @@
-//! What duplex logs when peers misbehave: a peer that breaks the protocol
-//! or vanishes is routine for a server, logged at debug with the close
-//! code; only a handler's own error is logged at error. The handler here
-//! passes on what `recv` returns with `?`, as most handlers do.
+//! What duplex logs when peers misbehave: a session that ends abnormally (a
+//! protocol error, a peer that vanished) and a refused upgrade are logged
+//! at info with the peer, the path and the code or status, at most 20
+//! lines of each kind a second (the next line says how many were left
+//! out); a normal end is logged at debug; only a handler's own error is
+//! logged at error. The handler here passes on what `recv` returns with
+//! `?`, as most handlers do.
 //!
 //! The test binary installs a subscriber that records every event, so this
 //! file holds one test (the subscriber is global to the process).
@@ -13,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use common::{CLOSE, RawClient, Server, TEXT, encode_frame};
+use common::{CLOSE, RawClient, Server, TEXT, encode_frame, upgrade_request};
 use duplex::{App, Session, WebSockets};
 use tracing::{Level, Subscriber};
 use tracing_subscriber::{Layer, layer::SubscriberExt};
@@ -49,7 +52,8 @@ async fn settle() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn routine_disconnects_log_at_debug_with_their_code_and_only_a_handlers_own_error_at_error() {
+async fn abnormal_ends_and_refusals_log_at_info_normal_ends_at_debug_and_a_handlers_error_at_error()
+{
     let recorded = Recorded::default();
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(
         recorded.clone().with_filter(
@@ -93,10 +97,11 @@ async fn routine_disconnects_log_at_debug_with_their_code_and_only_a_handlers_ow
         "a protocol error is routine: {events:?}"
     );
     assert!(
-        events
-            .iter()
-            .any(|(level, text)| *level == Level::DEBUG && text.contains("code=1002")),
-        "the end is logged at debug with its code: {events:?}"
+        events.iter().any(|(level, text)| *level == Level::INFO
+            && text.contains("code=1002")
+            && text.contains("path=\"/passes-errors-on\"")
+            && text.contains("peer=127.0.0.1:")),
+        "the end is logged at info with its peer, path and code: {events:?}"
     );
 
     // A peer that vanishes without a Close (1006).
@@ -110,8 +115,75 @@ async fn routine_disconnects_log_at_debug_with_their_code_and_only_a_handlers_ow
         "a vanished peer is routine: {events:?}"
     );
     assert!(
-        events.iter().any(|(_, text)| text.contains("code=1006")),
+        events
+            .iter()
+            .any(|(level, text)| *level == Level::INFO && text.contains("code=1006")),
         "{events:?}"
+    );
+
+    // A normal close: debug only.
+    let mut client = RawClient::connect(server.addr, "/passes-errors-on").await;
+    client.send_close(1000, "bye").await;
+    assert_eq!(client.read_close().await.0, 1000);
+    settle().await;
+    let events = recorded.take();
+    assert!(
+        events
+            .iter()
+            .any(|(level, text)| *level == Level::DEBUG && text.contains("code=1000")),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().all(|(level, _)| *level > Level::INFO),
+        "a normal end is routine: {events:?}"
+    );
+
+    // Refused upgrades: at info with peer, path, status and reason, at
+    // most 20 lines a second; the next line says how many were left out.
+    let cross_site = "Origin: https://evil.example\r\n";
+    for _ in 0..60 {
+        let (response, _) = RawClient::request(
+            server.addr,
+            upgrade_request("/passes-errors-on", cross_site),
+        )
+        .await;
+        assert_eq!(response.status, 403);
+    }
+    settle().await;
+    let refusals = |events: &[(Level, String)]| {
+        events
+            .iter()
+            .filter(|(level, text)| {
+                *level == Level::INFO && text.contains("WebSocket upgrade refused")
+            })
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let lines = refusals(&recorded.take());
+    assert!(
+        (1..=40).contains(&lines.len()),
+        "{} lines for 60 refusals in well under two seconds",
+        lines.len()
+    );
+    assert!(
+        lines[0].1.contains("reason=\"origin\"")
+            && lines[0].1.contains("status=403")
+            && lines[0].1.contains("path=\"/passes-errors-on\"")
+            && lines[0].1.contains("peer=127.0.0.1:"),
+        "{lines:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (response, _) = RawClient::request(
+        server.addr,
+        upgrade_request("/passes-errors-on", cross_site),
+    )
+    .await;
+    assert_eq!(response.status, 403);
+    let lines = refusals(&recorded.take());
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        !lines[0].1.contains("skipped=0 "),
+        "the next line says how many were left out: {lines:?}"
     );
 
     // A clean close, then the handler's own error: one error line.
