@@ -127,6 +127,10 @@ pub enum Termination {
     Failed(ProtocolError),
     /// No Pong answered our Ping in time; we sent 1011 "Ping timeout".
     PingTimeout,
+    /// When the Pong was due, our Ping had not even left: it waited behind
+    /// output the peer was not taking. We sent 1008 "Peer too slow to
+    /// read" (and the peer, not reading, may not see it).
+    TooSlow,
     /// We sent a Close and none came back in time.
     CloseTimeout,
     /// The transport ended without a closing handshake (or was terminated).
@@ -140,6 +144,9 @@ impl Termination {
             Termination::Closed(reason) => reason.clone(),
             Termination::Failed(err) => CloseReason::new(err.close_code(), err.to_string()),
             Termination::PingTimeout => CloseReason::new(CloseCode::INTERNAL_ERROR, "Ping timeout"),
+            Termination::TooSlow => {
+                CloseReason::new(CloseCode::POLICY_VIOLATION, "Peer too slow to read")
+            }
             Termination::CloseTimeout => {
                 CloseReason::new(CloseCode::ABNORMAL, "Close handshake timed out")
             }
@@ -298,6 +305,9 @@ pub struct Connection {
     timers: TimerTable,
     /// The payload of the Ping awaiting its Pong.
     ping_payload: Option<Bytes>,
+    /// Where in the output stream our last Ping ends: until
+    /// `out.written()` reaches it, the peer has not been sent it.
+    ping_end: u64,
     ping_counter: u64,
     /// A rule the peer broke after frames that are still waiting in
     /// `events`: the connection fails once the user has taken them, so that
@@ -329,6 +339,7 @@ impl Connection {
             out: WriteQueue::new(),
             timers,
             ping_payload: None,
+            ping_end: 0,
             ping_counter: 0,
             deferred_failure: None,
         }
@@ -547,12 +558,19 @@ impl Connection {
         }
         if self.timers.expired(Timer::PongTimeout, now) {
             self.timers.clear(Timer::PongTimeout);
+            // A peer that never got the Ping is not the one a Ping timeout
+            // is for: it is too slow to take what it is sent.
+            let termination = if self.out.written() < self.ping_end {
+                Termination::TooSlow
+            } else {
+                Termination::PingTimeout
+            };
             if self.can_send() {
-                let reason = Termination::PingTimeout.close_reason();
+                let reason = termination.close_reason();
                 self.queue_control(OpCode::Close, reason.to_payload());
             }
             if !self.is_closed() {
-                self.enter_closed(Termination::PingTimeout);
+                self.enter_closed(termination);
             }
         }
         if self.timers.expired(Timer::Ping, now) {
@@ -561,6 +579,7 @@ impl Connection {
                 self.ping_counter += 1;
                 let payload = Bytes::from(format!("duplex-ping-{}", self.ping_counter));
                 self.queue_control(OpCode::Ping, payload.clone());
+                self.ping_end = self.out.written() + self.out.len() as u64;
                 self.ping_payload = Some(payload);
                 self.timers
                     .set(Timer::PongTimeout, now + self.config.pong_timeout);

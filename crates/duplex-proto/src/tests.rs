@@ -454,6 +454,24 @@ mod rfc6455_5_5_3_pong {
         );
     }
 
+    /// A peer that takes none of our output never got the Ping: at the
+    /// Pong's deadline it is closed for what it is, too slow to read.
+    #[test]
+    fn a_ping_still_queued_at_its_deadline_closes_with_1008_too_slow() {
+        let mut h = pinging();
+        h.advance(Duration::from_secs(10));
+        // Nothing written: the Ping waits in the queue.
+        h.advance(Duration::from_secs(5));
+        assert_eq!(h.conn.termination(), Some(&Termination::TooSlow));
+        let sent = h.sent();
+        assert_eq!(sent[0].opcode, OpCode::Ping);
+        let reason = CloseReason::parse(&sent[1].payload).unwrap();
+        assert_eq!(
+            reason,
+            CloseReason::new(CloseCode::POLICY_VIOLATION, "Peer too slow to read")
+        );
+    }
+
     #[test]
     fn deferring_the_pong_timeout_restarts_the_wait() {
         let mut h = pinging();

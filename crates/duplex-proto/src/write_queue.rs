@@ -33,6 +33,8 @@ pub struct WriteQueue {
     head: usize,
     /// Bytes queued in all, `tail` included.
     len: usize,
+    /// Bytes written since the queue was made.
+    written: u64,
 }
 
 impl WriteQueue {
@@ -44,6 +46,13 @@ impl WriteQueue {
     /// Bytes waiting to be written.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Bytes written (passed to [`advance`](Self::advance)) since the
+    /// queue was made: with [`len`](Self::len), where a frame queued now
+    /// will end in the stream, and whether the peer has been sent it yet.
+    pub fn written(&self) -> u64 {
+        self.written
     }
 
     /// Whether nothing waits to be written.
@@ -142,6 +151,7 @@ impl WriteQueue {
     pub fn advance(&mut self, mut n: usize) {
         n = n.min(self.len);
         self.len -= n;
+        self.written += n as u64;
         while n > 0 {
             match self.chunks.front_mut() {
                 Some(front) if front.len() <= n => {

@@ -794,6 +794,7 @@ impl HandlerFailure {
             Some(
                 crate::Error::Protocol(_)
                     | crate::Error::PingTimeout
+                    | crate::Error::TooSlow
                     | crate::Error::ConnectionLost
                     | crate::Error::Closed
             )

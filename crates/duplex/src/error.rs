@@ -8,7 +8,8 @@ use crate::convert::ConvertError;
 ///
 /// When a receive returns one of the connection-ending errors
 /// ([`Protocol`](Error::Protocol), [`PingTimeout`](Error::PingTimeout),
-/// [`ConnectionLost`](Error::ConnectionLost)), the session's
+/// [`TooSlow`](Error::TooSlow), [`ConnectionLost`](Error::ConnectionLost)),
+/// the session's
 /// [`close_reason`](crate::Sender::close_reason) is already set.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -21,6 +22,11 @@ pub enum Error {
     /// closed with 1011 "Ping timeout".
     #[error("ping timeout")]
     PingTimeout,
+    /// The peer read so little of what it was sent that our Ping was
+    /// still waiting to leave when its Pong was due; the connection was
+    /// closed with 1008 "Peer too slow to read".
+    #[error("the peer was too slow to read")]
+    TooSlow,
     /// The transport ended without a closing handshake (1006), or the
     /// peer did not answer our Close in time.
     #[error("connection lost without a closing handshake")]

@@ -1019,6 +1019,7 @@ fn poll_event(inner: &mut Inner, cx: &Context<'_>) -> Poll<Result<Option<Event>,
         Termination::Closed(_) => Poll::Ready(Ok(None)),
         Termination::Failed(e) => Poll::Ready(Err(Error::Protocol(e))),
         Termination::PingTimeout => Poll::Ready(Err(Error::PingTimeout)),
+        Termination::TooSlow => Poll::Ready(Err(Error::TooSlow)),
         Termination::CloseTimeout | Termination::Abnormal => {
             Poll::Ready(Err(Error::ConnectionLost))
         }

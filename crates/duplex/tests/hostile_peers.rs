@@ -119,6 +119,35 @@ async fn a_peer_that_reads_nothing_is_dropped_with_its_waiting_handler_after_the
     assert_eq!(ending.reason.code, CloseCode::ABNORMAL, "{ending:?}");
 }
 
+/// A peer that sends nothing and takes none of what it is sent never got
+/// the Ping, which waits behind that output: when the Pong is due (30 s +
+/// 15 s, the shipped defaults) it is closed as too slow to read (1008),
+/// not as if it had not answered (1011). The write timeout is raised here
+/// so that it does not end the connection first.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_takes_no_output_is_closed_as_too_slow_not_as_a_ping_timeout() {
+    use duplex::{App, CloseReason, Session};
+    common::set_wait(Duration::from_secs(120));
+    let (tx, mut endings) = common::reports::<CloseReason>();
+    let app = App::new()
+        .install(WebSockets::default().write_timeout(Duration::from_secs(120)))
+        .web_socket("/push", move |session: Session| {
+            let tx = tx.clone();
+            async move {
+                // Pushes until the session ends (a feed to a client that
+                // stopped reading).
+                while session.send(vec![7u8; 64 * 1024]).await.is_ok() {}
+                let _ = tx.send(session.close_reason().await);
+            }
+        });
+    let server = Server::start(app).await;
+    let _stream = small_window_upgrade(server.addr, "/push", "").await;
+    assert_eq!(
+        endings.next().await,
+        CloseReason::new(CloseCode::POLICY_VIOLATION, "Peer too slow to read")
+    );
+}
+
 /// `outgoing_buffer` (1 MiB by default) bounds what is queued, not only
 /// when more may be queued: a message that does not fit in what is left
 /// waits (`send`) or is refused (`try_send` is `Full`), and one larger than
