@@ -56,13 +56,9 @@ pub(crate) fn default_budget() -> usize {
         let machine = std::fs::read_to_string("/proc/meminfo")
             .ok()
             .and_then(|text| meminfo_total(&text));
-        let group = [
-            "/sys/fs/cgroup/memory.max",
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-        ]
-        .iter()
-        .filter_map(|path| std::fs::read_to_string(path).ok())
-        .find_map(|text| text.trim().parse::<u64>().ok());
+        let group = std::fs::read_to_string("/proc/self/cgroup")
+            .ok()
+            .and_then(|groups| cgroup_limit(&groups, |path| std::fs::read_to_string(path).ok()));
         let memory = match (machine, group) {
             (Some(machine), Some(group)) => machine.min(group),
             (Some(memory), None) | (None, Some(memory)) => memory,
@@ -70,6 +66,43 @@ pub(crate) fn default_budget() -> usize {
         };
         usize::try_from(memory / 4).unwrap_or(usize::MAX)
     })
+}
+
+/// The tightest memory limit of this process's control groups (as
+/// `/proc/self/cgroup` lists them) and of their ancestors: cgroup v2's
+/// `memory.max`, v1's `memory.limit_in_bytes`, read through `read`. The
+/// group's own directory matters: a container's or a systemd unit's limit
+/// is set there, not at the hierarchy's root.
+fn cgroup_limit(groups: &str, read: impl Fn(&str) -> Option<String>) -> Option<u64> {
+    let mut limit: Option<u64> = None;
+    for line in groups.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let (base, file) = if controllers.is_empty() {
+            ("/sys/fs/cgroup", "memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        let mut dir = path.trim_end_matches('/').to_owned();
+        loop {
+            let value = read(&format!("{base}{dir}/{file}"))
+                .and_then(|text| text.trim().parse::<u64>().ok());
+            if let Some(value) = value {
+                limit = Some(limit.map_or(value, |limit| limit.min(value)));
+            }
+            match dir.rfind('/') {
+                Some(at) => dir.truncate(at),
+                None => break,
+            }
+        }
+    }
+    limit
 }
 
 /// `MemTotal` of `/proc/meminfo`, in bytes.
@@ -134,7 +167,8 @@ impl Charge {
         self.held = bytes;
         if bytes > before {
             let grow = bytes - before;
-            self.state.used.fetch_add(grow, Ordering::Relaxed);
+            let used = self.state.used.fetch_add(grow, Ordering::Relaxed);
+            report(used, used + grow);
             if let Some(address) = &self.address {
                 address.fetch_add(grow, Ordering::Relaxed);
             }
@@ -144,6 +178,7 @@ impl Charge {
         // Sequentially consistent with `may_read`'s registration: either
         // this sees its waker, or it sees this decrease.
         let used = self.state.used.fetch_sub(shrink, Ordering::SeqCst);
+        report(used, used.saturating_sub(shrink));
         let mut crossed = crosses(used, shrink, marks(self.limit));
         if let Some(address) = &self.address {
             let used = address.fetch_sub(shrink, Ordering::SeqCst);
@@ -202,6 +237,15 @@ impl Charge {
 impl Drop for Charge {
     fn drop(&mut self) {
         self.set(0);
+    }
+}
+
+/// Sets the gauge of the budget's use when it moves to another 64 KiB
+/// step: exact enough for a dashboard, and an exchange of small messages
+/// (which stays within a step) never touches the metrics registry.
+fn report(before: usize, after: usize) {
+    if before >> 16 != after >> 16 {
+        gauge!("duplex_memory_budget_used_bytes").set(after as f64);
     }
 }
 
@@ -277,6 +321,35 @@ mod tests {
         first.set(FLOOR);
         assert!(woken.0.load(Ordering::SeqCst));
         assert!(first.may_read(&cx));
+    }
+
+    #[test]
+    fn the_limit_of_the_process_s_own_cgroup_and_its_parents_counts() {
+        let files = |path: &str| -> Option<String> {
+            match path {
+                "/sys/fs/cgroup/memory/memory.limit_in_bytes" => {
+                    Some("9223372036854771712\n".into())
+                }
+                "/sys/fs/cgroup/memory/box/memory.limit_in_bytes" => Some("8589934592\n".into()),
+                "/sys/fs/cgroup/memory/box/job/memory.limit_in_bytes" => {
+                    Some("4294967296\n".into())
+                }
+                "/sys/fs/cgroup/user.slice/app.service/memory.max" => Some("2147483648\n".into()),
+                "/sys/fs/cgroup/user.slice/memory.max" => Some("max\n".into()),
+                _ => None,
+            }
+        };
+        assert_eq!(
+            cgroup_limit("4:memory:/box/job\n3:cpu:/\n", files),
+            Some(4 << 30),
+            "v1: the group's own limit, under its parent's"
+        );
+        assert_eq!(
+            cgroup_limit("0::/user.slice/app.service\n", files),
+            Some(2 << 30),
+            "v2: the unit's memory.max; \"max\" is no limit"
+        );
+        assert_eq!(cgroup_limit("0::/\n", files), None);
     }
 
     #[test]

@@ -86,6 +86,13 @@ pub const METRICS: &[Metric] = &[
         label: Some(("direction", &["sent", "received"])),
     },
     Metric {
+        name: "duplex_memory_budget_used_bytes",
+        kind: Kind::Gauge,
+        unit: Unit::Bytes,
+        help: "Bytes the WebSocket sessions hold against the memory budget (queues, messages being received, read buffers), updated in 64 KiB steps (with several separate budgets in one process, the one that moved last).",
+        label: None,
+    },
+    Metric {
         name: "duplex_memory_budget_closes_total",
         kind: Kind::Counter,
         unit: Unit::Count,
