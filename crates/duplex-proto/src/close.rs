@@ -9,7 +9,27 @@ use crate::error::ProtocolError;
 /// A close status code (RFC 6455 §7.4).
 ///
 /// Any `u16` can be held; [`CloseCode::is_sendable`] says whether it may
-/// appear in a Close frame on the wire.
+/// appear in a Close frame on the wire. The registered codes are
+/// associated constants, and duplex itself closes with these:
+///
+/// | constant | code | duplex closes with it when |
+/// |---|---|---|
+/// | [`NORMAL`](Self::NORMAL) | 1000 | a handler returns |
+/// | [`GOING_AWAY`](Self::GOING_AWAY) | 1001 | the server shuts down |
+/// | [`PROTOCOL_ERROR`](Self::PROTOCOL_ERROR) | 1002 | the peer broke RFC 6455 |
+/// | [`INVALID_PAYLOAD`](Self::INVALID_PAYLOAD) | 1007 | a text message is not UTF-8 |
+/// | [`POLICY_VIOLATION`](Self::POLICY_VIOLATION) | 1008 | the peer is too slow to read (its Ping never left) |
+/// | [`TOO_BIG`](Self::TOO_BIG) | 1009 | a frame or message passes its limit |
+/// | [`INTERNAL_ERROR`](Self::INTERNAL_ERROR) | 1011 | a Ping timeout, a handler's error or panic |
+/// | [`TRY_AGAIN_LATER`](Self::TRY_AGAIN_LATER) | 1013 | the memory budget sheds a session |
+///
+/// The others: [`UNSUPPORTED_DATA`](Self::UNSUPPORTED_DATA) (1003),
+/// [`MANDATORY_EXTENSION`](Self::MANDATORY_EXTENSION) (1010),
+/// [`SERVICE_RESTART`](Self::SERVICE_RESTART) (1012),
+/// [`BAD_GATEWAY`](Self::BAD_GATEWAY) (1014), and the reserved
+/// [`NO_STATUS`](Self::NO_STATUS) (1005), [`ABNORMAL`](Self::ABNORMAL)
+/// (1006) and [`TLS_HANDSHAKE`](Self::TLS_HANDSHAKE) (1015), which
+/// describe an end and are never sent. Applications use 4000-4999.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CloseCode(pub u16);
 
