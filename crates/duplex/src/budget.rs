@@ -112,6 +112,12 @@ fn meminfo_total(text: &str) -> Option<u64> {
     kib.checked_mul(1024)
 }
 
+/// What one address may hold of a budget of `limit` bytes (at least a
+/// byte, so that a tiny budget still lets an idle address read).
+fn address_share(limit: usize) -> usize {
+    (limit / ADDRESS_SHARE).max(1)
+}
+
 /// The marks of one limit: reading stops for large holders at the first,
 /// for everyone at the second.
 fn marks(limit: usize) -> (usize, usize) {
@@ -128,7 +134,7 @@ impl Budget {
     /// (when it is counted) must be refused.
     pub(crate) fn is_full(&self, limit: usize, address: Option<&AtomicUsize>) -> bool {
         self.used() >= limit
-            || address.is_some_and(|bytes| bytes.load(Ordering::Relaxed) >= limit / ADDRESS_SHARE)
+            || address.is_some_and(|bytes| bytes.load(Ordering::Relaxed) >= address_share(limit))
     }
 
     /// The charge of one session, against `limit`, with its address's
@@ -182,7 +188,7 @@ impl Charge {
         let mut crossed = crosses(used, shrink, marks(self.limit));
         if let Some(address) = &self.address {
             let used = address.fetch_sub(shrink, Ordering::SeqCst);
-            crossed |= crosses(used, shrink, marks(self.limit / ADDRESS_SHARE));
+            crossed |= crosses(used, shrink, marks(address_share(self.limit)));
         }
         if crossed && self.state.waiting.load(Ordering::SeqCst) > 0 {
             let mut guard = lock(&self.state.waiters);
@@ -229,7 +235,7 @@ impl Charge {
         };
         fits(self.state.used.load(Ordering::SeqCst), self.limit)
             && self.address.as_ref().is_none_or(|address| {
-                fits(address.load(Ordering::SeqCst), self.limit / ADDRESS_SHARE)
+                fits(address.load(Ordering::SeqCst), address_share(self.limit))
             })
     }
 }

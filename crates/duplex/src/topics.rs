@@ -503,6 +503,7 @@ impl Topics {
             catch_up,
             live,
             member_id,
+            ended: None,
         })
     }
 
@@ -570,6 +571,9 @@ pub struct Subscription {
     catch_up: VecDeque<Publication>,
     live: broadcast::Receiver<Publication>,
     member_id: u64,
+    /// Why the subscription ended, once it has: every later call says it
+    /// again rather than hand out what follows a hole.
+    ended: Option<Unrecoverable>,
 }
 
 impl fmt::Debug for Subscription {
@@ -594,6 +598,9 @@ impl Subscription {
     /// # Cancel safety
     /// Cancel safe: a message is taken only when it is returned.
     pub async fn next(&mut self) -> Result<Publication, Unrecoverable> {
+        if let Some(ended) = &self.ended {
+            return Err(ended.clone());
+        }
         loop {
             if let Some(publication) = self.catch_up.pop_front() {
                 self.delivered = publication.offset;
@@ -620,9 +627,17 @@ impl Subscription {
     fn recover(&mut self) -> Result<(), Unrecoverable> {
         let mut state = lock(&self.topic);
         state.trim(&self.history, Instant::now());
-        self.catch_up = state.since(self.delivered)?;
-        self.live = state.live.subscribe();
-        Ok(())
+        match state.since(self.delivered) {
+            Ok(catch_up) => {
+                self.catch_up = catch_up;
+                self.live = state.live.subscribe();
+                Ok(())
+            }
+            Err(gone) => {
+                self.ended = Some(gone.clone());
+                Err(gone)
+            }
+        }
     }
 
     /// The position of the last message handed out (offset 0 with the
@@ -792,13 +807,14 @@ mod tests {
         let topics = Topics::new(History::default().live_capacity(4).max_messages(10));
         let mut subscription = topics.subscribe("t", Since::Now).unwrap();
         publish_all(&topics, "t", 1..41);
-        assert_eq!(
-            subscription.next().await,
-            Err(Unrecoverable::TooFarBehind {
-                wanted: 1,
-                oldest: 31
-            })
-        );
+        let gone = Err(Unrecoverable::TooFarBehind {
+            wanted: 1,
+            oldest: 31,
+        });
+        assert_eq!(subscription.next().await, gone);
+        // And it stays over: what follows the hole is never handed out.
+        publish_all(&topics, "t", 41..42);
+        assert_eq!(subscription.next().await, gone);
     }
 
     /// Subscribing with a position while another task publishes: the

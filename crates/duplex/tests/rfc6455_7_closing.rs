@@ -510,8 +510,10 @@ mod rfc6455_7_1_7_fail_the_connection {
         }
     }
 
+    /// The Ping waits behind the flood the peer does not take: when its
+    /// Pong is due, the peer is closed as too slow to read (1008).
     #[tokio::test]
-    async fn ping_timeout_drops_a_peer_that_stopped_reading() {
+    async fn a_peer_that_stopped_reading_is_closed_as_too_slow_and_dropped() {
         let (tx, mut ends) = reports();
         let app = App::new()
             .install(
@@ -526,8 +528,8 @@ mod rfc6455_7_1_7_fail_the_connection {
         // Connects, then neither reads nor answers: its receive window fills.
         let _client = RawClient::connect(server.addr, "/flood").await;
         let ending = ends.next().await;
-        assert!(matches!(ending.recv, Err(Error::PingTimeout)), "{ending:?}");
-        assert_eq!(ending.reason.code, CloseCode::INTERNAL_ERROR);
+        assert!(matches!(ending.recv, Err(Error::TooSlow)), "{ending:?}");
+        assert_eq!(ending.reason.code, CloseCode::POLICY_VIOLATION);
         // The connection is failed: the server must not keep the socket
         // (and the session task) alive until the peer reads again.
         until_no_live_session(&websockets).await;
